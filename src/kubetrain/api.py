@@ -1,0 +1,303 @@
+"""The TrainingJob API: the one source of truth for spec and status.
+
+The CRD's openAPIV3Schema (`kubetrain.crd`), the operator and the trainer all read these models, so a
+field exists in exactly one place. Field names are camelCase on the wire (Kubernetes convention) and
+snake_case in Python.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "kubetrain.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "TrainingJob"
+PLURAL = "trainingjobs"
+SINGULAR = "trainingjob"
+SHORT_NAMES = ["tj"]
+
+# Kubernetes object names that become DNS labels (pod hostnames) must be RFC 1123 labels.
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+Quantity = int | str  # "4Gi", "500m", 1
+
+
+def _yaml11_float(value: Any) -> Any:
+    """Accept `2e-5`: YAML 1.1 (PyYAML) reads it as a string, Kubernetes' YAML reader as a number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+class _Model(BaseModel):
+    """camelCase on the wire, unknown fields rejected (a typo must not be silently ignored).
+
+    Strict types (no `nodes: true` -> 1, no `image: 123` -> "123"), except that float fields take
+    numbers written as strings, because of YAML 1.1.
+    """
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, strict=True
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _floats_from_yaml11_strings(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        floats = [(f.alias, n) for n, f in cls.model_fields.items() if f.annotation in (float, float | None)]
+        fixed = {k: _yaml11_float(data[k]) for pair in floats for k in pair if k in data}
+        return {**data, **fixed} if fixed else data
+
+
+class ResourceRequirements(_Model):
+    limits: dict[str, Quantity] = Field(default_factory=dict)
+    requests: dict[str, Quantity] = Field(default_factory=dict)
+
+
+class Toleration(_Model):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class LoraSpec(_Model):
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(16, gt=0, description="LoRA scaling numerator (lora_alpha).")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt; default: peft's choice for the architecture."
+    )
+
+
+class ModelSpec(_Model):
+    name: str | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "Where the pretrained model is: a local directory, s3://bucket/prefix/ (downloaded), "
+            "package://python_module/subdir (a model shipped inside an installed Python package), "
+            "or a hub id. Omit it to train from `config` with random initialisation."
+        ),
+    )
+    config: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "transformers config keys (model_type required) for a randomly initialised model; with "
+            "`name`, overrides applied to the pretrained config."
+        ),
+    )
+    tokenizer: str | None = Field(None, min_length=1, description="Tokenizer location; default: name.")
+    task: Literal["sequence-classification", "causal-lm"]
+    num_labels: int = Field(2, ge=2, le=100000, description="Classes (sequence-classification).")
+    lora: LoraSpec | None = None
+
+    @model_validator(mode="after")
+    def _has_a_source(self) -> ModelSpec:
+        if self.name is None and self.config is None:
+            raise ValueError("set `name` (a pretrained model) or `config` (random init), or both")
+        if self.name is None and self.tokenizer is None:
+            raise ValueError("`tokenizer` is required when the model is built from `config` alone")
+        if self.config is not None and self.name is None and "model_type" not in self.config:
+            raise ValueError("`config.model_type` is required to build a model from config")
+        return self
+
+
+class DataSpec(_Model):
+    train: str = Field(..., min_length=1, description="JSONL or CSV file: local path or s3://.")
+    eval: str | None = Field(None, min_length=1, description="Held-out JSONL or CSV file.")
+    format: Literal["auto", "jsonl", "csv"] = "auto"
+    text_field: str = Field("text", min_length=1)
+    text_pair_field: str | None = Field(None, min_length=1, description="Second segment (NLI, QA).")
+    label_field: str = Field("label", min_length=1)
+    max_length: int = Field(256, ge=8, le=131072, description="Tokens per sample; longer is cut.")
+    max_tokens_per_batch: int = Field(
+        16384,
+        ge=8,
+        description="Budget per micro-batch, counted as padded tokens (samples x longest sample).",
+    )
+    max_samples_per_batch: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _budget_holds_a_sample(self) -> DataSpec:
+        if self.max_tokens_per_batch < self.max_length:
+            raise ValueError("maxTokensPerBatch must be at least maxLength (one sample per batch)")
+        return self
+
+
+class EarlyStoppingSpec(_Model):
+    metric: str = Field("eval_loss", pattern=r"^eval_[a-z0-9_]+$")
+    patience: int = Field(3, ge=1, description="Evaluations without improvement before stopping.")
+    mode: Literal["auto", "min", "max"] = Field(
+        "auto", description="auto: min for loss/perplexity, max otherwise."
+    )
+    min_delta: float = Field(0.0, ge=0)
+
+
+class TrainingSpec(_Model):
+    epochs: float = Field(3, gt=0, le=10000)
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
+    learning_rate: float = Field(2e-5, gt=0, le=10)
+    weight_decay: float = Field(0.0, ge=0, le=10)
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    warmup_steps: int | None = Field(None, ge=0, description="Overrides warmupRatio.")
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    gradient_accumulation: int = Field(1, ge=1, le=4096)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = Field(42, ge=0, le=2**32 - 1)
+    deterministic: bool = Field(
+        False, description="Deterministic kernels: bitwise-reproducible runs and resumes, slower."
+    )
+    eval_every_steps: int | None = Field(None, ge=1, description="Default: at each epoch end.")
+    log_every_steps: int = Field(10, ge=1)
+    early_stopping: EarlyStoppingSpec | None = None
+
+
+class CheckpointSpec(_Model):
+    uri: str = Field(
+        ..., min_length=1, description="s3://bucket/prefix or a local directory; <ns>/<job>/ is appended."
+    )
+    every_steps: int = Field(500, ge=1)
+    keep: int = Field(3, ge=1, le=1000, description="Newest complete checkpoints kept.")
+    s3_secret: str | None = Field(
+        None,
+        pattern=DNS_LABEL,
+        description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, exposed to pods as env.",
+    )
+    endpoint: str | None = Field(None, pattern=r"^https?://", description="S3 endpoint URL.")
+    region: str | None = None
+
+
+class MetricsSpec(_Model):
+    port: int = Field(9400, ge=1024, le=65535)
+
+
+class RunPolicy(_Model):
+    backoff_limit: int = Field(3, ge=0, le=1000)
+    active_deadline_seconds: int | None = Field(None, ge=1)
+    ttl_seconds_after_finished: int | None = Field(None, ge=0)
+    clean_pod_policy: Literal["None", "Running", "All"] = "Running"
+    suspend: bool = False
+
+
+class TrainingJobSpec(_Model):
+    image: str = Field(..., min_length=1, description="Trainer image.")
+    nodes: int = Field(1, ge=1, le=1024, description="Pods (torchrun --nnodes).")
+    procs_per_node: int = Field(1, ge=1, le=64, description="torchrun --nproc-per-node.")
+    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    priority_class_name: str | None = None
+    model: ModelSpec
+    data: DataSpec
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    checkpoint: CheckpointSpec
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+    run_policy: RunPolicy = Field(default_factory=RunPolicy)
+
+
+Phase = Literal["Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended"]
+ConditionType = Literal["Created", "Running", "Restarting", "Succeeded", "Failed", "Suspended"]
+
+
+class Condition(_Model):
+    type: ConditionType
+    status: Literal["True", "False", "Unknown"]
+    reason: str | None = None
+    message: str | None = None
+    last_transition_time: str | None = None
+
+
+class CheckpointRef(_Model):
+    step: int = Field(..., ge=0)
+    uri: str
+    time: str | None = None
+
+
+class TrainingJobStatus(_Model):
+    phase: Phase | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    restarts: int = 0
+    preemptions: int = 0
+    step: int | None = None
+    last_checkpoint: CheckpointRef | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    message: str | None = None
+
+
+class ObjectMeta(_Model):
+    """The part of metadata the trainer and operator read; the API server owns the rest."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+    name: Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL)]
+    namespace: Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL)] = "default"
+
+
+class TrainingJob(_Model):
+    api_version: Literal["kubetrain.io/v1alpha1"]
+    kind: Literal["TrainingJob"]
+    metadata: ObjectMeta
+    spec: TrainingJobSpec
+    status: TrainingJobStatus | None = None
+
+
+class SpecError(ValueError):
+    """An invalid TrainingJob; each line of the message names a field by its YAML path."""
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "(document)"
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if p not in ("function-after",) and not str(p).startswith("function-"))
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+        lines.append(f"{_field_path(loc)}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_training_job(obj: Any) -> TrainingJob:
+    """Validate a decoded TrainingJob; raise SpecError naming every bad field."""
+    if not isinstance(obj, dict):
+        raise SpecError(f"(document): expected a TrainingJob mapping, got {type(obj).__name__}")
+    try:
+        return TrainingJob.model_validate(obj)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err)) from None
+
+
+def load_training_job(path: str) -> TrainingJob:
+    """Read and validate a TrainingJob YAML file (the one `kubectl apply -f` takes)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            docs = [d for d in yaml.safe_load_all(f) if d is not None]
+    except OSError as err:
+        raise SpecError(f"{path}: cannot read: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML: {err}") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a text file (UTF-8 YAML expected)") from None
+    jobs = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
+    if len(jobs) != 1:
+        if len(docs) == 1:
+            return parse_training_job(docs[0])
+        raise SpecError(f"{path}: expected exactly one TrainingJob document, found {len(jobs)}")
+    return parse_training_job(jobs[0])

@@ -1,0 +1,80 @@
+"""The `kubetrain` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .api import SpecError, load_training_job
+
+EXIT_INVALID_SPEC = 2
+
+
+def _load(path: str):
+    try:
+        return load_training_job(path)
+    except SpecError as err:
+        print(f"invalid TrainingJob {path}:\n{err}", file=sys.stderr)
+        return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if not args.local:
+        print("kubetrain run needs --local (in a cluster: kubectl apply -f the same YAML)", file=sys.stderr)
+        return EXIT_INVALID_SPEC
+    job = _load(args.file)
+    if job is None:
+        return EXIT_INVALID_SPEC
+    from .local import run_local
+
+    trainer_args = []
+    if args.checkpoint_uri:
+        trainer_args += ["--checkpoint-uri", args.checkpoint_uri]
+    if args.metrics_port is not None:
+        trainer_args += ["--metrics-port", str(args.metrics_port)]
+    if args.work_dir:
+        trainer_args += ["--work-dir", args.work_dir]
+    return run_local(job, Path(args.file).resolve(), trainer_args)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    job = _load(args.file)
+    if job is None:
+        return EXIT_INVALID_SPEC
+    print(f"{args.file}: valid TrainingJob {job.metadata.namespace}/{job.metadata.name}")
+    return 0
+
+
+def cmd_crd(_args: argparse.Namespace) -> int:
+    from .crd import crd_yaml
+
+    sys.stdout.write(crd_yaml())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kubetrain", description="Kubernetes training operator for NLP fine-tuning")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a TrainingJob")
+    run.add_argument("file", help="TrainingJob YAML")
+    run.add_argument("--local", action="store_true", help="as local torchrun processes (nodes x procsPerNode)")
+    run.add_argument("--checkpoint-uri", help="override spec.checkpoint.uri (a local dir or s3://)")
+    run.add_argument("--metrics-port", type=int, help="override spec.metrics.port; 0 disables /metrics")
+    run.add_argument("--work-dir", help="local scratch directory (default /tmp/kubetrain)")
+    run.set_defaults(func=cmd_run)
+    val = sub.add_parser("validate", help="check a TrainingJob YAML against the schema")
+    val.add_argument("file")
+    val.set_defaults(func=cmd_validate)
+    crd = sub.add_parser("crd", help="print the TrainingJob CRD")
+    crd.set_defaults(func=cmd_crd)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""`kubetrain run --local`: run a TrainingJob as local torchrun groups, one per node, like its pods.
+
+Each node is a `python -m kubetrain_trainer.launch` process (the pods' entry point) joining a c10d
+rendezvous on loopback. SIGTERM/SIGINT are forwarded to every node, as Kubernetes does when it
+stops pods; the exit code is the group's (0 done, 75 preempted after an emergency checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from .api import TrainingJob
+
+PREEMPTED_EXIT_CODE = 75  # kubetrain_trainer.preemption.PREEMPTED_EXIT_CODE (no torch import here)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_commands(job: TrainingJob, config: Path, trainer_args: list[str], port: int) -> list[list[str]]:
+    spec = job.spec
+    torchrun = [
+        f"--nnodes={spec.nodes}",
+        f"--nproc-per-node={spec.procs_per_node}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        f"--rdzv-id={job.metadata.namespace}-{job.metadata.name}",
+        "--max-restarts=0",
+        "--shutdown-timeout=120",
+    ]
+    return [[sys.executable, "-m", "kubetrain_trainer.launch", *torchrun, "--", "--config", str(config), *trainer_args]
+            for _ in range(spec.nodes)]
+
+
+def group_exit_code(codes: list[int]) -> int:
+    """Failures win over preemption, preemption over success."""
+    failures = [c for c in codes if c not in (0, PREEMPTED_EXIT_CODE)]
+    if failures:
+        return failures[0]
+    return PREEMPTED_EXIT_CODE if PREEMPTED_EXIT_CODE in codes else 0
+
+
+def run_local(job: TrainingJob, config: Path, trainer_args: list[str], env: dict[str, str] | None = None) -> int:
+    port = free_port()
+    child_env = {**os.environ, **(env or {})}
+    child_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (job.spec.nodes * job.spec.procs_per_node))))
+    procs = [subprocess.Popen(cmd, env=child_env) for cmd in node_commands(job, config, trainer_args, port)]
+
+    def forward(signum, _frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        codes = [p.wait() for p in procs]
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return group_exit_code(codes)
