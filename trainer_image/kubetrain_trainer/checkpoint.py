@@ -1,0 +1,126 @@
+"""What a checkpoint holds and how the trainer saves and restores it (the store decides how it lands).
+
+A checkpoint is the complete state for exact resume: trained weights, optimizer, LR scheduler, grad
+scaler, every rank's RNG streams, and the TrainState (step, data position, early stopping, goodput
+clock). Rank 0 writes the files locally and hands them to the store, which uploads them in the
+background with the manifest last; periodic saves return at once, final and emergency saves wait.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint_store import CheckpointInfo, CheckpointStore
+from .distributed import Runtime, barrier, broadcast_object, gather_objects, rng_state, set_rng_state
+from .metrics import TrainerMetrics
+from .model import load_trainable_state, trainable_state_dict
+
+log = logging.getLogger("kubetrain.checkpoint")
+
+
+@dataclass
+class TrainState:
+    """Loop position and bookkeeping that must survive a restart."""
+
+    step: int = 0
+    epoch: int = 0
+    cursor: int = 0  # micro-batches of `epoch` already consumed
+    samples_seen: int = 0
+    tokens_seen: int = 0
+    productive_seconds: float = 0.0  # time inside training steps, over all restarts
+    first_start_time: float = dataclasses.field(default_factory=time.time)
+    best_metric: float | None = None
+    evals_without_improvement: int = 0
+    last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclass
+class Restored:
+    info: CheckpointInfo
+    state: TrainState
+    world_size: int
+
+
+class Checkpointer:
+    def __init__(self, store: CheckpointStore, work_dir: Path, rt: Runtime, metrics: TrainerMetrics | None, lora: bool):
+        self.store, self.work_dir, self.rt, self.metrics, self.lora = store, work_dir, rt, metrics, lora
+
+    def save(self, *, model, optimizer, scheduler, scaler, state: TrainState, reason: str, wait: bool) -> None:
+        """Collective: every rank must call it (RNG states are gathered to rank 0)."""
+        rngs = gather_objects(rng_state())
+        if self.rt.is_main:
+            started = time.perf_counter()
+            staging = self.work_dir / "staging" / f"step-{state.step:09d}"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            files = {
+                "model.pt": staging / "model.pt",
+                "optimizer.pt": staging / "optimizer.pt",
+                "training.pt": staging / "training.pt",
+                "state.json": staging / "state.json",
+            }
+            torch.save(trainable_state_dict(model, self.lora), files["model.pt"])
+            torch.save(optimizer.state_dict(), files["optimizer.pt"])
+            torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs}, files["training.pt"])
+            files["state.json"].write_text(json.dumps(dataclasses.asdict(state), indent=1))
+            stall = time.perf_counter() - started
+            meta = {"reason": reason, "world_size": self.rt.world_size, "state": dataclasses.asdict(state), "stall_seconds": stall}
+            future = self.store.save_async(state.step, files, meta)
+            future.add_done_callback(lambda f: self._landed(f, staging, reason, stall))
+            if wait:
+                self.store.wait()
+        if wait:
+            barrier()  # no rank exits (or reports the checkpoint) before it is complete in the store
+
+    def _landed(self, future, staging: Path, reason: str, stall: float) -> None:
+        shutil.rmtree(staging, ignore_errors=True)
+        if future.exception() is not None:
+            log.error("checkpoint failed: %s", future.exception())
+            if self.metrics:
+                self.metrics.checkpoint_failures.inc()
+            return
+        result = future.result()
+        log.info("checkpoint step %d (%s) complete: %s, %.1f MB, %.2fs upload", result.info.step, reason,
+                 result.info.uri, result.info.bytes / 1e6, result.seconds)
+        if self.metrics:
+            m = self.metrics
+            m.checkpoint_duration.labels("stall").observe(stall)
+            m.checkpoint_duration.labels("upload").observe(result.seconds)
+            m.checkpoints.labels(reason).inc()
+            m.checkpoint_bytes.set(result.info.bytes)
+            m.last_checkpoint_step.set(result.info.step)
+            m.last_checkpoint_timestamp.set(time.time())
+
+    def restore(self, *, model, optimizer, scheduler, scaler) -> Restored | None:
+        """Load the newest complete checkpoint on every rank; rank 0 chooses it (with fallback)."""
+        dest = self.work_dir / "restore" / f"rank-{self.rt.rank}"
+        shutil.rmtree(dest, ignore_errors=True)
+        chosen = None
+        if self.rt.is_main:
+            found = self.store.restore_latest(dest)
+            chosen = found[0] if found else None
+        chosen = broadcast_object(chosen)
+        if chosen is None:
+            return None
+        paths = found[1] if self.rt.is_main else self.store.download(chosen, dest)
+        load_trainable_state(model, torch.load(paths["model.pt"], map_location="cpu", weights_only=True), self.lora)
+        optimizer.load_state_dict(torch.load(paths["optimizer.pt"], map_location="cpu", weights_only=True))
+        training = torch.load(paths["training.pt"], map_location="cpu", weights_only=True)
+        scheduler.load_state_dict(training["scheduler"])
+        scaler.load_state_dict(training["scaler"])
+        saved_world = len(training["rng"])
+        if saved_world == self.rt.world_size:
+            set_rng_state(training["rng"][self.rt.rank])
+        else:
+            log.warning("world size changed %d -> %d: RNG streams reseeded, data position kept", saved_world, self.rt.world_size)
+        state = TrainState(**json.loads(paths["state.json"].read_text()))
+        shutil.rmtree(dest, ignore_errors=True)
+        return Restored(chosen, state, saved_world)

@@ -1,0 +1,219 @@
+"""Training data: read rows, tokenize once, and plan length-aware token-budget micro-batches.
+
+The batch plan of an epoch is a pure function of (seed, epoch, sample lengths, budget) and is the same
+on every rank. So the data position worth checkpointing is one number — how many micro-batches of the
+epoch are consumed — and every rank knows, without communication, how many samples and tokens the
+whole step holds (the loss denominator for exact token/sample weighting under DDP).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kubetrain.api import DataSpec
+
+from .storage import read_uri_bytes
+
+CLASSIFICATION = "sequence-classification"
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file, the row and the field."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A tokenized split: one entry per sample; labels only for classification."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    labels: list[int] | None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(ids) for ids in self.input_ids), dtype=np.int64, count=len(self))
+
+
+def read_rows(uri: str, fmt: str = "auto", *, endpoint: str | None = None, region: str | None = None) -> list[dict]:
+    """Rows of a JSONL or CSV file at a local path or s3:// URI."""
+    raw = read_uri_bytes(uri, endpoint=endpoint, region=region).decode("utf-8")
+    if fmt == "auto":
+        fmt = "csv" if uri.lower().endswith(".csv") else "jsonl"
+    if fmt == "csv":
+        return list(csv.DictReader(io.StringIO(raw)))
+    rows = []
+    for n, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{uri}: line {n}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{uri}: line {n}: expected a JSON object")
+        rows.append(row)
+    return rows
+
+
+def label_vocabulary(rows: Sequence[dict], field: str, num_labels: int, uri: str) -> dict[str, int]:
+    """Map raw labels to class ids: integers are taken as ids, strings are numbered in sorted order."""
+    raw = sorted({str(r[field]) for r in rows if field in r})
+    if all(v.lstrip("-").isdigit() for v in raw):
+        ids = {v: int(v) for v in raw}
+    else:
+        ids = {v: i for i, v in enumerate(raw)}
+    bad = [v for v, i in ids.items() if not 0 <= i < num_labels]
+    if bad:
+        raise DataError(f"{uri}: labels {bad[:5]} are outside 0..{num_labels - 1} (spec.model.numLabels={num_labels})")
+    return ids
+
+
+def encode(rows: Sequence[dict], tokenizer, spec: DataSpec, task: str, uri: str, label_ids: dict[str, int] | None) -> Encoded:
+    """Tokenize every row once, truncated to maxLength."""
+    if not rows:
+        raise DataError(f"{uri}: no rows")
+    for n, row in enumerate(rows, start=1):
+        for field in (spec.text_field, spec.text_pair_field, spec.label_field if task == CLASSIFICATION else None):
+            if field and field not in row:
+                raise DataError(f"{uri}: row {n}: missing field {field!r} (spec.data)")
+    texts = [str(r[spec.text_field]) for r in rows]
+    pairs = [str(r[spec.text_pair_field]) for r in rows] if spec.text_pair_field else None
+    if task == CLASSIFICATION:
+        out = tokenizer(texts, pairs, truncation=True, max_length=spec.max_length)
+        assert label_ids is not None
+        try:
+            labels = [label_ids[str(r[spec.label_field])] for r in rows]
+        except KeyError as err:
+            raise DataError(f"{uri}: label {err.args[0]!r} not seen in the training data") from None
+        return Encoded(out["input_ids"], out.get("token_type_ids"), labels)
+    # Causal LM: end every document with EOS so the model learns to stop; truncate after adding it.
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = [(t + eos)[: spec.max_length] for t in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    return Encoded(ids, None, None)
+
+
+def pack_by_budget(order: Sequence[int], lengths: np.ndarray, max_tokens: int, max_samples: int | None) -> list[list[int]]:
+    """Greedy packing of length-sorted samples: each batch as full as samples x longest <= max_tokens."""
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    longest = 0
+    for i in order:
+        longest_if_added = max(longest, int(lengths[i]))
+        full = (len(batch) + 1) * longest_if_added > max_tokens or (max_samples and len(batch) >= max_samples)
+        if batch and full:
+            batches.append(batch)
+            batch, longest_if_added = [], int(lengths[i])
+        batch.append(int(i))
+        longest = longest_if_added
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+def plan_epoch(lengths: np.ndarray, max_tokens: int, max_samples: int | None, seed: int, epoch: int, window_batches: int = 64) -> list[list[int]]:
+    """The epoch's micro-batches: shuffle, sort by length within windows, pack, shuffle batch order.
+
+    Sorting inside windows (not globally) keeps batches random across the epoch while grouping
+    similar lengths, so padding stays low; it is the same idea as HF's group_by_length megabatches.
+    """
+    rng = np.random.Generator(np.random.PCG64([seed, epoch]))
+    order = rng.permutation(len(lengths))
+    mean_len = max(1.0, float(lengths.mean()))
+    window = max(1, int(window_batches * max_tokens / mean_len))
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = order[start : start + window]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches.extend(pack_by_budget(chunk, lengths, max_tokens, max_samples))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def plan_eval(lengths: np.ndarray, max_tokens: int, max_samples: int | None) -> list[list[int]]:
+    """Eval batches: globally sorted (no randomness needed), so padding is minimal."""
+    return pack_by_budget(np.argsort(-lengths, kind="stable"), lengths, max_tokens, max_samples)
+
+
+@dataclass(frozen=True)
+class StepBatches:
+    """What one optimizer step consumes: this rank's micro-batches plus global counts."""
+
+    micro_batches: list[list[int]]
+    global_samples: int
+    global_tokens: int  # real (non-pad) tokens
+    global_targets: int  # loss denominator: samples (classification) or predicted tokens (LM)
+
+
+class TrainSchedule:
+    """Maps a global optimizer step to micro-batches; the checkpointed position is (epoch, cursor)."""
+
+    def __init__(self, encoded: Encoded, spec: DataSpec, task: str, seed: int, world_size: int, grad_accum: int):
+        self.lengths = encoded.lengths
+        self.spec, self.task, self.seed = spec, task, seed
+        self.world_size, self.grad_accum = world_size, grad_accum
+        self._plans: dict[int, list[list[int]]] = {}
+
+    @property
+    def micro_per_step(self) -> int:
+        return self.world_size * self.grad_accum
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._plans:
+            self._plans = {epoch: plan_epoch(self.lengths, self.spec.max_tokens_per_batch, self.spec.max_samples_per_batch, self.seed, epoch)}
+        return self._plans[epoch]
+
+    def steps_in_epoch(self, epoch: int, cursor: int = 0) -> int:
+        """Full steps left from cursor; a tail smaller than one step is dropped (drop_last)."""
+        return (len(self.plan(epoch)) - cursor) // self.micro_per_step
+
+    def total_steps(self, epochs: float, max_steps: int | None) -> int:
+        if max_steps is not None:
+            return max_steps
+        whole = int(epochs)
+        total = sum(self.steps_in_epoch(e) for e in range(whole))
+        if epochs > whole:
+            total += math.floor((epochs - whole) * self.steps_in_epoch(whole))
+        if total < 1:
+            raise DataError(
+                f"the training data gives no full optimizer step: {len(self.plan(0))} micro-batches per epoch "
+                f"< nodes x procsPerNode x gradientAccumulation = {self.micro_per_step}"
+            )
+        return total
+
+    def step(self, epoch: int, cursor: int, rank: int) -> StepBatches:
+        group = self.plan(epoch)[cursor : cursor + self.micro_per_step]
+        samples = sum(len(b) for b in group)
+        tokens = int(sum(self.lengths[i] for b in group for i in b))
+        targets = samples if self.task == CLASSIFICATION else tokens - samples
+        mine = group[rank * self.grad_accum : (rank + 1) * self.grad_accum]
+        return StepBatches(mine, samples, tokens, max(1, targets))
+
+
+def collate(encoded: Encoded, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad one micro-batch to its longest sample."""
+    width = max(len(encoded.input_ids[i]) for i in indices)
+    input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
+    token_type_ids = torch.zeros((len(indices), width), dtype=torch.long) if encoded.token_type_ids else None
+    for row, i in enumerate(indices):
+        ids = encoded.input_ids[i]
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+        if token_type_ids is not None:
+            token_type_ids[row, : len(ids)] = torch.tensor(encoded.token_type_ids[i])
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if token_type_ids is not None:
+        batch["token_type_ids"] = token_type_ids
+    if encoded.labels is not None:
+        batch["labels"] = torch.tensor([encoded.labels[i] for i in indices], dtype=torch.long)
+    return batch

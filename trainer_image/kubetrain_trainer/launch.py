@@ -1,0 +1,74 @@
+"""Pod entry point: torchrun, plus an exit code that tells a preemption from a failure.
+
+torchrun reports neither its workers' exit codes nor why it was stopped: killed by SIGTERM it exits 1,
+like any crash. The operator must know "the group saved an emergency checkpoint, restart it" from
+"the training failed". So this wrapper runs torchrun in-process and exits with
+PREEMPTED_EXIT_CODE when every local worker wrote its emergency-checkpoint marker.
+
+    python -m kubetrain_trainer.launch [torchrun options] -- [trainer options]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .preemption import EXIT_DIR_ENV, PREEMPTED_EXIT_CODE
+
+EXIT_SIGTERM = 128 + 15
+log = logging.getLogger("kubetrain.launch")
+
+
+def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1 :]
+    return argv, []
+
+
+def nproc_per_node(torchrun_args: list[str]) -> int:
+    for i, arg in enumerate(torchrun_args):
+        for flag in ("--nproc-per-node", "--nproc_per_node"):
+            if arg == flag:
+                return int(torchrun_args[i + 1])
+            if arg.startswith(flag + "="):
+                return int(arg.split("=", 1)[1])
+    return 1
+
+
+def preempted_workers(exit_dir: Path) -> int:
+    return len(list(exit_dir.glob("preempted-*.json")))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s launch: %(message)s", datefmt="%H:%M:%S")
+    torchrun_args, trainer_args = split_args(sys.argv[1:] if argv is None else argv)
+    exit_dir = Path(tempfile.mkdtemp(prefix="kubetrain-exit-"))
+    os.environ[EXIT_DIR_ENV] = str(exit_dir)  # inherited by the workers
+    args = get_args_parser().parse_args([*torchrun_args, "--module", "kubetrain_trainer", *trainer_args])
+    local_workers = nproc_per_node(torchrun_args)
+    try:
+        run(args)
+        return 0
+    except (SignalException, ChildFailedError) as err:
+        if preempted_workers(exit_dir) >= local_workers:
+            log.info("all %d local workers saved the emergency checkpoint: exit %d (preempted)", local_workers, PREEMPTED_EXIT_CODE)
+            return PREEMPTED_EXIT_CODE
+        if isinstance(err, SignalException):
+            log.error("stopped by signal %s before an emergency checkpoint completed", err.sigval)
+            return EXIT_SIGTERM
+        failures = err.failures
+        first = failures[min(failures)]
+        log.error("worker rank %d failed with exit code %s", first.rank, first.exitcode)
+        return first.exitcode if 0 < first.exitcode < 256 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

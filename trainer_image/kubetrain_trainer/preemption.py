@@ -1,0 +1,53 @@
+"""SIGTERM handling: finish the current step, agree across ranks, checkpoint, exit PREEMPTED_EXIT_CODE.
+
+Kubernetes sends SIGTERM to a pod's PID 1 (our launcher, which runs torchrun, which forwards it to
+the workers). Ranks may see the signal at different steps, so the decision to stop is all-reduced
+each step: every rank stops after the same step and takes part in the emergency checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import torch
+
+from .distributed import all_reduce
+
+# EX_TEMPFAIL (sysexits.h): "temporary failure, the user is invited to retry" — the operator treats
+# it as a preemption, not as a failure counting against backoffLimit.
+PREEMPTED_EXIT_CODE = 75
+EXIT_DIR_ENV = "KUBETRAIN_EXIT_DIR"
+log = logging.getLogger("kubetrain.preemption")
+
+
+class StopSignal:
+    """Records SIGTERM/SIGINT instead of dying mid-step."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def install(self) -> StopSignal:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        return self
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        if self.received is None:
+            log.warning("received %s: stopping after the current step", signal.Signals(signum).name)
+        self.received = signum
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank once any rank has been signalled (one tiny all-reduce per step)."""
+        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32, device=device)
+        return bool(all_reduce(flag, op=torch.distributed.ReduceOp.MAX).item())
+
+
+def write_exit_marker(local_rank: int, step: int) -> None:
+    """Tell the launcher (same pod) that this worker saved the emergency checkpoint at `step`."""
+    exit_dir = os.environ.get(EXIT_DIR_ENV)
+    if exit_dir:
+        Path(exit_dir, f"preempted-{local_rank}.json").write_text(json.dumps({"step": step}))
