@@ -1,0 +1,1 @@
+"""The trainer that runs inside training pods under torchrun."""

@@ -1,0 +1,397 @@
+"""The durable checkpoint protocol: how a checkpoint lands safely, not what is in it.
+
+Layout under a base prefix::
+
+    <prefix>/step-000001200/<file>...
+    <prefix>/step-000001200/manifest.json      <- written LAST
+
+A checkpoint is complete only once its manifest exists, so a pod killed mid-upload leaves a torn
+step directory that is never loaded. Retention deletes a checkpoint's manifest BEFORE its files,
+so a half-deleted checkpoint is never mistaken for a complete one. The manifest records each file's
+size and sha256, so a restore verifies what it downloaded and falls back to an older checkpoint when
+the newest one is damaged.
+
+Exactly one process (rank 0) should write to a given prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any, TypeVar
+
+from .storage import Storage, join_key
+
+log = logging.getLogger("kubetrain.checkpoint")
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+T = TypeVar("T")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved or restored."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint's files do not match its manifest (missing, wrong size or wrong hash)."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One complete checkpoint, as described by its manifest."""
+
+    step: int
+    uri: str
+    files: dict[str, dict[str, Any]] = field(hash=False)  # name -> {"size": int, "sha256": hex}
+    meta: dict[str, Any] = field(hash=False)
+    created: str = ""
+
+    @property
+    def bytes(self) -> int:
+        return sum(int(f["size"]) for f in self.files.values())
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    info: CheckpointInfo
+    seconds: float  # wall time of hashing + upload (retention not included)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+def _file_digest(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        sha = hashlib.file_digest(f, "sha256").hexdigest()
+        size = os.fstat(f.fileno()).st_size
+    return {"size": size, "sha256": sha}
+
+
+def _check_file_name(name: str) -> None:
+    """File names are relative posix paths inside the step directory; the manifest name is reserved."""
+    p = PurePosixPath(name)
+    if not name or p.is_absolute() or ".." in p.parts or name != p.as_posix() or name == MANIFEST:
+        raise ValueError(f"invalid checkpoint file name: {name!r}")
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class CheckpointStore:
+    """Saves, lists, prunes and restores checkpoints under `prefix` of a `Storage`.
+
+    Uploads are retried with exponential backoff on top of botocore's own retries, because a
+    checkpoint that fails to land is lost training time; a failure that survives the retries
+    surfaces as a `CheckpointError` naming the step and the URI.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        prefix: str,
+        keep: int,
+        *,
+        attempts: int = 5,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 8.0,
+    ):
+        if keep < 1:
+            raise ValueError("keep must be >= 1")
+        if attempts < 1:
+            raise ValueError("attempts must be >= 1")
+        self.storage = storage
+        self.prefix = prefix.strip("/")
+        self.keep = keep
+        self.attempts = attempts
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: list[Future[SaveResult]] = []
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"CheckpointStore({self.storage.uri(self.prefix)!r}, keep={self.keep})"
+
+    # ---------------------------------------------------------------------------------- keys
+
+    def _step_key(self, step: int) -> str:
+        return join_key(self.prefix, step_dir_name(step))
+
+    def _scan(self) -> dict[int, list[str]]:
+        """step -> keys under that step directory (one listing; manifests are not read)."""
+        base = join_key(self.prefix) + "/" if self.prefix else ""
+        steps: dict[int, list[str]] = {}
+        for key in self.storage.list_keys(base):
+            head, _, rest = key[len(base) :].partition("/")
+            m = _STEP_DIR.match(head)
+            if m and rest:
+                steps.setdefault(int(m.group(1)), []).append(key)
+        return steps
+
+    def _is_manifest(self, key: str, step: int) -> bool:
+        return key == join_key(self._step_key(step), MANIFEST)
+
+    # -------------------------------------------------------------------------------- saving
+
+    def save(self, step: int, files: dict[str, Path], meta: dict[str, Any]) -> SaveResult:
+        """Save synchronously. Goes through the same worker as `save_async`, so order is kept."""
+        return self._submit(step, files, meta).result()
+
+    def save_async(self, step: int, files: dict[str, Path], meta: dict[str, Any]) -> Future[SaveResult]:
+        """Save in the background worker (one thread: saves land in submission order).
+
+        The local files must stay untouched until the returned future completes: they are hashed
+        and uploaded from the worker. Only then may the caller delete or overwrite them.
+        """
+        future = self._submit(step, files, meta)
+        with self._lock:
+            self._pending.append(future)
+        return future
+
+    def _submit(self, step: int, files: dict[str, Path], meta: dict[str, Any]) -> Future[SaveResult]:
+        # Validate in the caller's thread so a programming error fails at the call site.
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        for name in files:
+            _check_file_name(name)
+        # A JSON round trip: a TypeError now rather than after the upload, a snapshot the caller
+        # can no longer mutate, and info.meta equal to what a later list_complete() reads back.
+        meta = json.loads(json.dumps(meta))
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kubetrain-ckpt")
+            return self._executor.submit(self._save, step, dict(files), meta)
+
+    def wait(self) -> SaveResult | None:
+        """Block until every pending async save is done; re-raise the first failure.
+
+        Returns the result of the last save submitted, or None if nothing was pending.
+        """
+        with self._lock:
+            pending, self._pending = self._pending, []
+        error: BaseException | None = None
+        result: SaveResult | None = None
+        for future in pending:
+            try:
+                result = future.result()
+            except BaseException as e:  # noqa: BLE001 - collected, re-raised below
+                error = error or e
+        if error is not None:
+            raise error
+        return result
+
+    def close(self) -> None:
+        """Finish pending saves (re-raising a failure) and stop the worker."""
+        try:
+            self.wait()
+        finally:
+            with self._lock:
+                executor, self._executor = self._executor, None
+            if executor is not None:
+                executor.shutdown(wait=True)
+
+    def __enter__(self) -> CheckpointStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _save(self, step: int, files: dict[str, Path], meta: dict[str, Any]) -> SaveResult:
+        """Every failure surfaces as a CheckpointError that names the step and where it was going."""
+        try:
+            return self._save_unchecked(step, files, meta)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint step {step} to {self.storage.uri(self._step_key(step))} failed: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+
+    def _save_unchecked(self, step: int, files: dict[str, Path], meta: dict[str, Any]) -> SaveResult:
+        start = time.monotonic()
+        step_key = self._step_key(step)
+        self._clear_existing(step)
+        entries: dict[str, dict[str, Any]] = {}
+        for name, path in sorted(files.items()):
+            entries[name] = _file_digest(Path(path))  # a missing local file is not retried
+            key = join_key(step_key, name)
+            self._retry(step, f"upload to {self.storage.uri(key)}",
+                        lambda: self.storage.put_file(Path(path), key))
+        info = CheckpointInfo(step, self.storage.uri(step_key), entries, meta, _utc_now())
+        manifest = json.dumps(
+            {"format": FORMAT, "step": step, "created": info.created, "files": entries, "meta": meta},
+            indent=2,
+            sort_keys=True,
+        ).encode()
+        manifest_key = join_key(step_key, MANIFEST)
+        self._retry(step, f"upload to {self.storage.uri(manifest_key)}",
+                    lambda: self.storage.put_bytes(manifest, manifest_key))
+        seconds = time.monotonic() - start
+        log.info(
+            "checkpoint step %d saved to %s (%d files, %d bytes, %.2fs)",
+            step, info.uri, len(entries), info.bytes, seconds,
+        )
+        self._prune_quietly()
+        return SaveResult(info, seconds)
+
+    def _retry(self, step: int, what: str, op: Callable[[], T]) -> T:
+        """Run `op`, retrying transient failures with capped exponential backoff."""
+        delay = self.backoff_s
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return op()
+            except Exception as e:
+                if attempt == self.attempts:
+                    raise CheckpointError(
+                        f"checkpoint step {step}: {what} failed after {attempt} attempts: "
+                        f"{type(e).__name__}: {e}"
+                    ) from e
+                log.warning(
+                    "checkpoint step %d: %s failed (attempt %d/%d, retrying in %.1fs): %s",
+                    step, what, attempt, self.attempts, delay, e,
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, self.max_backoff_s)
+        raise AssertionError("unreachable")
+
+    def _clear_existing(self, step: int) -> None:
+        """Re-saving a step replaces it: drop the old manifest first, so it is torn, never mixed."""
+        where = self.storage.uri(self._step_key(step))
+        keys = self._retry(step, f"listing {where}", self._scan).get(step, [])
+        if keys:
+            log.warning("checkpoint step %d already exists at %s; replacing it", step, where)
+            self._retry(step, f"deleting {where}", lambda: self._delete_checkpoints({step: keys}))
+
+    # ------------------------------------------------------------------------------ retention
+
+    def _prune_quietly(self) -> None:
+        """Retention failures do not fail a save that already landed; the next save retries them."""
+        try:
+            self.prune()
+        except Exception as e:
+            log.warning("checkpoint retention under %s failed: %s", self.storage.uri(self.prefix), e)
+
+    def prune(self) -> list[int]:
+        """Keep the newest `keep` complete checkpoints; delete older ones and stale torn ones.
+
+        A torn step directory (no manifest) is deleted only when a newer complete checkpoint
+        exists. Returns the deleted steps.
+        """
+        steps = self._scan()
+        complete = sorted(
+            (s for s, keys in steps.items() if any(self._is_manifest(k, s) for k in keys)), reverse=True
+        )
+        if not complete:
+            return []
+        doomed = set(complete[self.keep :])
+        doomed |= {s for s in steps if s not in complete and s < complete[0]}
+        victims = {s: steps[s] for s in sorted(doomed)}
+        self._delete_checkpoints(victims)
+        if victims:
+            log.info("checkpoint retention deleted steps %s under %s", sorted(victims),
+                     self.storage.uri(self.prefix))
+        return sorted(victims)
+
+    def _delete_checkpoints(self, victims: dict[int, list[str]]) -> None:
+        """Delete all manifests first, then the remaining files."""
+        manifests = [k for s, keys in victims.items() for k in keys if self._is_manifest(k, s)]
+        others = [k for s, keys in victims.items() for k in keys if not self._is_manifest(k, s)]
+        if manifests:
+            self.storage.delete_keys(manifests)
+        if others:
+            self.storage.delete_keys(others)
+
+    # -------------------------------------------------------------------------------- reading
+
+    def list_complete(self) -> list[CheckpointInfo]:
+        """Complete checkpoints (a parseable manifest whose step matches its directory), newest first."""
+        infos = []
+        for step, keys in sorted(self._scan().items(), reverse=True):
+            manifest_key = join_key(self._step_key(step), MANIFEST)
+            if manifest_key in keys:
+                info = self._read_manifest(step, manifest_key)
+                if info is not None:
+                    infos.append(info)
+        return infos
+
+    def _read_manifest(self, step: int, key: str) -> CheckpointInfo | None:
+        try:
+            doc = json.loads(self.storage.get_bytes(key))
+            if doc.get("format") != FORMAT or doc.get("step") != step:
+                raise ValueError(f"format {doc.get('format')!r}, step {doc.get('step')!r}")
+            files = {
+                str(name): {"size": int(e["size"]), "sha256": str(e["sha256"])}
+                for name, e in doc["files"].items()
+            }
+            for name in files:
+                _check_file_name(name)  # a hand-edited manifest must not write outside dest_dir
+            meta = doc.get("meta") or {}
+            if not isinstance(meta, dict):
+                raise ValueError("meta is not an object")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("ignoring checkpoint with unreadable manifest %s: %s", self.storage.uri(key), e)
+            return None
+        return CheckpointInfo(step, self.storage.uri(self._step_key(step)), files, meta,
+                              str(doc.get("created", "")))
+
+    def download(self, info: CheckpointInfo, dest_dir: Path) -> dict[str, Path]:
+        """Download every file of `info` into `dest_dir` and verify it against the manifest.
+
+        Raises CorruptCheckpoint (and removes what it downloaded) on a missing or mismatching file.
+        """
+        dest_dir = Path(dest_dir)
+        step_key = self._step_key(info.step)
+        paths: dict[str, Path] = {}
+        try:
+            for name, expected in sorted(info.files.items()):
+                path = dest_dir / name
+                paths[name] = path
+                self._download_one(info, join_key(step_key, name), path)
+                actual = _file_digest(path)
+                if actual != expected:
+                    raise CorruptCheckpoint(
+                        f"checkpoint step {info.step}: {name} at {info.uri} does not match its "
+                        f"manifest (size {actual['size']} vs {expected['size']}, "
+                        f"sha256 {actual['sha256'][:12]}.. vs {expected['sha256'][:12]}..)"
+                    )
+        except BaseException:
+            for path in paths.values():
+                path.unlink(missing_ok=True)
+            raise
+        return paths
+
+    def _download_one(self, info: CheckpointInfo, key: str, path: Path) -> None:
+        try:
+            self.storage.get_file(key, path)
+        except FileNotFoundError as e:
+            raise CorruptCheckpoint(
+                f"checkpoint step {info.step}: {self.storage.uri(key)} is missing"
+            ) from e
+
+    def restore_latest(self, dest_dir: Path) -> tuple[CheckpointInfo, dict[str, Path]] | None:
+        """Download the newest usable checkpoint, falling back past corrupt ones; None if none.
+
+        Only corruption triggers the fallback: any other error (network, permissions) propagates,
+        since silently resuming from an older checkpoint would throw away training progress.
+        """
+        for info in self.list_complete():
+            try:
+                return info, self.download(info, dest_dir)
+            except CorruptCheckpoint as e:
+                log.warning("skipping corrupt checkpoint step %d: %s", info.step, e)
+        return None
