@@ -52,13 +52,29 @@ class Restored:
 class Checkpointer:
     def __init__(self, store: CheckpointStore, work_dir: Path, rt: Runtime, metrics: TrainerMetrics | None, lora: bool):
         self.store, self.work_dir, self.rt, self.metrics, self.lora = store, work_dir, rt, metrics, lora
+        self.submitted_step: int | None = None
+        self.pending = None  # Future of the newest submitted save (rank 0)
 
     def save(self, *, model, optimizer, scheduler, scaler, state: TrainState, reason: str, wait: bool) -> None:
-        """Collective: every rank must call it (RNG states are gathered to rank 0)."""
+        """Collective: every rank must call it (RNG states are gathered to rank 0).
+
+        A step already submitted (a periodic save, then SIGTERM at the same step) is not saved
+        again: `wait` then only waits for that save to land.
+        """
+        if state.step != self.submitted_step:
+            self._submit(model, optimizer, scheduler, scaler, state, reason)
+        if wait:
+            if self.rt.is_main:
+                # This save's own outcome: an earlier periodic failure was already logged and counted.
+                self.pending.result()
+            barrier()  # no rank exits (or reports the checkpoint) before it is complete in the store
+
+    def _submit(self, model, optimizer, scheduler, scaler, state: TrainState, reason: str) -> None:
         rngs = gather_objects(rng_state())
+        self.submitted_step = state.step
         if self.rt.is_main:
             started = time.perf_counter()
-            staging = self.work_dir / "staging" / f"step-{state.step:09d}"
+            staging = self.work_dir / "staging" / f"step-{state.step:09d}-{reason}"
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
             files = {
@@ -73,12 +89,8 @@ class Checkpointer:
             files["state.json"].write_text(json.dumps(dataclasses.asdict(state), indent=1))
             stall = time.perf_counter() - started
             meta = {"reason": reason, "world_size": self.rt.world_size, "state": dataclasses.asdict(state), "stall_seconds": stall}
-            future = self.store.save_async(state.step, files, meta)
-            future.add_done_callback(lambda f: self._landed(f, staging, reason, stall))
-            if wait:
-                self.store.wait()
-        if wait:
-            barrier()  # no rank exits (or reports the checkpoint) before it is complete in the store
+            self.pending = self.store.save_async(state.step, files, meta)
+            self.pending.add_done_callback(lambda f: self._landed(f, staging, reason, stall))
 
     def _landed(self, future, staging: Path, reason: str, stall: float) -> None:
         shutil.rmtree(staging, ignore_errors=True)

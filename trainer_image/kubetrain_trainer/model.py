@@ -36,11 +36,12 @@ def resolve_source(location: str, cache_dir: Path, *, endpoint: str | None = Non
     if location.startswith("s3://"):
         storage, prefix = open_storage(location, endpoint=endpoint, region=region)
         dest = cache_dir / "models" / location.removeprefix("s3://").strip("/").replace("/", "_")
-        keys = storage.list_keys(prefix.rstrip("/") + "/")
+        base = prefix.strip("/")
+        keys = storage.list_keys(f"{base}/" if base else "")
         if not keys:
             raise ModelSourceError(f"spec.model: {location}: no objects under this prefix")
         for key in keys:
-            target = dest / key[len(prefix.rstrip("/")) + 1 :]
+            target = dest / (key[len(base) + 1 :] if base else key)
             if not target.exists():
                 storage.get_file(key, target)
         return str(dest)
