@@ -180,6 +180,9 @@ class CheckpointSpec(_Model):
 
 class MetricsSpec(_Model):
     port: int = Field(9400, ge=1024, le=65535)
+    linger_seconds: int = Field(
+        0, ge=0, le=3600, description="Keep serving /metrics this long after training ends, so the final values get scraped."
+    )
 
 
 class RunPolicy(_Model):

@@ -152,6 +152,7 @@ class StepBatches:
     global_samples: int
     global_tokens: int  # real (non-pad) tokens
     global_targets: int  # loss denominator: samples (classification) or predicted tokens (LM)
+    global_padded: int  # tokens fed to the model, pads included
 
 
 class TrainSchedule:
@@ -195,8 +196,9 @@ class TrainSchedule:
         samples = sum(len(b) for b in group)
         tokens = int(sum(self.lengths[i] for b in group for i in b))
         targets = samples if self.task == CLASSIFICATION else tokens - samples
+        padded = sum(len(b) * int(self.lengths[b].max()) for b in group)
         mine = group[rank * self.grad_accum : (rank + 1) * self.grad_accum]
-        return StepBatches(mine, samples, tokens, max(1, targets))
+        return StepBatches(mine, samples, tokens, max(1, targets), padded)
 
 
 def collate(encoded: Encoded, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:

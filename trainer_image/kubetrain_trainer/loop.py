@@ -151,6 +151,8 @@ def train(job: TrainingJob, opts: RunOptions) -> int:
 
     save("final", wait=True)
     log_if_main(rt, "finished at step %d; eval %s", state.step, state.last_eval or "-")
+    if metrics and opts.metrics_port and spec.metrics.linger_seconds:
+        time.sleep(spec.metrics.linger_seconds)  # let Prometheus scrape the final values
     return 0
 
 

@@ -41,6 +41,7 @@ class ProgressLog:
         self.targets += batches.global_targets
         self.samples += batches.global_samples
         self.tokens += batches.global_tokens
+        self.padded += batches.global_padded
         self.steps += 1
         self.grad_norm, self.lr = grad_norm, lr
 
@@ -64,6 +65,7 @@ class ProgressLog:
             m.grad_norm.set(grad_norm)
             m.samples_per_second.set(samples_s)
             m.tokens_per_second.set(tokens_s)
+            m.padding_ratio.set(1 - self.tokens / max(1, self.padded))
             m.eta_seconds.set(eta)
             m.goodput.set(goodput)
             m.samples.inc(self.samples)
