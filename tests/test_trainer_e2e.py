@@ -70,7 +70,11 @@ def scrape(port: int) -> dict[str, float]:
 
 
 def test_two_node_run_checkpoints_to_s3_and_serves_metrics(corpus, s3_server, s3_bucket, tmp_path):
+    client = s3_server.client()
+    for split in ("train", "eval"):  # data read from s3:// too
+        client.upload_file(str(corpus[split]), s3_bucket, f"data/{split}.jsonl")
     job = make_job(tmp_path, corpus, "two-node", f"s3://{s3_bucket}/ckpt", nodes=2,
+                   data__train=f"s3://{s3_bucket}/data/train.jsonl", data__eval=f"s3://{s3_bucket}/data/eval.jsonl",
                    training__maxSteps=60, training__evalEverySteps=10, training__logEverySteps=5,
                    checkpoint__everySteps=10, checkpoint__keep=2, metrics__lingerSeconds=4)
     port = free_port()
