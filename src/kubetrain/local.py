@@ -34,7 +34,6 @@ def node_commands(job: TrainingJob, config: Path, trainer_args: list[str], port:
         f"--rdzv-endpoint=127.0.0.1:{port}",
         f"--rdzv-id={job.metadata.namespace}-{job.metadata.name}",
         "--max-restarts=0",
-        "--shutdown-timeout=120",
     ]
     return [[sys.executable, "-m", "kubetrain_trainer.launch", *torchrun, "--", "--config", str(config), *trainer_args]
             for _ in range(spec.nodes)]

@@ -19,6 +19,11 @@ from pathlib import Path
 from .preemption import EXIT_DIR_ENV, PREEMPTED_EXIT_CODE
 
 EXIT_SIGTERM = 128 + 15
+# Seconds torchrun gives workers after SIGTERM before SIGKILL: time to finish the step and upload the
+# emergency checkpoint. Keep the pod's terminationGracePeriodSeconds above it. (An env var rather than
+# --shutdown-timeout, which torch < 2.13 does not know.)
+SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+DEFAULT_SHUTDOWN_TIMEOUT_S = "120"
 log = logging.getLogger("kubetrain.launch")
 
 
@@ -52,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     torchrun_args, trainer_args = split_args(sys.argv[1:] if argv is None else argv)
     exit_dir = Path(tempfile.mkdtemp(prefix="kubetrain-exit-"))
     os.environ[EXIT_DIR_ENV] = str(exit_dir)  # inherited by the workers
+    os.environ.setdefault(SHUTDOWN_TIMEOUT_ENV, DEFAULT_SHUTDOWN_TIMEOUT_S)
     args = get_args_parser().parse_args([*torchrun_args, "--module", "kubetrain_trainer", *trainer_args])
     local_workers = nproc_per_node(torchrun_args)
     try:
