@@ -12,6 +12,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from tiny import DELETE, set_path as _set
+
 from kubetrain.api import SpecError, TrainingJob, load_training_job, parse_training_job
 
 MINIMAL_YAML = """\
@@ -91,21 +93,6 @@ def test_model_from_config_alone() -> None:
     assert job.spec.model.name is None and job.spec.model.config == {"model_type": "gpt2", "n_layer": 2}
 
 
-def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
-    def mutate(doc: dict[str, Any]) -> None:
-        *parents, last = path.split(".")
-        target = doc
-        for part in parents:
-            target = target[part]
-        if value is DELETE:
-            del target[last]
-        else:
-            target[last] = value
-
-    return mutate
-
-
-DELETE = object()
 
 # (what is wrong, mutation, the exact error line's start, a fragment of what it says)
 MALFORMED = [

@@ -11,6 +11,8 @@ from typing import Any
 import jsonschema
 import pytest
 
+from tiny import DELETE, set_path as _set
+
 from kubetrain import crd
 from kubetrain.api import SpecError, parse_training_job
 
@@ -259,23 +261,6 @@ def test_explicit_nulls_are_valid_for_both() -> None:
     assert crd_errors(doc) == []
 
 
-def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
-    """Mutator: set (or with value=DELETE, remove) the field at a dotted path; `[i]` indexes."""
-
-    def mutate(doc: dict[str, Any]) -> None:
-        *parents, last = path.replace("[", ".[").split(".")
-        target: Any = doc
-        for part in parents:
-            target = target[int(part[1:-1])] if part.startswith("[") else target[part]
-        if value is DELETE:
-            del target[last]
-        else:
-            target[last] = value
-
-    return mutate
-
-
-DELETE = object()
 
 # (what is wrong, mutation, the field pydantic names)
 BOTH_REJECT = [

@@ -238,3 +238,20 @@ def test_causal_lm_with_lora(precision, corpus, tmp_path):
     assert last_eval["eval_perplexity"] == pytest.approx(math.exp(last_eval["eval_loss"]), rel=1e-6)
     state = torch.load(tmp_path / "ckpt/tests/lm/step-000000008/model.pt", weights_only=True)
     assert state and all("lora_" in k for k in state)  # only the adapters are trained and saved
+
+
+def test_early_stopping_ends_the_job_and_a_rerun_trains_no_more(corpus, tmp_path):
+    doc = tiny.job_doc("early", corpus["train"], corpus["eval"], corpus["tokenizer"], str(tmp_path / "ckpt"),
+                       training__evalEverySteps=2, checkpoint__everySteps=100,
+                       training__earlyStopping={"metric": "eval_loss", "patience": 1, "minDelta": 100.0})
+    job = tiny.write_job(tmp_path / "early.yaml", doc)
+    run = tiny.LocalRun(job, env={}, work_dir=tmp_path / "work")
+    assert run.finish() == 0, run.output
+    run.wait_for(r"early stopping at step 4: eval_loss did not improve for 1 evaluations")
+    manifest = json.loads((tmp_path / "ckpt/tests/early/step-000000004/manifest.json").read_text())
+    assert manifest["meta"]["reason"] == "final" and manifest["meta"]["state"]["evals_without_improvement"] == 1
+
+    rerun = tiny.LocalRun(job, env={}, work_dir=tmp_path / "work")
+    assert rerun.finish() == 0, rerun.output
+    assert rerun.wait_for(r"resumed from \S+ at step (\d+)").group(1) == "4"
+    assert not rerun.matches(r"step \d+/12 ")  # no step trained after the stop

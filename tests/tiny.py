@@ -10,6 +10,7 @@ import copy
 import importlib.util
 import json
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -80,6 +81,27 @@ def job_doc(name: str, train: Path, evals: Path | None, tokenizer: Path, checkpo
     for path, value in spec_overrides.items():
         merge(doc["spec"], path.split("__"), value)
     return doc
+
+
+def set_path(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    """Mutator: set (or with value=DELETE, remove) the field at a dotted path; `[i]` indexes."""
+
+    def mutate(doc: dict[str, Any]) -> None:
+        *parents, last = path.replace("[", ".[").split(".")
+        target: Any = doc
+        for part in parents:
+            target = target[int(part[1:-1])] if part.startswith("[") else target[part]
+        if value is DELETE:
+            del target[last]
+        else:
+            target[last] = value
+
+    return mutate
+
+
+
+
+DELETE = object()
 
 
 def merge(target: dict, path: list[str], value: Any) -> None:

@@ -97,7 +97,10 @@ def train(job: TrainingJob, opts: RunOptions) -> int:
         metrics.world_size.set(rt.world_size)
         metrics.total_steps.set(total_steps)
         if opts.metrics_port:
-            metrics.serve(opts.metrics_port, opts.metrics_addr)
+            try:
+                metrics.serve(opts.metrics_port, opts.metrics_addr)
+            except OSError as err:  # e.g. two local jobs on one port: train anyway, without /metrics
+                log.warning("cannot serve /metrics on %s:%d (%s): metrics disabled", opts.metrics_addr, opts.metrics_port, err)
     eval_batches = D.plan_eval(eval_set.lengths, spec.data.max_tokens_per_batch, spec.data.max_samples_per_batch)[rt.rank :: rt.world_size] if eval_set else []
 
     def run_eval() -> dict[str, float]:
@@ -110,7 +113,7 @@ def train(job: TrainingJob, opts: RunOptions) -> int:
     log_if_main(rt, "training %s: %d steps, world size %d, %d train samples, precision %s", job.metadata.name,
                 total_steps, rt.world_size, len(train_set), t.precision)
     model.train()
-    while state.step < total_steps:
+    while state.step < total_steps and not early.should_stop:  # a rerun of an early-stopped job trains no more
         if schedule.steps_in_epoch(state.epoch, state.cursor) == 0:
             state.epoch, state.cursor = state.epoch + 1, 0
             continue
@@ -144,11 +147,10 @@ def train(job: TrainingJob, opts: RunOptions) -> int:
             write_exit_marker(rt.local_rank, state.step)
             log_if_main(rt, "preempted: emergency checkpoint at step %d saved; exiting %d", state.step, PREEMPTED_EXIT_CODE)
             return PREEMPTED_EXIT_CODE
-        if early.should_stop:
-            log_if_main(rt, "early stopping at step %d: %s did not improve for %d evaluations", state.step,
-                        t.early_stopping.metric, early.spec.patience)
-            break
 
+    if early.should_stop:
+        log_if_main(rt, "early stopping at step %d: %s did not improve for %d evaluations", state.step,
+                    t.early_stopping.metric, early.spec.patience)
     save("final", wait=True)
     log_if_main(rt, "finished at step %d; eval %s", state.step, state.last_eval or "-")
     if metrics and opts.metrics_port and spec.metrics.linger_seconds:
