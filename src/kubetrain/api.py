@@ -21,6 +21,12 @@ PLURAL = "trainingjobs"
 SINGULAR = "trainingjob"
 SHORT_NAMES = ["tj"]
 
+# Exit codes of the trainer's pods and of `kubetrain run --local`, shared by the trainer and the operator.
+# 75 is EX_TEMPFAIL (sysexits.h), "temporary failure, retry": the group saved an emergency checkpoint
+# on SIGTERM; the operator restarts it as a preemption, not counted against backoffLimit.
+EXIT_PREEMPTED = 75
+EXIT_INVALID_SPEC = 2  # the TrainingJob failed validation; nothing was started or written
+
 # Kubernetes object names that become DNS labels (pod hostnames) must be RFC 1123 labels.
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 Quantity = int | str  # "4Gi", "500m", 1

@@ -6,9 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .api import SpecError, load_training_job
-
-EXIT_INVALID_SPEC = 2
+from .api import EXIT_INVALID_SPEC, SpecError, load_training_job
 
 
 def _load(path: str):

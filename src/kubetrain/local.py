@@ -14,9 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .api import TrainingJob
-
-PREEMPTED_EXIT_CODE = 75  # kubetrain_trainer.preemption.PREEMPTED_EXIT_CODE (no torch import here)
+from .api import EXIT_PREEMPTED, TrainingJob
 
 
 def free_port() -> int:
@@ -41,10 +39,10 @@ def node_commands(job: TrainingJob, config: Path, trainer_args: list[str], port:
 
 def group_exit_code(codes: list[int]) -> int:
     """Failures win over preemption, preemption over success."""
-    failures = [c for c in codes if c not in (0, PREEMPTED_EXIT_CODE)]
+    failures = [c for c in codes if c not in (0, EXIT_PREEMPTED)]
     if failures:
         return failures[0]
-    return PREEMPTED_EXIT_CODE if PREEMPTED_EXIT_CODE in codes else 0
+    return EXIT_PREEMPTED if EXIT_PREEMPTED in codes else 0
 
 
 def run_local(job: TrainingJob, config: Path, trainer_args: list[str], env: dict[str, str] | None = None) -> int:

@@ -8,9 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from kubetrain.api import SpecError, load_training_job
-
-EXIT_INVALID_SPEC = 2
+from kubetrain.api import EXIT_INVALID_SPEC, SpecError, load_training_job
 
 
 def checkpoint_prefix(uri: str, namespace: str, name: str) -> str:

@@ -3,7 +3,7 @@
 torchrun reports neither its workers' exit codes nor why it was stopped: killed by SIGTERM it exits 1,
 like any crash. The operator must know "the group saved an emergency checkpoint, restart it" from
 "the training failed". So this wrapper runs torchrun in-process and exits with
-PREEMPTED_EXIT_CODE when every local worker wrote its emergency-checkpoint marker.
+EXIT_PREEMPTED when every local worker wrote its emergency-checkpoint marker.
 
     python -m kubetrain_trainer.launch [torchrun options] -- [trainer options]
 """
@@ -16,7 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .preemption import EXIT_DIR_ENV, PREEMPTED_EXIT_CODE
+from kubetrain.api import EXIT_PREEMPTED
+
+from .preemption import EXIT_DIR_ENV
 
 EXIT_SIGTERM = 128 + 15
 # Seconds torchrun gives workers after SIGTERM before SIGKILL: time to finish the step and upload the
@@ -65,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (SignalException, ChildFailedError) as err:
         if preempted_workers(exit_dir) >= local_workers:
-            log.info("all %d local workers saved the emergency checkpoint: exit %d (preempted)", local_workers, PREEMPTED_EXIT_CODE)
-            return PREEMPTED_EXIT_CODE
+            log.info("all %d local workers saved the emergency checkpoint: exit %d (preempted)", local_workers, EXIT_PREEMPTED)
+            return EXIT_PREEMPTED
         if isinstance(err, SignalException):
             log.error("stopped by signal %s before an emergency checkpoint completed", err.sigval)
             return EXIT_SIGTERM

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from kubetrain.api import TrainingJob
+from kubetrain.api import EXIT_PREEMPTED, TrainingJob
 
 from . import data as D
 from .checkpoint import Checkpointer, TrainState
@@ -27,7 +27,7 @@ from .losses import summed_loss
 from .metrics import TrainerMetrics
 from .model import build_model, load_tokenizer
 from .optim import build_optimizer, build_scheduler
-from .preemption import PREEMPTED_EXIT_CODE, StopSignal, write_exit_marker
+from .preemption import StopSignal, write_exit_marker
 from .progress import EarlyStopping, ProgressLog
 from .storage import open_storage
 
@@ -145,8 +145,8 @@ def train(job: TrainingJob, opts: RunOptions) -> int:
         if stop.agreed(rt.device):
             save("preemption", wait=True)
             write_exit_marker(rt.local_rank, state.step)
-            log_if_main(rt, "preempted: emergency checkpoint at step %d saved; exiting %d", state.step, PREEMPTED_EXIT_CODE)
-            return PREEMPTED_EXIT_CODE
+            log_if_main(rt, "preempted: emergency checkpoint at step %d saved; exiting %d", state.step, EXIT_PREEMPTED)
+            return EXIT_PREEMPTED
 
     if early.should_stop:
         log_if_main(rt, "early stopping at step %d: %s did not improve for %d evaluations", state.step,

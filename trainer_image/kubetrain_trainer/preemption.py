@@ -1,4 +1,4 @@
-"""SIGTERM handling: finish the current step, agree across ranks, checkpoint, exit PREEMPTED_EXIT_CODE.
+"""SIGTERM handling: finish the current step, agree across ranks, checkpoint, exit EXIT_PREEMPTED (75).
 
 Kubernetes sends SIGTERM to a pod's PID 1 (our launcher, which runs torchrun, which forwards it to
 the workers). Ranks may see the signal at different steps, so the decision to stop is all-reduced
@@ -17,9 +17,6 @@ import torch
 
 from .distributed import all_reduce
 
-# EX_TEMPFAIL (sysexits.h): "temporary failure, the user is invited to retry" — the operator treats
-# it as a preemption, not as a failure counting against backoffLimit.
-PREEMPTED_EXIT_CODE = 75
 EXIT_DIR_ENV = "KUBETRAIN_EXIT_DIR"
 log = logging.getLogger("kubetrain.preemption")
 
