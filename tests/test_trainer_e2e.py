@@ -76,6 +76,7 @@ def test_two_node_run_checkpoints_to_s3_and_serves_metrics(corpus, s3_server, s3
     job = make_job(tmp_path, corpus, "two-node", f"s3://{s3_bucket}/ckpt", nodes=2,
                    data__train=f"s3://{s3_bucket}/data/train.jsonl", data__eval=f"s3://{s3_bucket}/data/eval.jsonl",
                    training__maxSteps=60, training__evalEverySteps=10, training__logEverySteps=5,
+                   training__gradientAccumulation=2,  # DDP no_sync on all but the last micro-batch
                    checkpoint__everySteps=10, checkpoint__keep=2, metrics__lingerSeconds=4)
     port = free_port()
     run = tiny.LocalRun(job, env={**s3_server.env(), "KUBETRAIN_METRICS_ADDR": "127.0.0.1"}, work_dir=tmp_path / "work",

@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,7 @@ class Checkpointer:
     def __init__(self, store: CheckpointStore, work_dir: Path, rt: Runtime, metrics: TrainerMetrics | None, lora: bool):
         self.store, self.work_dir, self.rt, self.metrics, self.lora = store, work_dir, rt, metrics, lora
         self.submitted_step: int | None = None
-        self.pending = None  # Future of the newest submitted save (rank 0)
+        self.pending: Future | None = None  # the newest submitted save, done once accounted (rank 0)
 
     def save(self, *, model, optimizer, scheduler, scaler, state: TrainState, reason: str, wait: bool) -> None:
         """Collective: every rank must call it (RNG states are gathered to rank 0).
@@ -89,10 +90,20 @@ class Checkpointer:
             files["state.json"].write_text(json.dumps(dataclasses.asdict(state), indent=1))
             stall = time.perf_counter() - started
             meta = {"reason": reason, "world_size": self.rt.world_size, "state": dataclasses.asdict(state), "stall_seconds": stall}
-            self.pending = self.store.save_async(state.step, files, meta)
-            self.pending.add_done_callback(lambda f: self._landed(f, staging, reason, stall))
+            upload = self.store.save_async(state.step, files, meta)
+            landed = self.pending = Future()  # done after _landed: a waiter sees the metrics updated
+            upload.add_done_callback(lambda f: self._landed(f, staging, reason, stall, landed))
 
-    def _landed(self, future, staging: Path, reason: str, stall: float) -> None:
+    def _landed(self, future: Future, staging: Path, reason: str, stall: float, landed: Future) -> None:
+        try:
+            self._account(future, staging, reason, stall)
+        finally:
+            if future.exception() is not None:
+                landed.set_exception(future.exception())
+            else:
+                landed.set_result(future.result())
+
+    def _account(self, future: Future, staging: Path, reason: str, stall: float) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         if future.exception() is not None:
             log.error("checkpoint failed: %s", future.exception())
