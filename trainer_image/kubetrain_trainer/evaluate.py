@@ -35,7 +35,8 @@ def evaluate(model: torch.nn.Module, encoded: Encoded, batches: list[list[int]],
         if task == CLASSIFICATION:
             preds = logits.argmax(dim=-1)
             confusion.index_put_((labels, preds), torch.ones_like(preds, dtype=torch.float64), accumulate=True)
-    all_reduce(loss_sum), all_reduce(targets), all_reduce(confusion)
+    totals = all_reduce(torch.cat([loss_sum.view(1), targets.view(1), confusion.flatten()]))  # one collective
+    loss_sum, targets, confusion = totals[0], totals[1], totals[2:].view(num_labels, num_labels)
     model.train(was_training)
     eval_loss = (loss_sum / targets.clamp(min=1)).item()
     if task == CLASSIFICATION:

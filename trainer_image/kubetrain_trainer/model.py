@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -117,7 +116,3 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor],
         absent = trained - state.keys()
         if absent:
             raise RuntimeError(f"checkpoint lacks trained tensors: {sorted(absent)[:5]}")
-
-
-def cache_dir_from_env() -> Path:
-    return Path(os.environ.get("KUBETRAIN_CACHE_DIR", "/tmp/kubetrain-cache"))
