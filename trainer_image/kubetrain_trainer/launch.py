@@ -36,16 +36,6 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-def nproc_per_node(torchrun_args: list[str]) -> int:
-    for i, arg in enumerate(torchrun_args):
-        for flag in ("--nproc-per-node", "--nproc_per_node"):
-            if arg == flag:
-                return int(torchrun_args[i + 1])
-            if arg.startswith(flag + "="):
-                return int(arg.split("=", 1)[1])
-    return 1
-
-
 def preempted_workers(exit_dir: Path) -> int:
     return len(list(exit_dir.glob("preempted-*.json")))
 
@@ -53,7 +43,7 @@ def preempted_workers(exit_dir: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
+    from torch.distributed.run import determine_local_world_size, get_args_parser, run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s launch: %(message)s", datefmt="%H:%M:%S")
     torchrun_args, trainer_args = split_args(sys.argv[1:] if argv is None else argv)
@@ -61,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[EXIT_DIR_ENV] = str(exit_dir)  # inherited by the workers
     os.environ.setdefault(SHUTDOWN_TIMEOUT_ENV, DEFAULT_SHUTDOWN_TIMEOUT_S)
     args = get_args_parser().parse_args([*torchrun_args, "--module", "kubetrain_trainer", *trainer_args])
-    local_workers = nproc_per_node(torchrun_args)
+    local_workers = determine_local_world_size(args.nproc_per_node)  # torchrun's own reading ("gpu", "auto", N)
     try:
         run(args)
         return 0
