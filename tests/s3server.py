@@ -7,7 +7,6 @@ code, and so that child processes (torchrun workers) can reach the same server t
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,15 +15,11 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from kubetrain.local import free_port
+
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"
 REGION = "us-east-1"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class S3Server:

@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from s3server import S3Server, free_port
+from s3server import S3Server
 
 import tiny
+from kubetrain.local import free_port
 
 pytestmark = pytest.mark.slow
 
