@@ -27,6 +27,18 @@ SHORT_NAMES = ["tj"]
 EXIT_PREEMPTED = 75
 EXIT_INVALID_SPEC = 2  # the TrainingJob failed validation; nothing was started or written
 
+
+
+def checkpoint_prefix(uri: str, namespace: str, name: str) -> str:
+    """<checkpoint.uri>/<namespace>/<job>: one job's checkpoints, whatever else shares the bucket."""
+    return f"{uri.rstrip('/')}/{namespace}/{name}"
+
+
+def step_dir_name(step: int) -> str:
+    """A checkpoint's directory under the job's prefix (sorts by step)."""
+    return f"step-{step:09d}"
+
+
 # Kubernetes object names that become DNS labels (pod hostnames) must be RFC 1123 labels.
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 Quantity = int | str  # "4Gi", "500m", 1
@@ -236,8 +248,10 @@ class CheckpointRef(_Model):
 class TrainingJobStatus(_Model):
     phase: Phase | None = None
     conditions: list[Condition] = Field(default_factory=list)
-    restarts: int = 0
-    preemptions: int = 0
+    restarts: int = Field(0, description="Group recreations after a preemption or a failure.")
+    preemptions: int = Field(0, description="Restarts caused by a preemption (do not count against backoffLimit).")
+    failures: int = Field(0, description="Pod failures that counted against backoffLimit.")
+    attempt: int = Field(0, description="Generation of the current pod group (label kubetrain.io/attempt).")
     step: int | None = None
     last_checkpoint: CheckpointRef | None = None
     start_time: str | None = None

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .api import EXIT_PREEMPTED, TrainingJob
+from .torchrun import torchrun_options
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -25,14 +26,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def node_commands(job: TrainingJob, config: Path, trainer_args: list[str], port: int) -> list[list[str]]:
     spec = job.spec
-    torchrun = [
-        f"--nnodes={spec.nodes}",
-        f"--nproc-per-node={spec.procs_per_node}",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{port}",
-        f"--rdzv-id={job.metadata.namespace}-{job.metadata.name}",
-        "--max-restarts=0",
-    ]
+    torchrun = torchrun_options(spec.nodes, spec.procs_per_node, f"127.0.0.1:{port}", f"{job.metadata.namespace}-{job.metadata.name}")
     return [[sys.executable, "-m", "kubetrain_trainer.launch", *torchrun, "--", "--config", str(config), *trainer_args]
             for _ in range(spec.nodes)]
 

@@ -8,16 +8,11 @@ import os
 import sys
 from pathlib import Path
 
-from kubetrain.api import EXIT_INVALID_SPEC, SpecError, load_training_job
-
-
-def checkpoint_prefix(uri: str, namespace: str, name: str) -> str:
-    """<checkpoint.uri>/<namespace>/<job>: one job's checkpoints, whatever else shares the bucket."""
-    return f"{uri.rstrip('/')}/{namespace}/{name}"
+from kubetrain.api import EXIT_INVALID_SPEC, SpecError, checkpoint_prefix, load_training_job
 
 
 def resolve_local_paths(job, base: Path):
-    """Relative local data/model paths in the YAML resolve against the YAML's directory."""
+    """Relative local data/model paths in the YAML resolve against `base` (the YAML's directory locally)."""
 
     def fix(value: str | None) -> str | None:
         if value is None or "://" in value or os.path.isabs(value):
@@ -39,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="TrainingJob YAML (the operator mounts it from a ConfigMap)")
     p.add_argument("--checkpoint-uri", help="override spec.checkpoint.uri (local runs)")
     p.add_argument("--metrics-port", type=int, help="override spec.metrics.port; 0 disables the exporter")
+    p.add_argument("--base-dir", default=os.environ.get("KUBETRAIN_BASE_DIR"),
+                   help="relative paths in the YAML resolve here (default: the YAML's directory; pods: the image's examples)")
     p.add_argument("--work-dir", default=os.environ.get("KUBETRAIN_WORK_DIR", "/tmp/kubetrain"), help="local scratch")
     return p.parse_args(argv)
 
@@ -53,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as err:
         print(f"invalid TrainingJob:\n{err}", file=sys.stderr)
         return EXIT_INVALID_SPEC
-    job = resolve_local_paths(job, Path(args.config).resolve().parent)
+    job = resolve_local_paths(job, Path(args.base_dir or Path(args.config).resolve().parent))
     uri = args.checkpoint_uri or job.spec.checkpoint.uri
     port = job.spec.metrics.port if args.metrics_port is None else args.metrics_port
 

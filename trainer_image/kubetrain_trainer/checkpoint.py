@@ -55,6 +55,7 @@ class Checkpointer:
         self.store, self.work_dir, self.rt, self.metrics, self.lora = store, work_dir, rt, metrics, lora
         self.submitted_step: int | None = None
         self.pending: Future | None = None  # the newest submitted save, done once accounted (rank 0)
+        self.latest: CheckpointInfo | None = None  # the newest complete checkpoint known (rank 0)
 
     def save(self, *, model, optimizer, scheduler, scaler, state: TrainState, reason: str, wait: bool) -> None:
         """Collective: every rank must call it (RNG states are gathered to rank 0).
@@ -111,6 +112,8 @@ class Checkpointer:
                 self.metrics.checkpoint_failures.inc()
             return
         result = future.result()
+        if self.latest is None or result.info.step >= self.latest.step:
+            self.latest = result.info
         log.info("checkpoint step %d (%s) complete: %s, %.1f MB, %.2fs upload", result.info.step, reason,
                  result.info.uri, result.info.bytes / 1e6, result.seconds)
         if self.metrics:
@@ -131,6 +134,7 @@ class Checkpointer:
             found = self.store.restore_latest(dest)
             chosen = found[0] if found else None
         chosen = broadcast_object(chosen)
+        self.latest = chosen
         if chosen is None:
             return None
         paths = found[1] if self.rt.is_main else self.store.download(chosen, dest)

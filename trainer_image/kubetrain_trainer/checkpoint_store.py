@@ -30,6 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
+from kubetrain.api import step_dir_name
+
 from .storage import Storage, join_key
 
 log = logging.getLogger("kubetrain.checkpoint")
@@ -67,10 +69,6 @@ class CheckpointInfo:
 class SaveResult:
     info: CheckpointInfo
     seconds: float  # wall time of hashing + upload (retention not included)
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:09d}"
 
 
 def _file_digest(path: Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from kubetrain.api import EXIT_PREEMPTED, TrainingJob
+from kubetrain.report import TrainerReport, write_report
 
 from . import data as D
 from .checkpoint import Checkpointer, TrainState
@@ -49,6 +50,14 @@ def autocast_for(precision: str, device: torch.device):
         return contextlib.nullcontext
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def report_outcome(rt: Runtime, checkpointer: Checkpointer, outcome: str, step: int) -> None:
+    """Rank 0 leaves the final step and newest checkpoint in the pod's termination message."""
+    if rt.is_main:
+        ckpt = checkpointer.latest
+        write_report(TrainerReport(outcome, step, ckpt.step if ckpt else None, ckpt.uri if ckpt else None,
+                                   ckpt.created if ckpt else None))
 
 
 def train(job: TrainingJob, opts: RunOptions) -> int:
@@ -145,6 +154,7 @@ def train(job: TrainingJob, opts: RunOptions) -> int:
         if stop.agreed(rt.device):
             save("preemption", wait=True)
             write_exit_marker(rt.local_rank, state.step)
+            report_outcome(rt, checkpointer, "preempted", state.step)
             log_if_main(rt, "preempted: emergency checkpoint at step %d saved; exiting %d", state.step, EXIT_PREEMPTED)
             return EXIT_PREEMPTED
 
@@ -153,6 +163,7 @@ def train(job: TrainingJob, opts: RunOptions) -> int:
                     t.early_stopping.metric, early.spec.patience)
     save("final", wait=True)
     log_if_main(rt, "finished at step %d; eval %s", state.step, state.last_eval or "-")
+    report_outcome(rt, checkpointer, "finished", state.step)
     if metrics and opts.metrics_port and spec.metrics.linger_seconds:
         time.sleep(spec.metrics.linger_seconds)  # let Prometheus scrape the final values
     return 0

@@ -1,0 +1,44 @@
+"""The trainer's last word to the operator: a pod termination message.
+
+Kubernetes copies the file at a container's terminationMessagePath into the pod status when the
+container exits (`state.terminated.message`). Rank 0 writes one small JSON document there, so the
+operator learns the final step and the newest checkpoint without S3 credentials or pod exec.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+TERMINATION_MESSAGE_ENV = "KUBETRAIN_TERMINATION_MESSAGE_PATH"
+MAX_BYTES = 4096  # what the kubelet keeps of a termination message
+
+
+@dataclass(frozen=True)
+class TrainerReport:
+    outcome: str  # finished | preempted
+    step: int
+    checkpoint_step: int | None = None
+    checkpoint_uri: str | None = None
+    checkpoint_time: str | None = None
+
+    def encode(self) -> str:
+        return json.dumps({"kubetrain": asdict(self)}, separators=(",", ":"))[:MAX_BYTES]
+
+
+def decode_report(message: str | None) -> TrainerReport | None:
+    """The report in a termination message; None for anything else (e.g. the log tail of a crash)."""
+    try:
+        doc = json.loads(message or "")
+        return TrainerReport(**doc["kubetrain"])
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def write_report(report: TrainerReport) -> None:
+    """Write where the pod spec says (no-op outside a pod)."""
+    path = os.environ.get(TERMINATION_MESSAGE_ENV)
+    if path:
+        Path(path).write_text(report.encode(), encoding="utf-8")
