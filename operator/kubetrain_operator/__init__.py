@@ -1,0 +1,1 @@
+"""kubetrain operator: turns TrainingJobs into torchrun pod groups, tracks status, recovers from preemption."""

@@ -1,0 +1,70 @@
+"""python -m kubetrain_operator: run the operator (kopf) against the cluster in KUBECONFIG or in-cluster.
+
+    python -m kubetrain_operator [--namespace NS ...] [--metrics-port 8080] [--liveness-port 8081]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+import kopf
+import kubernetes
+
+from .builders import ClusterDefaults
+from .kube import Kube
+from .metrics import OperatorMetrics
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="python -m kubetrain_operator", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--namespace", "-n", action="append", default=[],
+                   help="watch only this namespace (repeatable); default: all namespaces")
+    p.add_argument("--metrics-port", type=int, default=int(env("KUBETRAIN_OPERATOR_METRICS_PORT", "8080")),
+                   help="operator /metrics port; 0 disables")
+    p.add_argument("--metrics-addr", default=env("KUBETRAIN_OPERATOR_METRICS_ADDR", "0.0.0.0"))
+    p.add_argument("--liveness-port", type=int, default=int(env("KUBETRAIN_OPERATOR_LIVENESS_PORT", "8081")),
+                   help="kopf's /healthz port; 0 disables")
+    p.add_argument("--default-checkpoint-uri", default=env("KUBETRAIN_DEFAULT_CHECKPOINT_URI"),
+                   help="s3:// URI for jobs whose spec.checkpoint.uri is a local path")
+    p.add_argument("--default-s3-secret", default=env("KUBETRAIN_DEFAULT_S3_SECRET"),
+                   help="Secret with AWS keys for jobs that use the default checkpoint URI")
+    p.add_argument("--default-s3-endpoint", default=env("KUBETRAIN_DEFAULT_S3_ENDPOINT"),
+                   help="S3 endpoint for jobs that use the default checkpoint URI")
+    p.add_argument("--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from . import handlers  # noqa: F401  (registers the kopf handlers)
+
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+    metrics = OperatorMetrics()
+    if args.metrics_port:
+        metrics.serve(args.metrics_port, args.metrics_addr)
+    defaults = ClusterDefaults(args.default_checkpoint_uri, args.default_s3_secret, args.default_s3_endpoint)
+    memo = kopf.Memo(kube=Kube(), metrics=metrics, defaults=defaults)
+    liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
+    asyncio.run(kopf.operator(
+        standalone=True,  # one replica (the chart's Deployment uses strategy Recreate)
+        namespaces=args.namespace,
+        clusterwide=not args.namespace,
+        liveness_endpoint=liveness,
+        memo=memo,
+    ))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

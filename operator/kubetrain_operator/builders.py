@@ -1,0 +1,227 @@
+"""Desired state, as pure functions: TrainingJob -> ConfigMap, headless Service, one Pod per node.
+
+Nothing here talks to the API server, so every manifest can be tested (and diffed) as data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+from dataclasses import dataclass
+
+import yaml
+
+from kubetrain.api import API_VERSION, KIND, SpecError, TrainingJob
+from kubetrain.report import TERMINATION_MESSAGE_ENV
+from kubetrain.torchrun import RDZV_PORT, torchrun_options
+
+from . import names as N
+
+RUN_AS_USER = 1000  # the trainer image's non-root user
+# Above the launcher's TORCH_ELASTIC_SHUTDOWN_TIMEOUT (120 s): SIGTERM -> finish the step, save and
+# upload the emergency checkpoint, exit 75 -- before the kubelet's SIGKILL.
+TERMINATION_GRACE_SECONDS = 180
+HOSTNAME_MAX = 63
+
+
+@dataclass(frozen=True)
+class ClusterDefaults:
+    """Operator-wide settings (Helm values) for what a job may leave out in a cluster."""
+
+    checkpoint_uri: str | None = None  # used when spec.checkpoint.uri is not s3://
+    s3_secret: str | None = None
+    s3_endpoint: str | None = None
+
+
+def effective_job(job: TrainingJob, defaults: ClusterDefaults) -> TrainingJob:
+    """The job as its pods will run it; raises SpecError for what only fails in a cluster."""
+    errors = []
+    name, nodes = job.metadata.name, job.spec.nodes
+    if not name[0].isalpha():
+        errors.append(f"metadata.name: must start with a letter: it names the job's Service (got {name!r})")
+    longest = N.pod_name(name, nodes - 1)
+    if len(longest) > HOSTNAME_MAX:
+        errors.append(f"metadata.name: too long for {nodes} nodes: pod hostname {longest!r} exceeds {HOSTNAME_MAX} characters")
+    if job.spec.metrics.port == RDZV_PORT:
+        errors.append(f"spec.metrics.port: {RDZV_PORT} is the rendezvous port")
+    checkpoint = job.spec.checkpoint
+    if not checkpoint.uri.startswith("s3://"):
+        if not defaults.checkpoint_uri:
+            errors.append(f"spec.checkpoint.uri: {checkpoint.uri!r} is a local path, which does not survive a pod restart: "
+                          "use s3://bucket/prefix (or set the operator's default checkpoint URI)")
+        else:
+            checkpoint = checkpoint.model_copy(update={
+                "uri": defaults.checkpoint_uri,
+                "s3_secret": checkpoint.s3_secret or defaults.s3_secret,
+                "endpoint": checkpoint.endpoint or defaults.s3_endpoint,
+            })
+    if errors:
+        raise SpecError("\n".join(errors))
+    return job.model_copy(update={"spec": job.spec.model_copy(update={"checkpoint": checkpoint})})
+
+
+def owner_reference(body: dict) -> dict:
+    meta = body["metadata"]
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": meta["name"], "uid": meta["uid"],
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _labels(job: TrainingJob) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "kubetrain-trainer",
+        "app.kubernetes.io/managed-by": N.MANAGED_BY,
+        N.LABEL_JOB: job.metadata.name,
+    }
+
+
+def _meta(job: TrainingJob, name: str, owner: dict, labels: dict[str, str] | None = None) -> dict:
+    return {"name": name, "namespace": job.metadata.namespace, "labels": labels or _labels(job), "ownerReferences": [owner]}
+
+
+def job_config_yaml(job: TrainingJob) -> str:
+    """The TrainingJob the trainer reads (--config): the effective spec, no status, no server fields."""
+    doc = {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": job.metadata.name, "namespace": job.metadata.namespace},
+        "spec": job.spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
+    }
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def config_map(job: TrainingJob, owner: dict) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(job, N.config_map_name(job.metadata.name), owner),
+        "data": {N.CONFIG_KEY: job_config_yaml(job)},
+    }
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(config["data"][N.CONFIG_KEY].encode()).hexdigest()[:16]
+
+
+def service(job: TrainingJob, owner: dict) -> dict:
+    """Headless, and publishing not-ready pods: rank 0's DNS name must resolve before anyone is Ready."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(job, N.service_name(job.metadata.name), owner),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {N.LABEL_JOB: job.metadata.name},
+            "ports": [
+                {"name": "rendezvous", "port": RDZV_PORT, "targetPort": RDZV_PORT, "protocol": "TCP"},
+                {"name": "metrics", "port": job.spec.metrics.port, "targetPort": job.spec.metrics.port, "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def _env(job: TrainingJob) -> list[dict]:
+    env = [
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        # /metrics on the pod IP: Prometheus and the operator scrape it there
+        {"name": "KUBETRAIN_METRICS_ADDR", "value": "$(POD_IP)"},
+        {"name": TERMINATION_MESSAGE_ENV, "value": N.TERMINATION_LOG},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    secret = job.spec.checkpoint.s3_secret
+    if secret:
+        for key, optional in (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True)):
+            env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": optional}}})
+    return env
+
+
+def _resources(job: TrainingJob) -> dict:
+    res = job.spec.resources.model_dump(by_alias=True, exclude_none=True, mode="json")
+    return {k: v for k, v in res.items() if v}
+
+
+def trainer_args(job: TrainingJob, rank0_host: str, attempt: int, uid: str) -> list[str]:
+    torchrun = torchrun_options(job.spec.nodes, job.spec.procs_per_node, f"{rank0_host}:{RDZV_PORT}",
+                                f"{uid}-{attempt}", local_addr="$(POD_IP)")
+    return [*torchrun, "--", "--config", f"{N.CONFIG_DIR}/{N.CONFIG_KEY}", "--work-dir", N.WORK_DIR,
+            "--base-dir", N.IMAGE_EXAMPLES_DIR]
+
+
+def pod(job: TrainingJob, owner: dict, rank: int, attempt: int, config_digest: str) -> dict:
+    name, ns = job.metadata.name, job.metadata.namespace
+    spec = job.spec
+    labels = {**_labels(job), N.LABEL_RANK: str(rank), N.LABEL_ATTEMPT: str(attempt)}
+    container = {
+        "name": N.CONTAINER,
+        "image": spec.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["python", "-m", "kubetrain_trainer.launch"],
+        "args": trainer_args(job, N.pod_dns_name(name, ns, 0), attempt, owner["uid"]),
+        "env": _env(job),
+        "ports": [
+            {"name": "rendezvous", "containerPort": RDZV_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": spec.metrics.port, "protocol": "TCP"},
+        ],
+        "resources": _resources(job),
+        "volumeMounts": [
+            {"name": "config", "mountPath": N.CONFIG_DIR, "readOnly": True},
+            {"name": "scratch", "mountPath": "/tmp"},
+            {"name": "shm", "mountPath": "/dev/shm"},
+        ],
+        "terminationMessagePath": N.TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    pod_spec = {
+        "hostname": N.pod_name(name, rank),
+        "subdomain": N.service_name(name),
+        "restartPolicy": "Never",  # the operator restarts whole groups, never single pods
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "fsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": N.config_map_name(name)}},
+            {"name": "scratch", "emptyDir": {}},
+            {"name": "shm", "emptyDir": {"medium": "Memory"}},
+        ],
+    }
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True, mode="json") for t in spec.tolerations]
+    if spec.priority_class_name:
+        pod_spec["priorityClassName"] = spec.priority_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {**_meta(job, N.pod_name(name, rank), owner, labels),
+                     "annotations": {"kubetrain.io/config-hash": config_digest}},
+        "spec": pod_spec,
+    }
+
+
+def group(job: TrainingJob, owner: dict, attempt: int) -> tuple[dict, list[dict]]:
+    """The ConfigMap and every pod of one attempt (pods name the config they were made for)."""
+    config = config_map(job, owner)
+    digest = config_hash(config)
+    return config, [pod(job, owner, rank, attempt, digest) for rank in range(job.spec.nodes)]
+
+
+def describe_command(pod_manifest: dict) -> str:
+    c = pod_manifest["spec"]["containers"][0]
+    return shlex.join([*c["command"], *c["args"]])

@@ -1,0 +1,129 @@
+"""kopf glue: every trigger -- the job changed, one of its pods changed, a timer -- runs one reconcile.
+
+The decision is `reconcile.plan` (pure); `kube.Kube` reads and writes. Reconciles of one job are
+serialized by a lock, so a pod event and the timer never act on the same job at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+from kubetrain.api import GROUP, PLURAL, VERSION, checkpoint_prefix
+
+from . import progress
+from .builders import ClusterDefaults
+from .kube import Conflict, Kube
+from .metrics import OperatorMetrics
+from .names import LABEL_ATTEMPT, LABEL_JOB
+from .reconcile import RECHECK_SECONDS, Plan, plan
+
+log = logging.getLogger("kubetrain.operator")
+_locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+CONFLICT_RETRIES = 5
+
+
+def reconcile(memo: kopf.Memo, namespace: str, name: str, scrape: bool = False) -> Plan | None:
+    """Read, plan, apply; again on a write conflict. Returns the applied plan (None: job gone)."""
+    kube: Kube = memo.kube
+    metrics: OperatorMetrics = memo.metrics
+    with _locks[(namespace, name)], metrics.reconcile_seconds.time():
+        for _ in range(CONFLICT_RETRIES):
+            job = kube.get_job(namespace, name)
+            if job is None:
+                metrics.observe_phase(namespace, name, None)
+                return None
+            now = datetime.now(UTC)
+            live = _scrape(kube, job, memo.defaults) if scrape else None
+            observed = kube.observe(job, now, live)
+            decided = plan(observed, memo.defaults)
+            try:
+                kube.apply(job, decided, now)
+            except Conflict:
+                continue
+            _count(metrics, job, decided)
+            return decided
+        raise kopf.TemporaryError(f"{namespace}/{name}: status kept changing under us", delay=1)
+
+
+def _scrape(kube: Kube, job: dict, defaults: ClusterDefaults):
+    status = job.get("status") or {}
+    if status.get("phase") != "Running":
+        return None
+    spec, meta = job.get("spec") or {}, job["metadata"]
+    uri = (spec.get("checkpoint") or {}).get("uri") or ""
+    if not uri.startswith("s3://"):
+        uri = defaults.checkpoint_uri or uri
+    port = (spec.get("metrics") or {}).get("port", 9400)
+    attempt = str(status.get("attempt"))
+    ips = [p["status"]["podIP"] for p in kube.list_pods(meta["namespace"], meta["name"])
+           if p["metadata"].get("labels", {}).get(LABEL_ATTEMPT) == attempt and p.get("status", {}).get("podIP")]
+    return progress.scrape(ips, port, checkpoint_prefix(uri, meta["namespace"], meta["name"]))
+
+
+def _count(metrics: OperatorMetrics, job: dict, decided: Plan) -> None:
+    before = job.get("status") or {}
+    after = decided.status or before
+    meta = job["metadata"]
+    metrics.observe_phase(meta["namespace"], meta["name"], after.get("phase"))
+    if after.get("restarts", 0) > before.get("restarts", 0):
+        preempted = after.get("preemptions", 0) > before.get("preemptions", 0)
+        metrics.restarts.labels("preemption" if preempted else "failure").inc()
+        if preempted:
+            metrics.preemptions.inc()
+
+
+def _guarded(memo: kopf.Memo, namespace: str, name: str, scrape: bool = False) -> None:
+    """Errors become kopf retries and a metric; never a crashed operator."""
+    try:
+        reconcile(memo, namespace, name, scrape)
+    except kopf.TemporaryError:
+        memo.metrics.errors.labels("conflict").inc()
+        raise
+    except ApiException as err:
+        memo.metrics.errors.labels(f"api_{err.status}").inc()
+        raise kopf.TemporaryError(f"API error {err.status}: {err.reason}", delay=2) from None
+    except Exception as err:  # a bug must not stop the operator from serving other jobs
+        memo.metrics.errors.labels(type(err).__name__).inc()
+        log.exception("reconcile of %s/%s failed", namespace, name)
+        raise kopf.TemporaryError(f"{type(err).__name__}: {err}", delay=5) from None
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_) -> None:
+    settings.posting.level = logging.WARNING  # our own Events describe transitions
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetrain.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kubetrain.io")
+    settings.watching.server_timeout = 300
+    settings.execution.max_workers = 16
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+def job_changed(memo: kopf.Memo, namespace: str, name: str, **_) -> None:
+    _guarded(memo, namespace, name)
+
+
+@kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
+def pod_changed(memo: kopf.Memo, namespace: str, labels: dict, **_) -> None:
+    _guarded(memo, namespace, labels[LABEL_JOB])
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=RECHECK_SECONDS)
+def recheck(memo: kopf.Memo, namespace: str, name: str, **_) -> None:
+    """Deadlines, TTLs, and live progress: what no watch event announces."""
+    started = time.monotonic()
+    _guarded(memo, namespace, name, scrape=True)
+    log.debug("recheck of %s/%s took %.3fs", namespace, name, time.monotonic() - started)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
+def job_deleted(memo: kopf.Memo, namespace: str, name: str, **_) -> None:
+    memo.metrics.observe_phase(namespace, name, None)

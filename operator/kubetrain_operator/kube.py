@@ -1,0 +1,152 @@
+"""The only module that talks to the API server: read what a reconcile needs, apply a Plan.
+
+Every write is idempotent (409 on create and 404 on delete are "already done"), so a reconcile that
+is interrupted -- the operator killed mid-way -- is finished by the next one without duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from kubetrain.api import GROUP, KIND, PLURAL, VERSION, API_VERSION
+
+from .names import job_selector
+from .reconcile import Observed, Plan, timestamp
+
+log = logging.getLogger("kubetrain.operator")
+
+
+class Conflict(Exception):
+    """The job changed between our read and our status write; reconcile again."""
+
+
+class Kube:
+    def __init__(self, client: kubernetes.client.ApiClient | None = None):
+        self.client = client or kubernetes.client.ApiClient()
+        self.core = kubernetes.client.CoreV1Api(self.client)
+        self.custom = kubernetes.client.CustomObjectsApi(self.client)
+
+    # --- reading
+    def _raw(self, response) -> dict:
+        return json.loads(response.data)
+
+    def get_job(self, namespace: str, name: str) -> dict | None:
+        try:
+            return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def list_pods(self, namespace: str, job: str) -> list[dict]:
+        resp = self.core.list_namespaced_pod(namespace, label_selector=job_selector(job), _preload_content=False)
+        return self._raw(resp).get("items") or []
+
+    def has_service(self, namespace: str, name: str) -> bool:
+        try:
+            self.core.read_namespaced_service(name, namespace, _preload_content=False)
+            return True
+        except ApiException as err:
+            if err.status == 404:
+                return False
+            raise
+
+    def observe(self, job: dict, now: datetime, live=None) -> Observed:
+        meta = job["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        return Observed(job=job, pods=self.list_pods(ns, name), has_service=self.has_service(ns, name), now=now, live=live)
+
+    # --- writing
+    def apply(self, job: dict, plan: Plan, now: datetime) -> None:
+        """Status first (so a decision is durable before its side effects), then objects, then events."""
+        meta = job["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        if plan.status is not None:
+            self.patch_status(ns, name, meta.get("resourceVersion"), plan.status)
+        if plan.replace_config is not None:
+            self.put_config_map(plan.replace_config)
+        for manifest in plan.create:
+            self.create(manifest)
+        for pod in plan.delete_pods:
+            self.delete_pod(pod)
+        for event in plan.events:
+            self.post_event(job, event.type, event.reason, event.message, now)
+        if plan.delete_job:
+            self.delete_job(ns, name)
+
+    def patch_status(self, namespace: str, name: str, resource_version: str | None, status: dict) -> None:
+        body = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}  # optimistic concurrency
+        try:
+            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, body)
+        except ApiException as err:
+            if err.status == 409:
+                raise Conflict(f"{namespace}/{name} changed since it was read") from None
+            raise
+
+    def create(self, manifest: dict) -> None:
+        ns, kind = manifest["metadata"]["namespace"], manifest["kind"]
+        create = {"Pod": self.core.create_namespaced_pod, "Service": self.core.create_namespaced_service,
+                  "ConfigMap": self.core.create_namespaced_config_map}[kind]
+        try:
+            create(ns, manifest, _preload_content=False)
+            log.info("created %s %s/%s", kind, ns, manifest["metadata"]["name"])
+        except ApiException as err:
+            if err.status != 409:
+                raise
+
+    def put_config_map(self, manifest: dict) -> None:
+        ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+        try:
+            self.core.replace_namespaced_config_map(name, ns, manifest, _preload_content=False)
+        except ApiException as err:
+            if err.status != 404:
+                raise
+            self.create(manifest)
+
+    def delete_pod(self, pod: dict) -> None:
+        meta = pod["metadata"]
+        body = kubernetes.client.V1DeleteOptions(preconditions=kubernetes.client.V1Preconditions(uid=meta["uid"]))
+        try:
+            self.core.delete_namespaced_pod(meta["name"], meta["namespace"], body=body, _preload_content=False)
+            log.info("deleting pod %s/%s", meta["namespace"], meta["name"])
+        except ApiException as err:
+            if err.status not in (404, 409):  # gone already, or a newer pod of that name
+                raise
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        try:
+            self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            log.info("deleted TrainingJob %s/%s (ttlSecondsAfterFinished)", namespace, name)
+        except ApiException as err:
+            if err.status != 404:
+                raise
+
+    def post_event(self, job: dict, type_: str, reason: str, message: str, now: datetime) -> None:
+        meta = job["metadata"]
+        when = timestamp(now)
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": API_VERSION, "kind": KIND, "name": meta["name"],
+                               "namespace": meta["namespace"], "uid": meta.get("uid")},
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "kubetrain-operator"},
+            "reportingComponent": "kubetrain-operator",
+            "firstTimestamp": when,
+            "lastTimestamp": when,
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(meta["namespace"], body, _preload_content=False)
+        except ApiException as err:  # an event is worth a log line, never a failed reconcile
+            log.warning("could not post event %s for %s/%s: %s", reason, meta["namespace"], meta["name"], err.status)

@@ -1,0 +1,47 @@
+"""The operator's own Prometheus metrics (trainer metrics are served by the trainer pods)."""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+PHASES = ("Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
+
+
+class OperatorMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.jobs = Gauge("kubetrain_operator_jobs", "TrainingJobs by phase", ["phase"], registry=r)
+        self.restarts = Counter("kubetrain_operator_restarts_total", "Group restarts, by cause", ["reason"], registry=r)
+        self.preemptions = Counter("kubetrain_operator_preemptions_total", "Group restarts caused by a preemption", registry=r)
+        self.reconcile_seconds = Histogram("kubetrain_operator_reconcile_duration_seconds", "Time per reconcile",
+                                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
+        self.errors = Counter("kubetrain_operator_reconcile_errors_total", "Reconciles that raised", ["kind"], registry=r)
+        self.transitions = Counter("kubetrain_operator_phase_transitions_total", "Phase transitions", ["phase"], registry=r)
+        self._phases: dict[tuple[str, str], str] = {}
+        self._lock = threading.Lock()
+        for phase in PHASES:
+            self.jobs.labels(phase).set(0)
+
+    def observe_phase(self, namespace: str, name: str, phase: str | None) -> None:
+        """Record a job's phase (None: the job is gone); keeps the by-phase gauge exact."""
+        with self._lock:
+            key = (namespace, name)
+            before = self._phases.get(key)
+            if phase is None:
+                self._phases.pop(key, None)
+            else:
+                self._phases[key] = phase
+            if before != phase:
+                if phase:
+                    self.transitions.labels(phase).inc()
+                counts = {p: 0 for p in PHASES}
+                for p in self._phases.values():
+                    counts[p] = counts.get(p, 0) + 1
+                for p, n in counts.items():
+                    self.jobs.labels(p).set(n)
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
+        start_http_server(port, addr=addr, registry=self.registry)

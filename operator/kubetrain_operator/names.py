@@ -1,0 +1,36 @@
+"""Names and labels of the objects the operator creates for a TrainingJob (one place, so nothing drifts)."""
+
+from __future__ import annotations
+
+LABEL_JOB = "kubetrain.io/job-name"
+LABEL_RANK = "kubetrain.io/node-rank"
+LABEL_ATTEMPT = "kubetrain.io/attempt"
+MANAGED_BY = "kubetrain-operator"
+CONTAINER = "trainer"
+CONFIG_KEY = "job.yaml"
+CONFIG_DIR = "/etc/kubetrain"
+WORK_DIR = "/tmp/kubetrain"  # an emptyDir: the root filesystem is read-only
+TERMINATION_LOG = "/dev/termination-log"
+IMAGE_EXAMPLES_DIR = "/opt/kubetrain/examples"  # the trainer image ships examples/ here
+
+
+def service_name(job: str) -> str:
+    """The headless Service; also the pods' DNS subdomain."""
+    return job
+
+
+def config_map_name(job: str) -> str:
+    return f"{job}-config"
+
+
+def pod_name(job: str, rank: int) -> str:
+    """Stable per rank (like a StatefulSet): a recreated group reuses the names once the old pods are gone."""
+    return f"{job}-{rank}"
+
+
+def pod_dns_name(job: str, namespace: str, rank: int) -> str:
+    return f"{pod_name(job, rank)}.{service_name(job)}.{namespace}.svc"
+
+
+def job_selector(job: str) -> str:
+    return f"{LABEL_JOB}={job}"

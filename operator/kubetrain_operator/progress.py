@@ -1,0 +1,54 @@
+"""Live progress of a running group, read from rank 0's /metrics (the same endpoint Prometheus scrapes).
+
+Which pod hosts global rank 0 is decided by torchrun's rendezvous, so every pod IP is tried; only one
+answers. Best effort with a short timeout: a missed scrape only delays status.step.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from datetime import UTC, datetime
+
+from kubetrain.api import CheckpointRef, step_dir_name
+
+from .reconcile import Progress
+
+TIMEOUT_S = 1.0
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Unlabelled samples of the Prometheus text format: name -> value."""
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, _, value = line.partition(" ")
+            try:
+                values[name] = float(value.split()[0])
+            except (ValueError, IndexError):
+                continue
+    return values
+
+
+def progress_from_metrics(values: dict[str, float], checkpoint_prefix: str) -> Progress | None:
+    if "kubetrain_train_step" not in values:
+        return None
+    step = int(values["kubetrain_train_step"])
+    ckpt = None
+    ckpt_step = values.get("kubetrain_last_checkpoint_step")
+    ckpt_time = values.get("kubetrain_last_checkpoint_timestamp_seconds")
+    if ckpt_step and ckpt_time:
+        when = datetime.fromtimestamp(ckpt_time, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        ckpt = CheckpointRef(step=int(ckpt_step), uri=f"{checkpoint_prefix}/{step_dir_name(int(ckpt_step))}", time=when)
+    return Progress(step, ckpt)
+
+
+def scrape(pod_ips: list[str], port: int, checkpoint_prefix: str) -> Progress | None:
+    for ip in pod_ips:
+        try:
+            with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=TIMEOUT_S) as resp:
+                found = progress_from_metrics(parse_metrics(resp.read().decode()), checkpoint_prefix)
+        except OSError:
+            continue
+        if found:
+            return found
+    return None

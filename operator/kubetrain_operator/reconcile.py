@@ -1,0 +1,348 @@
+"""The operator's brain, as one pure function: what it observes -> what it should do.
+
+`plan(observed, defaults)` reads the TrainingJob, its pods and the clock and returns a Plan: objects to
+create, pods to delete, the new status, events, and when to look again. The kopf handlers only
+gather the observation and apply the plan, so every transition below is unit-tested as data.
+
+Life of a job: Pending (group created) -> Running (every pod running) -> Succeeded (every pod exited 0).
+A preempted or failed pod moves the job to Restarting: the whole group is deleted (graceful: the
+trainer saves an emergency checkpoint), and once no pod is left a new group (attempt + 1) is created,
+which resumes from the newest checkpoint. Preemptions are free; failures count against backoffLimit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from pydantic import ValidationError
+
+from kubetrain.api import CheckpointRef, Condition, SpecError, TrainingJob, TrainingJobStatus, parse_training_job
+
+from . import builders
+from .builders import ClusterDefaults
+from .names import LABEL_ATTEMPT, LABEL_RANK
+from .recovery import PodOutcome, classify, disruption, trainer_report
+
+TERMINAL = ("Succeeded", "Failed")
+RECHECK_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the trainer says about itself (termination message or a /metrics scrape)."""
+
+    step: int | None = None
+    checkpoint: CheckpointRef | None = None
+
+
+@dataclass
+class Observed:
+    job: dict  # the TrainingJob as the API returns it
+    pods: list[dict]  # every pod labelled with the job's name
+    has_service: bool
+    now: datetime
+    live: Progress | None = None  # scraped from rank 0's /metrics while running
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    create: list[dict] = field(default_factory=list)  # in order: ConfigMap, Service, Pods
+    replace_config: dict | None = None  # a new attempt runs the current spec
+    delete_pods: list[dict] = field(default_factory=list)  # pods (uid preconditions) to delete gracefully
+    status: dict | None = None  # the full new status, or None if unchanged
+    events: list[Event] = field(default_factory=list)
+    delete_job: bool = False  # ttlSecondsAfterFinished passed
+    requeue_after: float | None = None
+    job: TrainingJob | None = None  # the parsed job, when valid
+
+
+def timestamp(now: datetime) -> str:
+    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: str | None) -> datetime | None:
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC) if value else None
+
+
+def current_status(job: dict) -> TrainingJobStatus:
+    try:
+        return TrainingJobStatus.model_validate(job.get("status") or {})
+    except ValidationError:  # status written by someone else: start over rather than crash
+        return TrainingJobStatus()
+
+
+def pod_attempt(pod: dict) -> int:
+    try:
+        return int(pod["metadata"].get("labels", {}).get(LABEL_ATTEMPT, -1))
+    except ValueError:
+        return -1
+
+
+def pod_rank(pod: dict) -> int:
+    try:
+        return int(pod["metadata"].get("labels", {}).get(LABEL_RANK, -1))
+    except ValueError:
+        return -1
+
+
+class _Builder:
+    """Accumulates the new status and the plan for one reconcile."""
+
+    def __init__(self, obs: Observed):
+        self.obs = obs
+        self.old = current_status(obs.job)
+        self.status = self.old.model_dump()
+        self.plan = Plan()
+
+    # --- status helpers
+    def set(self, **fields) -> None:
+        self.status.update(fields)
+
+    def condition(self, type_: str, status: str, reason: str, message: str = "") -> None:
+        conds = [dict(c) for c in self.status["conditions"]]
+        now = timestamp(self.obs.now)
+        for c in conds:
+            if c["type"] == type_:
+                if c["status"] != status:
+                    c["last_transition_time"] = now
+                c.update(status=status, reason=reason, message=message or None)
+                break
+        else:
+            conds.append({"type": type_, "status": status, "reason": reason, "message": message or None,
+                          "last_transition_time": now})
+        self.status["conditions"] = conds
+
+    def condition_reason(self, type_: str) -> tuple[str | None, str | None]:
+        for c in self.status["conditions"]:
+            if c["type"] == type_ and c["status"] == "True":
+                return c["reason"], c["message"]
+        return None, None
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.plan.events.append(Event(type_, reason, message))
+
+    def enter(self, phase: str, reason: str, message: str, event_type: str = "Normal") -> None:
+        """A phase transition: the phase, its condition, the message and an Event, together."""
+        if self.status["phase"] == phase and self.status["message"] == message:
+            return
+        self.set(phase=phase, message=message)
+        if phase in ("Running", "Restarting", "Succeeded", "Failed", "Suspended"):
+            self.condition(phase, "True", reason, message)
+        for other in ("Running", "Restarting", "Suspended"):
+            if other != phase:
+                self._clear(other, reason)
+        self.event(event_type, reason, message)
+
+    def _clear(self, type_: str, reason: str) -> None:
+        if any(c["type"] == type_ and c["status"] == "True" for c in self.status["conditions"]):
+            self.condition(type_, "False", reason)
+
+    def finish(self) -> Plan:
+        new = TrainingJobStatus.model_validate(self.status)
+        if new != self.old:
+            self.plan.status = new.model_dump(by_alias=True, exclude_none=True, mode="json")
+        return self.plan
+
+
+def _progress(b: _Builder, pods: list[dict]) -> None:
+    """Newest step and checkpoint: from terminated pods' reports and the live scrape, never backwards."""
+    sources = [Progress(r.step, CheckpointRef(step=r.checkpoint_step, uri=r.checkpoint_uri, time=r.checkpoint_time)
+                        if r.checkpoint_step is not None and r.checkpoint_uri else None)
+               for r in filter(None, map(trainer_report, pods))]
+    if b.obs.live:
+        sources.append(b.obs.live)
+    for p in sources:
+        if p.step is not None and p.step > (b.status["step"] or -1):
+            b.set(step=p.step)
+        last = b.status["last_checkpoint"]
+        if p.checkpoint and (last is None or p.checkpoint.step > last["step"]):
+            b.set(last_checkpoint=p.checkpoint.model_dump())
+
+
+def _start_group(b: _Builder, job: TrainingJob, attempt: int) -> None:
+    config, pods = builders.group(job, builders.owner_reference(b.obs.job), attempt)
+    b.plan.replace_config = config
+    if not b.obs.has_service:
+        b.plan.create.append(builders.service(job, builders.owner_reference(b.obs.job)))
+    b.plan.create.extend(pods)
+    b.set(attempt=attempt)
+
+
+def _delete_all(b: _Builder, pods: list[dict]) -> None:
+    b.plan.delete_pods.extend(p for p in pods if not p["metadata"].get("deletionTimestamp"))
+
+
+def _fail(b: _Builder, reason: str, message: str, pods: list[dict]) -> None:
+    b.enter("Failed", reason, message, "Warning")
+    b.set(completion_time=b.status["completion_time"] or timestamp(b.obs.now))
+    _delete_all(b, [p for p in pods if classify(p).kind in ("running", "pending")])
+
+
+def plan(obs: Observed, defaults: ClusterDefaults = ClusterDefaults()) -> Plan:
+    b = _Builder(obs)
+    phase = b.status["phase"]
+    pods = obs.pods
+    if obs.job["metadata"].get("deletionTimestamp"):
+        return b.plan  # owner references take the children with it
+
+    try:
+        job = builders.effective_job(parse_training_job({k: v for k, v in obs.job.items() if k != "status"}), defaults)
+    except SpecError as err:
+        if phase != "Failed":
+            b.enter("Failed", "InvalidSpec", f"invalid TrainingJob: {err}".replace("\n", "; "), "Warning")
+            b.set(completion_time=timestamp(obs.now))
+            _delete_all(b, pods)
+        return b.finish()
+    b.plan.job = job
+    policy = job.spec.run_policy
+
+    if phase in TERMINAL:
+        return _finished(b, job, pods)
+    if policy.suspend:
+        return _suspend(b, pods)
+    if phase == "Suspended":
+        return _resume(b, job, pods)
+
+    deadline = policy.active_deadline_seconds
+    started = parse_time(b.status["start_time"])
+    if deadline and started and obs.now - started >= timedelta(seconds=deadline):
+        _fail(b, "DeadlineExceeded", f"the job ran longer than activeDeadlineSeconds ({deadline}s)", pods)
+        return b.finish()
+    if deadline and started:
+        b.plan.requeue_after = max(0.5, (started + timedelta(seconds=deadline) - obs.now).total_seconds())
+
+    if phase is None or (phase == "Pending" and b.status["attempt"] == 0):
+        _start_group(b, job, 1)
+        b.set(start_time=timestamp(obs.now), phase="Pending")
+        b.condition("Created", "True", "GroupCreated", f"created {job.spec.nodes} pods (attempt 1)")
+        b.event("Normal", "Created", f"created service and {job.spec.nodes} pods (attempt 1)")
+        return b.finish()
+    if phase == "Restarting":
+        return _restarting(b, job, pods)
+    return _watch_group(b, job, pods)
+
+
+def _watch_group(b: _Builder, job: TrainingJob, pods: list[dict]) -> Plan:
+    """Pending/Running: the current attempt's pods decide."""
+    attempt = b.status["attempt"]
+    mine = {pod_rank(p): p for p in pods if pod_attempt(p) == attempt}
+    stale = [p for p in pods if pod_attempt(p) != attempt]
+    _delete_all(b, stale)
+    _progress(b, list(mine.values()))
+    running_before = b.status["phase"] == "Running"
+    outcomes: dict[int, PodOutcome] = {rank: classify(p) for rank, p in mine.items()}
+    missing = [r for r in range(job.spec.nodes) if r not in mine]
+    if missing and running_before:
+        for r in missing:
+            outcomes[r] = PodOutcome("preempted", "Preempted", f"pod {job.metadata.name}-{r} disappeared")
+    elif missing:  # still starting (or the operator stopped mid-creation): create what is missing
+        config, group = builders.group(job, builders.owner_reference(b.obs.job), attempt)
+        b.plan.create.extend(p for p in group if pod_rank(p) in missing)
+        if not b.obs.has_service:
+            b.plan.create.insert(0, builders.service(job, builders.owner_reference(b.obs.job)))
+
+    kinds = {o.kind for o in outcomes.values()}
+    first = lambda kind: next(o for o in outcomes.values() if o.kind == kind)  # noqa: E731
+    if "preempted" in kinds:
+        o = first("preempted")
+        b.enter("Restarting", "Preempted", o.message, "Warning")
+        _delete_all(b, list(mine.values()))
+    elif "invalid" in kinds:
+        _fail(b, "InvalidSpec", first("invalid").message, list(mine.values()))
+    elif "failed" in kinds:
+        o = first("failed")
+        b.enter("Restarting", "PodFailed", o.message, "Warning")
+        _delete_all(b, list(mine.values()))
+    elif not missing and kinds == {"succeeded"}:
+        step = b.status["step"]
+        ckpt = b.status["last_checkpoint"]
+        msg = f"training finished at step {step}" + (f"; last checkpoint {ckpt['uri']}" if ckpt else "")
+        b.enter("Succeeded", "JobSucceeded", msg)
+        b.set(completion_time=timestamp(b.obs.now))
+        return _finished(b, job, pods)
+    elif not missing and kinds <= {"running", "succeeded"}:
+        b.enter("Running", "GroupRunning", f"all {job.spec.nodes} pods running (attempt {attempt})")
+    elif b.status["phase"] != "Pending" and not running_before:
+        b.set(phase="Pending")
+    if b.plan.requeue_after is None and b.status["phase"] in ("Pending", "Running"):
+        b.plan.requeue_after = RECHECK_SECONDS
+    return b.finish()
+
+
+def _restarting(b: _Builder, job: TrainingJob, pods: list[dict]) -> Plan:
+    """Wait until the old group is gone, then decide: a new attempt, or Failed past backoffLimit."""
+    reason, message = b.condition_reason("Restarting")
+    if reason == "PodFailed":  # a preemption seen late (e.g. node loss) still wins over the failure it caused
+        evidence = next((f"pod {p['metadata']['name']}: {e}" for p in pods if (e := disruption(p))), None)
+        if evidence:
+            reason, message = "Preempted", evidence
+            b.condition("Restarting", "True", reason, message)
+            b.set(message=message)
+    _progress(b, pods)
+    if pods:
+        _delete_all(b, pods)
+        b.plan.requeue_after = 1.0
+        return b.finish()
+    if reason == "Preempted":
+        b.set(preemptions=b.status["preemptions"] + 1)
+    else:
+        failures = b.status["failures"] + 1
+        b.set(failures=failures)
+        limit = job.spec.run_policy.backoff_limit
+        if failures > limit:
+            _fail(b, "BackoffLimitExceeded", f"failed {failures} times (backoffLimit {limit}); last: {message}", [])
+            return b.finish()
+    attempt = b.status["attempt"] + 1
+    b.set(restarts=b.status["restarts"] + 1)
+    _start_group(b, job, attempt)
+    b.set(phase="Pending")
+    b.event("Normal", "Restarted", f"recreated the group (attempt {attempt}) after {reason}: {message}")
+    return b.finish()
+
+
+def _suspend(b: _Builder, pods: list[dict]) -> Plan:
+    b.enter("Suspended", "JobSuspended", "runPolicy.suspend is true: pods deleted, training paused at its last checkpoint")
+    _progress(b, pods)
+    _delete_all(b, pods)
+    if pods:
+        b.plan.requeue_after = 1.0
+    return b.finish()
+
+
+def _resume(b: _Builder, job: TrainingJob, pods: list[dict]) -> Plan:
+    if pods:  # the suspended group is still saving its checkpoint
+        _delete_all(b, pods)
+        b.plan.requeue_after = 1.0
+        return b.finish()
+    attempt = b.status["attempt"] + 1
+    _start_group(b, job, attempt)
+    b.set(phase="Pending", message=f"resumed (attempt {attempt})", start_time=timestamp(b.obs.now))
+    b.condition("Suspended", "False", "JobResumed", f"resumed (attempt {attempt})")
+    b.event("Normal", "Resumed", f"resumed: created {job.spec.nodes} pods (attempt {attempt})")
+    return b.finish()
+
+
+def _finished(b: _Builder, job: TrainingJob, pods: list[dict]) -> Plan:
+    """Clean up per cleanPodPolicy; delete the job itself ttlSecondsAfterFinished after completion."""
+    policy = job.spec.run_policy
+    if policy.clean_pod_policy == "All":
+        _delete_all(b, pods)
+    elif policy.clean_pod_policy == "Running":
+        _delete_all(b, [p for p in pods if classify(p).kind in ("running", "pending")])
+    ttl = policy.ttl_seconds_after_finished
+    done = parse_time(b.status["completion_time"])
+    if ttl is not None and done:
+        remaining = (done + timedelta(seconds=ttl) - b.obs.now).total_seconds()
+        if remaining <= 0:
+            b.plan.delete_job = True
+        else:
+            b.plan.requeue_after = remaining
+    return b.finish()

@@ -1,0 +1,89 @@
+"""Is this pod preempted, failed, or fine? Pure functions over Pod objects as the API returns them.
+
+A preemption (the machine was taken away) restarts the group without counting against backoffLimit;
+a failure (the training itself broke) counts. Evidence of a preemption, strongest first:
+- the pod carries the DisruptionTarget condition (eviction, taint manager, preemption by priority);
+- the pod status reason says the node went away (NodeLost, Evicted, Shutdown, ...);
+- the pod is being deleted, or vanished, while its group was running (nobody but us should);
+- the trainer exited with EXIT_PREEMPTED: it caught SIGTERM and saved an emergency checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from kubetrain.api import EXIT_INVALID_SPEC, EXIT_PREEMPTED
+from kubetrain.report import TrainerReport, decode_report
+
+from .names import CONTAINER
+
+NODE_GONE_REASONS = frozenset({"NodeLost", "Evicted", "Shutdown", "NodeShutdown", "Terminated", "Preempting",
+                               "DeletionByTaintManager", "NodeRestarted"})
+Kind = Literal["pending", "running", "succeeded", "preempted", "failed", "invalid"]
+
+
+@dataclass(frozen=True)
+class PodOutcome:
+    kind: Kind
+    reason: str = ""
+    message: str = ""
+
+
+def container_status(pod: dict) -> dict:
+    for status in pod.get("status", {}).get("containerStatuses") or []:
+        if status.get("name") == CONTAINER:
+            return status
+    return {}
+
+
+def terminated_state(pod: dict) -> dict | None:
+    return (container_status(pod).get("state") or {}).get("terminated")
+
+
+def trainer_report(pod: dict) -> TrainerReport | None:
+    terminated = terminated_state(pod)
+    return decode_report(terminated.get("message")) if terminated else None
+
+
+def disruption(pod: dict) -> str | None:
+    """Why the platform (not the training) took this pod away, if it did; hard evidence only."""
+    status = pod.get("status", {})
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
+            return f"{cond.get('reason') or 'DisruptionTarget'}: {cond.get('message') or 'pod disrupted'}"
+    if status.get("reason") in NODE_GONE_REASONS:
+        return f"{status['reason']}: {status.get('message') or 'node gone'}"
+    return None
+
+
+def _tail(text: str, lines: int = 3, limit: int = 400) -> str:
+    return " | ".join(text.strip().splitlines()[-lines:])[-limit:]
+
+
+def classify(pod: dict) -> PodOutcome:
+    """One pod of a running group, as the operator should read it."""
+    name = pod["metadata"]["name"]
+    evidence = disruption(pod)
+    if evidence:
+        return PodOutcome("preempted", "Preempted", f"pod {name}: {evidence}")
+    if pod["metadata"].get("deletionTimestamp"):
+        return PodOutcome("preempted", "Preempted", f"pod {name} was deleted")
+    phase = pod.get("status", {}).get("phase") or "Pending"
+    if phase == "Succeeded":
+        return PodOutcome("succeeded")
+    if phase == "Running":
+        return PodOutcome("running")
+    if phase != "Failed":
+        return PodOutcome("pending")
+    terminated = terminated_state(pod) or {}
+    code = terminated.get("exitCode")
+    if code == EXIT_PREEMPTED:
+        return PodOutcome("preempted", "Preempted", f"pod {name}: trainer saved an emergency checkpoint and exited {code}")
+    detail = _tail(terminated.get("message") or pod.get("status", {}).get("message") or "")
+    why = f"pod {name} failed: exit code {code}" if code is not None else f"pod {name} failed: {pod['status'].get('reason') or 'unknown reason'}"
+    if detail:
+        why += f": {detail}"
+    if code == EXIT_INVALID_SPEC:
+        return PodOutcome("invalid", "InvalidSpec", why)
+    return PodOutcome("failed", terminated.get("reason") or "PodFailed", why)

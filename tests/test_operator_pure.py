@@ -1,0 +1,354 @@
+"""The operator's pure parts: desired state (builders), pod classification (recovery), and the
+reconcile state machine (plan), driven through whole job lifecycles as data."""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import yaml
+
+from kubetrain.api import EXIT_PREEMPTED, SpecError, parse_training_job
+from kubetrain.report import TrainerReport
+from kubetrain_operator import builders
+from kubetrain_operator.builders import ClusterDefaults
+from kubetrain_operator.names import LABEL_ATTEMPT, LABEL_JOB, LABEL_RANK
+from kubetrain_operator.reconcile import Observed, plan
+from kubetrain_operator.recovery import classify
+
+T0 = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
+
+
+def job_body(name: str = "bert", nodes: int = 2, **spec_overrides) -> dict:
+    spec = {
+        "image": "ghcr.io/example/trainer:1",
+        "nodes": nodes,
+        "procsPerNode": 1,
+        "resources": {"limits": {"nvidia.com/gpu": 1, "memory": "8Gi"}, "requests": {"cpu": "2"}},
+        "nodeSelector": {"pool": "gpu"},
+        "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "priorityClassName": "training",
+        "model": {"name": "roberta-base", "task": "sequence-classification", "numLabels": 2},
+        "data": {"train": "s3://data/train.jsonl"},
+        "checkpoint": {"uri": "s3://ckpt/runs", "everySteps": 50, "s3Secret": "s3-creds"},
+        "runPolicy": {"backoffLimit": 3},
+    }
+    for key, value in spec_overrides.items():
+        spec[key] = value
+    return {"apiVersion": "kubetrain.io/v1alpha1", "kind": "TrainingJob",
+            "metadata": {"name": name, "namespace": "ml", "uid": "uid-1234", "resourceVersion": "7"},
+            "spec": spec}
+
+
+def parsed(body: dict):
+    return parse_training_job({k: v for k, v in body.items() if k != "status"})
+
+
+# ---------------------------------------------------------------- builders
+
+def test_pod_manifest_carries_the_spec_and_a_restricted_security_context():
+    body = job_body()
+    job = parsed(body)
+    config, pods = builders.group(job, builders.owner_reference(body), attempt=3)
+    assert [p["metadata"]["name"] for p in pods] == ["bert-0", "bert-1"]
+    pod = pods[1]
+    meta, spec = pod["metadata"], pod["spec"]
+    assert meta["labels"][LABEL_JOB] == "bert" and meta["labels"][LABEL_RANK] == "1" and meta["labels"][LABEL_ATTEMPT] == "3"
+    assert meta["ownerReferences"] == [{"apiVersion": "kubetrain.io/v1alpha1", "kind": "TrainingJob", "name": "bert",
+                                        "uid": "uid-1234", "controller": True, "blockOwnerDeletion": True}]
+    assert (spec["hostname"], spec["subdomain"], spec["restartPolicy"]) == ("bert-1", "bert", "Never")
+    assert spec["nodeSelector"] == {"pool": "gpu"} and spec["priorityClassName"] == "training"
+    assert spec["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    c = spec["containers"][0]
+    assert c["image"] == "ghcr.io/example/trainer:1"
+    assert c["resources"] == {"limits": {"nvidia.com/gpu": 1, "memory": "8Gi"}, "requests": {"cpu": "2"}}
+    assert "--rdzv-endpoint=bert-0.bert.ml.svc:29400" in c["args"] and "--nnodes=2" in c["args"]
+    assert "--rdzv-id=uid-1234-3" in c["args"] and "--local-addr=$(POD_IP)" in c["args"]
+    assert c["args"][c["args"].index("--config") + 1] == "/etc/kubetrain/job.yaml"
+    env = {e["name"]: e for e in c["env"]}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID", "optional": False}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert not any("value" in e and "SECRET" in e["name"] for e in c["env"]), "credentials only from the Secret"
+    # restricted Pod Security Standard, field by field
+    psc, csc = spec["securityContext"], c["securityContext"]
+    assert psc["runAsNonRoot"] is True and psc["runAsUser"] != 0 and psc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert csc == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+                   "capabilities": {"drop": ["ALL"]}}
+    assert spec["automountServiceAccountToken"] is False
+    assert not any(v.get("hostPath") for v in spec["volumes"])
+    assert meta["annotations"]["kubetrain.io/config-hash"] == builders.config_hash(config)
+
+
+def test_config_map_holds_the_effective_job_and_it_round_trips():
+    body = job_body(checkpoint={"uri": "../local", "everySteps": 10})
+    job = builders.effective_job(parsed(body), ClusterDefaults("s3://team/ckpt", "team-s3", "http://minio:9000"))
+    config = builders.config_map(job, builders.owner_reference(body))
+    again = parse_training_job(yaml.safe_load(config["data"]["job.yaml"]))
+    assert again.spec.checkpoint.uri == "s3://team/ckpt" and again.spec.checkpoint.s3_secret == "team-s3"
+    assert again.spec.checkpoint.endpoint == "http://minio:9000" and again.spec.checkpoint.every_steps == 10
+    assert again.spec == job.spec
+
+
+def test_service_is_headless_and_publishes_unready_pods():
+    body = job_body()
+    svc = builders.service(parsed(body), builders.owner_reference(body))
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"] == {LABEL_JOB: "bert"}
+    assert svc["metadata"]["name"] == "bert"
+
+
+@pytest.mark.parametrize("name, spec, field", [
+    ("9lives", {}, "metadata.name: must start with a letter"),
+    ("a" * 62, {}, "metadata.name: too long"),
+    ("bert", {"checkpoint": {"uri": "/mnt/ckpt"}}, "spec.checkpoint.uri"),
+    ("bert", {"metrics": {"port": 29400}}, "spec.metrics.port"),
+])
+def test_cluster_only_errors_name_the_field(name, spec, field):
+    with pytest.raises(SpecError, match=field.replace(".", r"\.")):
+        builders.effective_job(parsed(job_body(name, **spec)), ClusterDefaults())
+
+
+# ---------------------------------------------------------------- recovery
+
+def observed_pod(manifest: dict, phase: str = "Running", *, exit_code: int | None = None, message: str | None = None,
+                 deleting: bool = False, conditions: list | None = None, reason: str | None = None, uid: str = "") -> dict:
+    pod = copy.deepcopy(manifest)
+    pod["metadata"]["uid"] = uid or f"pod-{pod['metadata']['name']}-{pod['metadata']['labels'][LABEL_ATTEMPT]}"
+    if deleting:
+        pod["metadata"]["deletionTimestamp"] = "2026-11-23T12:00:00Z"
+    status = {"phase": phase, "podIP": "10.0.0.1", "conditions": conditions or []}
+    if reason:
+        status["reason"] = reason
+    if exit_code is not None:
+        status["containerStatuses"] = [{"name": "trainer", "state": {"terminated": {
+            "exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error", "message": message or ""}}}]
+    pod["status"] = status
+    return pod
+
+
+def one_pod(**kw) -> dict:
+    body = job_body()
+    _, pods = builders.group(parsed(body), builders.owner_reference(body), 1)
+    return observed_pod(pods[0], **kw)
+
+
+@pytest.mark.parametrize("kw, kind, reason", [
+    ({"phase": "Running"}, "running", ""),
+    ({"phase": "Pending"}, "pending", ""),
+    ({"phase": "Succeeded", "exit_code": 0}, "succeeded", ""),
+    ({"phase": "Failed", "exit_code": EXIT_PREEMPTED}, "preempted", "Preempted"),
+    ({"phase": "Running", "deleting": True}, "preempted", "Preempted"),
+    ({"phase": "Running", "conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}]},
+     "preempted", "Preempted"),
+    ({"phase": "Failed", "reason": "NodeLost"}, "preempted", "Preempted"),
+    ({"phase": "Failed", "exit_code": 1, "message": "Traceback\nFileNotFoundError: train.jsonl"}, "failed", "Error"),
+    ({"phase": "Failed", "exit_code": 2, "message": "invalid TrainingJob"}, "invalid", "InvalidSpec"),
+])
+def test_classify(kw, kind, reason):
+    outcome = classify(one_pod(**kw))
+    assert (outcome.kind, outcome.reason) == (kind, reason)
+
+
+def test_a_failure_message_names_pod_exit_code_and_the_error():
+    outcome = classify(one_pod(phase="Failed", exit_code=1, message="line 1\nFileNotFoundError: train.jsonl"))
+    assert outcome.message == "pod bert-0 failed: exit code 1: line 1 | FileNotFoundError: train.jsonl"
+
+
+# ---------------------------------------------------------------- reconcile: whole lifecycles as data
+
+class Cluster:
+    """Applies plans to an in-memory job + pods, the way the API would (test double for `kube`)."""
+
+    def __init__(self, body: dict):
+        self.job = body
+        self.pods: dict[str, dict] = {}
+        self.service = False
+        self.events: list[tuple[str, str]] = []
+        self.now = T0
+        self.created: list[str] = []
+
+    def step(self, live=None):
+        p = plan(Observed(copy.deepcopy(self.job), list(self.pods.values()), self.service, self.now, live))
+        if p.status is not None:
+            self.job["status"] = p.status
+        for m in p.create:
+            if m["kind"] == "Service":
+                self.service = True
+            elif m["kind"] == "Pod":
+                assert m["metadata"]["name"] not in self.pods, "created a pod twice"
+                self.pods[m["metadata"]["name"]] = observed_pod(m, "Pending")
+                self.created.append(m["metadata"]["name"])
+        for pod in p.delete_pods:
+            self.pods[pod["metadata"]["name"]]["metadata"]["deletionTimestamp"] = "now"
+        self.events += [(e.reason, e.message) for e in p.events]
+        return p
+
+    def set_pods(self, **kw):
+        for name in list(self.pods):
+            self.pods[name] = observed_pod(self.pods[name], **kw, uid=self.pods[name]["metadata"]["uid"])
+
+    def gone(self):
+        self.pods = {n: p for n, p in self.pods.items() if not p["metadata"].get("deletionTimestamp")}
+
+    @property
+    def status(self) -> dict:
+        return self.job.get("status", {})
+
+
+def test_happy_path_creates_once_runs_and_succeeds_with_progress_from_the_report():
+    c = Cluster(job_body())
+    first = c.step()
+    assert [m["kind"] for m in first.create] == ["Service", "Pod", "Pod"] and first.replace_config is not None
+    assert c.status["phase"] == "Pending" and c.status["attempt"] == 1 and c.status["startTime"] == "2026-11-23T12:00:00Z"
+    again = c.step()
+    assert again.create == [] and again.status is None, "a second reconcile changes nothing"
+    c.set_pods(phase="Running")
+    c.step()
+    assert c.status["phase"] == "Running" and c.events[-1] == ("GroupRunning", "all 2 pods running (attempt 1)")
+    report = TrainerReport("finished", 120, 120, "s3://ckpt/runs/ml/bert/step-000000120", "2026-11-23T12:30:00Z").encode()
+    c.set_pods(phase="Succeeded", exit_code=0, message=report)
+    c.now += timedelta(minutes=31)
+    c.step()
+    s = c.status
+    assert s["phase"] == "Succeeded" and s["step"] == 120 and s["lastCheckpoint"]["step"] == 120
+    assert s["completionTime"] == "2026-11-23T12:31:00Z" and c.events[-1][0] == "JobSucceeded"
+    assert {x["type"]: x["status"] for x in s["conditions"]} == {"Created": "True", "Running": "False", "Succeeded": "True"}
+
+
+def test_a_deleted_pod_is_a_preemption_the_group_is_recreated_once_old_pods_are_gone():
+    c = Cluster(job_body())
+    c.step()
+    c.set_pods(phase="Running")
+    c.step()
+    c.pods["bert-1"]["metadata"]["deletionTimestamp"] = "now"  # kubectl delete pod bert-1
+    p = c.step()
+    assert c.status["phase"] == "Restarting" and c.events[-1][0] == "Preempted"
+    assert [d["metadata"]["name"] for d in p.delete_pods] == ["bert-0"], "the others are torn down, the deleted one is left be"
+    report = TrainerReport("preempted", 37, 37, "s3://ckpt/runs/ml/bert/step-000000037").encode()
+    c.set_pods(phase="Failed", exit_code=EXIT_PREEMPTED, message=report, deleting=True)
+    assert c.step().create == [], "no new group while old pods exist"
+    assert c.status["step"] == 37 and c.status["lastCheckpoint"]["step"] == 37
+    c.gone()
+    p = c.step()
+    assert [m["metadata"]["name"] for m in p.create if m["kind"] == "Pod"] == ["bert-0", "bert-1"]
+    s = c.status
+    assert (s["attempt"], s["restarts"], s["preemptions"], s["failures"]) == (2, 1, 1, 0)
+    assert all(m["metadata"]["labels"][LABEL_ATTEMPT] == "2" for m in p.create if m["kind"] == "Pod")
+    c.set_pods(phase="Running")
+    c.step()
+    assert c.status["phase"] == "Running"
+    assert {x["type"]: x["status"] for x in c.status["conditions"]}["Restarting"] == "False"
+
+
+def test_failures_count_against_backoff_limit_then_fail_with_the_pod_reason():
+    c = Cluster(job_body(runPolicy={"backoffLimit": 3}))
+    c.step()
+    for attempt in range(1, 5):
+        c.set_pods(phase="Running")
+        c.step()
+        c.pods["bert-0"] = observed_pod(c.pods["bert-0"], "Failed", exit_code=1, message="ValueError: boom",
+                                        uid=c.pods["bert-0"]["metadata"]["uid"])
+        c.step()
+        assert c.status["phase"] == "Restarting"
+        c.gone()
+        c.step()
+    s = c.status
+    assert s["phase"] == "Failed" and (s["failures"], s["restarts"], s["preemptions"]) == (4, 3, 0)
+    assert "backoffLimit 3" in s["message"] and "ValueError: boom" in s["message"]
+    assert c.events[-1][0] == "BackoffLimitExceeded"
+    assert c.created.count("bert-0") == 4
+
+
+def test_a_node_loss_seen_after_the_failure_it_caused_still_counts_as_a_preemption():
+    c = Cluster(job_body())
+    c.step()
+    c.set_pods(phase="Running")
+    c.step()
+    c.pods["bert-0"] = observed_pod(c.pods["bert-0"], "Failed", exit_code=1, message="peer closed", uid="a")
+    c.step()
+    assert c.status["phase"] == "Restarting"
+    c.pods["bert-1"] = observed_pod(c.pods["bert-1"], "Failed", reason="NodeLost", uid="b")
+    c.step()
+    c.gone()
+    c.pods.clear()
+    c.step()
+    assert (c.status["preemptions"], c.status["failures"]) == (1, 0)
+
+
+def test_a_vanished_pod_while_running_is_a_preemption_but_while_pending_it_is_recreated():
+    c = Cluster(job_body())
+    c.step()
+    del c.pods["bert-1"]  # operator stopped mid-creation, say
+    p = c.step()
+    assert [m["metadata"]["name"] for m in p.create if m["kind"] == "Pod"] == ["bert-1"]
+    c.set_pods(phase="Running")
+    c.step()
+    del c.pods["bert-0"]  # force-deleted
+    c.step()
+    assert c.status["phase"] == "Restarting" and "bert-0 disappeared" in c.status["message"]
+
+
+def test_invalid_spec_fails_without_creating_anything():
+    body = job_body(nodes=0)
+    c = Cluster(body)
+    p = c.step()
+    assert p.create == [] and c.status["phase"] == "Failed"
+    assert "spec.nodes" in c.status["message"] and c.events == [("InvalidSpec", c.status["message"])]
+    assert c.step().status is None, "reported once"
+
+
+def test_suspend_deletes_pods_and_resume_starts_a_new_attempt_without_counting_a_restart():
+    body = job_body()
+    c = Cluster(body)
+    c.step()
+    c.set_pods(phase="Running")
+    c.step()
+    c.job["spec"]["runPolicy"] = {"suspend": True}
+    p = c.step()
+    assert c.status["phase"] == "Suspended" and len(p.delete_pods) == 2
+    c.gone()
+    c.step()
+    c.job["spec"]["runPolicy"] = {"suspend": False}
+    c.now += timedelta(hours=1)
+    p = c.step()
+    assert c.status["phase"] == "Pending" and c.status["attempt"] == 2 and c.status["restarts"] == 0
+    assert c.status["startTime"] == "2026-11-23T13:00:00Z" and c.events[-1][0] == "Resumed"
+
+
+def test_active_deadline_fails_the_job_and_stops_its_pods():
+    c = Cluster(job_body(runPolicy={"activeDeadlineSeconds": 60}))
+    c.step()
+    c.set_pods(phase="Running")
+    p = c.step()
+    assert p.requeue_after == pytest.approx(60)
+    c.now += timedelta(seconds=61)
+    p = c.step()
+    assert c.status["phase"] == "Failed" and c.events[-1][0] == "DeadlineExceeded" and len(p.delete_pods) == 2
+
+
+def test_ttl_after_finished_deletes_the_job_and_clean_pod_policy_all_deletes_pods():
+    c = Cluster(job_body(runPolicy={"ttlSecondsAfterFinished": 100, "cleanPodPolicy": "All"}))
+    c.step()
+    c.set_pods(phase="Succeeded", exit_code=0)
+    p = c.step()
+    assert c.status["phase"] == "Succeeded" and len(p.delete_pods) == 2 and not p.delete_job
+    assert p.requeue_after == pytest.approx(100)
+    c.now += timedelta(seconds=101)
+    assert c.step().delete_job
+
+
+def test_exit_code_2_from_the_trainer_fails_at_once():
+    c = Cluster(job_body())
+    c.step()
+    c.pods["bert-0"] = observed_pod(c.pods["bert-0"], "Failed", exit_code=2, message="invalid TrainingJob: x", uid="z")
+    c.step()
+    assert c.status["phase"] == "Failed" and c.status["failures"] == 0
+
+
+def test_status_written_by_someone_else_does_not_crash_the_reconcile():
+    body = job_body()
+    body["status"] = {"phase": "Exploded", "restarts": "many"}
+    p = Cluster(body).step()
+    assert json.dumps(p.status) and p.status["phase"] == "Pending"
