@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # so tests can `from s3server import S3Server`
+from kubetrain.devcluster.s3 import S3Server
 
-from s3server import S3Server  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent))  # so tests can `import tiny`
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from s3server import S3Server
+from kubetrain.devcluster.s3 import S3Server
 
 import tiny
 from kubetrain.local import free_port

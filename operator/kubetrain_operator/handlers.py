@@ -102,6 +102,7 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kubetrain.io")
     settings.watching.server_timeout = 300
     settings.execution.max_workers = 16
+    log.info("kubetrain operator started")
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)

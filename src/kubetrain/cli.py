@@ -44,6 +44,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dev_cluster(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .devcluster.cluster import run_dev_cluster  # needs the dev extra (kmock, moto, kopf)
+
+    return run_dev_cluster(Path(args.state_dir), args.nodes)
+
+
 def cmd_crd(_args: argparse.Namespace) -> int:
     from .crd import crd_yaml
 
@@ -66,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     val.set_defaults(func=cmd_validate)
     crd = sub.add_parser("crd", help="print the TrainingJob CRD")
     crd.set_defaults(func=cmd_crd)
+    dev = sub.add_parser("dev-cluster", help="run an API server, pod executor, operator and S3 on this machine")
+    dev.add_argument("--state-dir", default=".runs/dev-cluster", help="kubeconfig, logs and pod directories")
+    dev.add_argument("--nodes", type=int, default=2, help="simulated nodes")
+    dev.set_defaults(func=cmd_dev_cluster)
     return p
 
 

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from kubetrain.api import EXIT_INVALID_SPEC, SpecError, checkpoint_prefix, load_training_job
 
 
@@ -40,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@record  # torchrun then knows the root cause ("FileNotFoundError: ...") and the launcher reports it
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", 0))

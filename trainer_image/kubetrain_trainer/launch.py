@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from kubetrain.api import EXIT_PREEMPTED
+from kubetrain.report import MAX_BYTES, TERMINATION_MESSAGE_ENV
 
 from .preemption import EXIT_DIR_ENV
 
@@ -38,6 +39,13 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def preempted_workers(exit_dir: Path) -> int:
     return len(list(exit_dir.glob("preempted-*.json")))
+
+
+def write_failure(message: str) -> None:
+    """The root cause (the worker's exception, recorded by torchrun) as the pod's termination message."""
+    path = os.environ.get(TERMINATION_MESSAGE_ENV)
+    if path:
+        Path(path).write_text(message[-MAX_BYTES:], encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             log.error("stopped by signal %s before an emergency checkpoint completed", err.sigval)
             return EXIT_SIGTERM
         failures = err.failures
-        first = failures[min(failures)]
-        log.error("worker rank %d failed with exit code %s", first.rank, first.exitcode)
+        rank = min(failures)  # keyed by global rank
+        first = failures[rank]
+        log.error("worker rank %d failed with exit code %s: %s", rank, first.exitcode, first.message)
+        write_failure(f"worker rank {rank} failed with exit code {first.exitcode}: {first.message}")
         return first.exitcode if 0 < first.exitcode < 256 else 1
 
 

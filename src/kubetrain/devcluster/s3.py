@@ -1,4 +1,4 @@
-"""A real moto S3 server over HTTP, in a subprocess, for tests.
+"""A real moto S3 server over HTTP, in a subprocess, for tests and the dev cluster.
 
 A subprocess (not in-process mocking) so that boto3 runs its real HTTP, signing, retry and multipart
 code, and so that child processes (torchrun workers) can reach the same server through env vars.
@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from kubetrain.local import free_port
+from ..local import free_port
 
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"

@@ -1,0 +1,224 @@
+"""`kubetrain dev-cluster`: a whole kubetrain installation on one machine, no Kubernetes needed.
+
+Four real processes talking HTTP, as in a cluster:
+- the API server (kmock-based, `apiserver.py`) with the TrainingJob CRD registered;
+- the pod executor (`executor.py`): the kubelet and scheduler stand-in, running pods as processes;
+- the kubetrain operator (`python -m kubetrain_operator`, kopf), exactly as in the chart;
+- a moto S3 server, with a bucket, and a Secret `s3-creds` the operator hands to jobs whose
+  checkpoint URI is a local path (so `examples/trainingjob.yaml` checkpoints to S3 unchanged).
+The "trainer image" is this Python environment; the image's /opt/kubetrain is this checkout.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..local import free_port
+from .s3 import ACCESS_KEY, SECRET_KEY, S3Server
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+IMAGE_ROOT = "/opt/kubetrain"
+BUCKET = "kubetrain"
+S3_SECRET = "s3-creds"
+CHECKPOINT_URI = f"s3://{BUCKET}/checkpoints"
+
+
+class ManagedProcess:
+    """A child that says when it is ready by printing a line; its output goes to a log file."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, ready_line: str, env: dict[str, str] | None = None):
+        self.name, self.argv, self.log_path, self.ready_line = name, argv, log_path, ready_line
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> ManagedProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=self.env, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready_line in self._output(offset):
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self._output(offset)[-4000:]}")
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"{self.name} not ready within {timeout}s:\n{self._output(offset)[-4000:]}")
+
+    def _output(self, offset: int = 0) -> str:
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+
+    def output(self) -> str:
+        return self._output() if self.log_path.exists() else ""
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout`; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL, no cleanup: a crashed process."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+class DevCluster:
+    """Start with `with DevCluster(state_dir) as cluster:`; `cluster.kubeconfig` is what kubectl needs."""
+
+    def __init__(self, state_dir: Path, *, nodes: int = 2, image_root: Path = REPO_ROOT,
+                 pod_env: dict[str, str] | None = None, namespace: str = "default"):
+        self.state_dir = Path(state_dir).resolve()
+        self.nodes, self.image_root, self.namespace = nodes, image_root, namespace
+        self.pod_env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                        "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, nodes))), **(pod_env or {})}
+        self.kubeconfig = self.state_dir / "kubeconfig"
+        self.logs = self.state_dir / "logs"
+        self.s3 = S3Server()
+        self.api_url = ""
+        self.operator_metrics_port = 0
+        self.api: ManagedProcess | None = None
+        self.executor: ManagedProcess | None = None
+        self.operator: ManagedProcess | None = None
+
+    # --- lifecycle
+    def start(self) -> DevCluster:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start_s3()
+            self._start_api()
+            self._create_s3_secret()
+            self._start_executor()
+            self.start_operator()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for proc in (self.operator, self.executor, self.api):
+            if proc is not None:
+                proc.stop()
+        self.s3.stop()
+
+    def __enter__(self) -> DevCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- parts
+    def _start_s3(self) -> None:
+        self.s3.start()
+        self.s3.create_bucket(BUCKET)
+
+    def _start_api(self) -> None:
+        from ..crd import crd_yaml
+        from .apiserver import write_kubeconfig
+
+        crd = self.state_dir / "trainingjob-crd.yaml"
+        crd.write_text(crd_yaml())
+        port = free_port()
+        self.api = ManagedProcess(
+            "apiserver",
+            [sys.executable, "-m", "kubetrain.devcluster.apiserver", "--port", str(port),
+             "--log-dir", str(self.logs / "pods"), "--crd", str(crd)],
+            self.logs / "apiserver.log", "kubetrain apiserver listening on").start()
+        self.api_url = f"http://127.0.0.1:{port}"
+        write_kubeconfig(self.kubeconfig, self.api_url, namespace=self.namespace)
+
+    def _create_s3_secret(self) -> None:
+        core = self.core_api()
+        core.create_namespaced_secret(self.namespace, {
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": S3_SECRET, "namespace": self.namespace},
+            "stringData": {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY},
+            "type": "Opaque"})
+
+    def _start_executor(self) -> None:
+        argv = [sys.executable, "-m", "kubetrain.devcluster.executor", "--kubeconfig", str(self.kubeconfig),
+                "--state-dir", str(self.state_dir / "executor"), "--nodes", str(self.nodes),
+                "--image-root", f"{IMAGE_ROOT}={self.image_root}", "--log-dir", str(self.logs / "pods")]
+        for key, value in self.pod_env.items():
+            argv += ["--env", f"{key}={value}"]
+        self.executor = ManagedProcess("executor", argv, self.logs / "executor.log", "kubetrain executor ready").start()
+
+    def start_operator(self) -> ManagedProcess:
+        """(Re)start the operator; it picks up every existing job (kopf resume handlers)."""
+        self.operator_metrics_port = free_port()
+        self.operator = ManagedProcess(
+            "operator",
+            [sys.executable, "-m", "kubetrain_operator", "--metrics-port", str(self.operator_metrics_port),
+             "--metrics-addr", "127.0.0.1", "--liveness-port", "0",
+             "--default-checkpoint-uri", CHECKPOINT_URI, "--default-s3-secret", S3_SECRET,
+             "--default-s3-endpoint", self.s3.endpoint],
+            self.logs / "operator.log", "kubetrain operator started", env={"KUBECONFIG": str(self.kubeconfig)}).start()
+        return self.operator
+
+    # --- clients
+    def api_client(self):
+        import kubernetes
+
+        return kubernetes.config.new_client_from_config(str(self.kubeconfig))
+
+    def core_api(self):
+        import kubernetes
+
+        return kubernetes.client.CoreV1Api(self.api_client())
+
+    def custom_api(self):
+        import kubernetes
+
+        return kubernetes.client.CustomObjectsApi(self.api_client())
+
+
+def run_dev_cluster(state_dir: Path, nodes: int) -> int:
+    """Foreground: start everything, print how to use it, stop on Ctrl-C / SIGTERM."""
+    stop = False
+
+    def request_stop(*_):
+        nonlocal stop
+        stop = True
+
+    with DevCluster(state_dir, nodes=nodes) as cluster:
+        print(f"""kubetrain dev cluster is up ({nodes} nodes). In another shell:
+
+  export KUBECONFIG={cluster.kubeconfig}
+  kubectl apply -f examples/trainingjob.yaml
+  kubectl get trainingjobs -w          # or: kubectl get tj,pods
+  kubectl logs sentiment-minilm-0
+
+S3 (moto): {cluster.s3.endpoint}  bucket {BUCKET}, checkpoints under {CHECKPOINT_URI}
+           (AWS_ACCESS_KEY_ID={ACCESS_KEY} AWS_SECRET_ACCESS_KEY={SECRET_KEY})
+operator metrics: http://127.0.0.1:{cluster.operator_metrics_port}/metrics
+logs: {cluster.logs}
+Ctrl-C stops everything.""", flush=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, request_stop)
+        while not stop:
+            for proc in (cluster.api, cluster.executor, cluster.operator):
+                if proc is not None and not proc.running:
+                    print(f"{proc.name} exited ({proc.proc.returncode}); see {proc.log_path}", file=sys.stderr)
+                    return 1
+            time.sleep(0.5)
+    return 0
