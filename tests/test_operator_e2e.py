@@ -252,3 +252,32 @@ def test_the_operator_killed_mid_job_picks_it_up_without_duplicating_pods(cluste
     assert after == before, "the same two pods ran the job start to end"
     assert (final["attempt"], final["restarts"], final["step"]) == (1, 0, 120)
     assert len(pod_logs(cluster, name)) == 2
+
+
+def test_an_evicted_pod_is_a_preemption(cluster, corpus):
+    name = "evicted"
+    create(cluster, tiny_job(cluster, corpus, name, training__maxSteps=100, training__logEverySteps=1))
+    wait_phase(cluster, name, {"Running"}, timeout=120)
+    wait_for("step 3", lambda: max(steps_trained("".join(pod_logs(cluster, name).values())) or [0]) >= 3, 120, cluster)
+    cluster.core_api().create_namespaced_pod_eviction(f"{name}-0", NS, {
+        "apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": f"{name}-0", "namespace": NS}})
+    final = wait_phase(cluster, name, {"Succeeded", "Failed"}, timeout=300)
+    assert final["phase"] == "Succeeded", final
+    assert (final["preemptions"], final["failures"], final["step"]) == (1, 0, 100)
+    assert any("EvictionByEvictionAPI" in m for _, r, m in events(cluster, name) if r == "Preempted")
+
+
+def test_losing_a_node_is_a_preemption_even_though_the_surviving_pod_crashes(cluster, corpus):
+    """SIGKILL, no grace: the peer on the other node fails with a real error, but the cause was the node."""
+    name = "node-lost"
+    create(cluster, tiny_job(cluster, corpus, name, training__maxSteps=100, training__logEverySteps=1,
+                             checkpoint__everySteps=10))
+    wait_phase(cluster, name, {"Running"}, timeout=120)
+    wait_for("a periodic checkpoint", lambda: s3_manifests(cluster, f"e2e/{NS}/{name}/"), 120, cluster)
+    victim = next(p for p in pods(cluster, name) if p.spec.node_name == "local-1")
+    kubectl(cluster, "delete", "node", "local-1", "--wait=false")
+    final = wait_phase(cluster, name, {"Succeeded", "Failed"}, timeout=300)
+    assert final["phase"] == "Succeeded", final
+    assert (final["preemptions"], final["failures"], final["restarts"]) == (1, 0, 1)
+    assert any(victim.metadata.name in m for _, r, m in events(cluster, name) if r in ("Preempted", "Restarted"))
+    assert {p.spec.node_name for p in pods(cluster, name)} == {"local-0"}, "the new group runs on the node left"

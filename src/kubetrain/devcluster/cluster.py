@@ -12,6 +12,7 @@ The "trainer image" is this Python environment; the image's /opt/kubetrain is th
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -200,13 +201,15 @@ def run_dev_cluster(state_dir: Path, nodes: int) -> int:
         nonlocal stop
         stop = True
 
+    kubectl = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or "kubectl"
     with DevCluster(state_dir, nodes=nodes) as cluster:
         print(f"""kubetrain dev cluster is up ({nodes} nodes). In another shell:
 
   export KUBECONFIG={cluster.kubeconfig}
-  kubectl apply -f examples/trainingjob.yaml
-  kubectl get trainingjobs -w          # or: kubectl get tj,pods
-  kubectl logs sentiment-minilm-0
+  {kubectl} apply -f examples/trainingjob.yaml
+  {kubectl} get tj,pods -w
+  {kubectl} delete pod sentiment-minilm-1     # a preemption: the group restarts and resumes
+  {kubectl} logs sentiment-minilm-0
 
 S3 (moto): {cluster.s3.endpoint}  bucket {BUCKET}, checkpoints under {CHECKPOINT_URI}
            (AWS_ACCESS_KEY_ID={ACCESS_KEY} AWS_SECRET_ACCESS_KEY={SECRET_KEY})
