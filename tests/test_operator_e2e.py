@@ -281,3 +281,10 @@ def test_losing_a_node_is_a_preemption_even_though_the_surviving_pod_crashes(clu
     assert (final["preemptions"], final["failures"], final["restarts"]) == (1, 0, 1)
     assert any(victim.metadata.name in m for _, r, m in events(cluster, name) if r in ("Preempted", "Restarted"))
     assert {p.spec.node_name for p in pods(cluster, name)} == {"local-0"}, "the new group runs on the node left"
+
+
+def test_kubectl_apply_of_the_cpu_smoke_example(cluster):
+    kubectl(cluster, "apply", "-f", str(REPO / "examples" / "cpu-smoke.yaml"))
+    final = wait_phase(cluster, "cpu-smoke", {"Succeeded", "Failed"}, timeout=240)
+    assert final["phase"] == "Succeeded" and final["step"] == 20, final
+    assert 20 in s3_manifests(cluster, f"checkpoints/{NS}/cpu-smoke/")

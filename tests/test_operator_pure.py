@@ -352,3 +352,22 @@ def test_status_written_by_someone_else_does_not_crash_the_reconcile():
     body["status"] = {"phase": "Exploded", "restarts": "many"}
     p = Cluster(body).step()
     assert json.dumps(p.status) and p.status["phase"] == "Pending"
+
+
+def test_node_0_hosts_the_rendezvous_and_a_port_range_gives_each_job_its_own_port():
+    body = job_body()
+    job = parsed(body)
+    _, pods = builders.group(job, builders.owner_reference(body), 1)
+    assert "--rdzv-conf=is_host=1" in pods[0]["spec"]["containers"][0]["args"]
+    assert "--rdzv-conf=is_host=0" in pods[1]["spec"]["containers"][0]["args"]
+    assert builders.rendezvous_port("any-uid", ClusterDefaults()) == 29400
+    shared = ClusterDefaults(rendezvous_ports=(30000, 39999))
+    ports = {builders.rendezvous_port(f"uid-{i}", shared) for i in range(50)}
+    assert all(30000 <= p <= 39999 for p in ports) and len(ports) > 40
+    assert builders.rendezvous_port("uid-1", shared) == builders.rendezvous_port("uid-1", shared)
+    p = plan(Observed(body, [], False, T0), shared)
+    port = builders.rendezvous_port("uid-1234", shared)
+    svc = next(m for m in p.create if m["kind"] == "Service")
+    assert svc["spec"]["ports"][0]["port"] == port
+    assert all(f"--rdzv-endpoint=bert-0.bert.ml.svc:{port}" in m["spec"]["containers"][0]["args"]
+               for m in p.create if m["kind"] == "Pod")

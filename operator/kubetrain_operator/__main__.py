@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Secret with AWS keys for jobs that use the default checkpoint URI")
     p.add_argument("--default-s3-endpoint", default=env("KUBETRAIN_DEFAULT_S3_ENDPOINT"),
                    help="S3 endpoint for jobs that use the default checkpoint URI")
+    p.add_argument("--rendezvous-port-range", default=env("KUBETRAIN_RENDEZVOUS_PORT_RANGE"), metavar="LOW-HIGH",
+                   help="give each job its own rendezvous port from this range (only where pods share a network, "
+                        "e.g. the dev cluster); default: 29400 for every job")
     p.add_argument("--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -55,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics = OperatorMetrics()
     if args.metrics_port:
         metrics.serve(args.metrics_port, args.metrics_addr)
-    defaults = ClusterDefaults(args.default_checkpoint_uri, args.default_s3_secret, args.default_s3_endpoint)
+    ports = tuple(int(x) for x in args.rendezvous_port_range.split("-")) if args.rendezvous_port_range else None
+    defaults = ClusterDefaults(args.default_checkpoint_uri, args.default_s3_secret, args.default_s3_endpoint, ports)
     memo = kopf.Memo(kube=Kube(), metrics=metrics, defaults=defaults)
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
     asyncio.run(kopf.operator(

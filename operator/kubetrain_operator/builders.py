@@ -31,6 +31,16 @@ class ClusterDefaults:
     checkpoint_uri: str | None = None  # used when spec.checkpoint.uri is not s3://
     s3_secret: str | None = None
     s3_endpoint: str | None = None
+    # A pod has its own network namespace, so every job can use RDZV_PORT. Where pods share one (the
+    # dev cluster), a range gives each job its own port, picked from its uid.
+    rendezvous_ports: tuple[int, int] | None = None
+
+
+def rendezvous_port(uid: str, defaults: ClusterDefaults) -> int:
+    if defaults.rendezvous_ports is None:
+        return RDZV_PORT
+    low, high = defaults.rendezvous_ports
+    return low + int(hashlib.sha256(uid.encode()).hexdigest(), 16) % (high - low + 1)
 
 
 def effective_job(job: TrainingJob, defaults: ClusterDefaults) -> TrainingJob:
@@ -42,8 +52,9 @@ def effective_job(job: TrainingJob, defaults: ClusterDefaults) -> TrainingJob:
     longest = N.pod_name(name, nodes - 1)
     if len(longest) > HOSTNAME_MAX:
         errors.append(f"metadata.name: too long for {nodes} nodes: pod hostname {longest!r} exceeds {HOSTNAME_MAX} characters")
-    if job.spec.metrics.port == RDZV_PORT:
-        errors.append(f"spec.metrics.port: {RDZV_PORT} is the rendezvous port")
+    low, high = defaults.rendezvous_ports or (RDZV_PORT, RDZV_PORT)
+    if low <= job.spec.metrics.port <= high:
+        errors.append(f"spec.metrics.port: {job.spec.metrics.port} is a rendezvous port ({low}-{high})")
     checkpoint = job.spec.checkpoint
     if not checkpoint.uri.startswith("s3://"):
         if not defaults.checkpoint_uri:
@@ -102,7 +113,7 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(config["data"][N.CONFIG_KEY].encode()).hexdigest()[:16]
 
 
-def service(job: TrainingJob, owner: dict) -> dict:
+def service(job: TrainingJob, owner: dict, rdzv_port: int = RDZV_PORT) -> dict:
     """Headless, and publishing not-ready pods: rank 0's DNS name must resolve before anyone is Ready."""
     return {
         "apiVersion": "v1",
@@ -113,7 +124,7 @@ def service(job: TrainingJob, owner: dict) -> dict:
             "publishNotReadyAddresses": True,
             "selector": {N.LABEL_JOB: job.metadata.name},
             "ports": [
-                {"name": "rendezvous", "port": RDZV_PORT, "targetPort": RDZV_PORT, "protocol": "TCP"},
+                {"name": "rendezvous", "port": rdzv_port, "targetPort": rdzv_port, "protocol": "TCP"},
                 {"name": "metrics", "port": job.spec.metrics.port, "targetPort": job.spec.metrics.port, "protocol": "TCP"},
             ],
         },
@@ -142,14 +153,15 @@ def _resources(job: TrainingJob) -> dict:
     return {k: v for k, v in res.items() if v}
 
 
-def trainer_args(job: TrainingJob, rank0_host: str, attempt: int, uid: str) -> list[str]:
-    torchrun = torchrun_options(job.spec.nodes, job.spec.procs_per_node, f"{rank0_host}:{RDZV_PORT}",
-                                f"{uid}-{attempt}", local_addr="$(POD_IP)")
+def trainer_args(job: TrainingJob, rank0_host: str, attempt: int, uid: str, rank: int, rdzv_port: int = RDZV_PORT) -> list[str]:
+    """Node 0 hosts the rendezvous store: said explicitly, not guessed from host names."""
+    torchrun = torchrun_options(job.spec.nodes, job.spec.procs_per_node, f"{rank0_host}:{rdzv_port}",
+                                f"{uid}-{attempt}", local_addr="$(POD_IP)", is_host=rank == 0)
     return [*torchrun, "--", "--config", f"{N.CONFIG_DIR}/{N.CONFIG_KEY}", "--work-dir", N.WORK_DIR,
             "--base-dir", N.IMAGE_EXAMPLES_DIR]
 
 
-def pod(job: TrainingJob, owner: dict, rank: int, attempt: int, config_digest: str) -> dict:
+def pod(job: TrainingJob, owner: dict, rank: int, attempt: int, config_digest: str, rdzv_port: int = RDZV_PORT) -> dict:
     name, ns = job.metadata.name, job.metadata.namespace
     spec = job.spec
     labels = {**_labels(job), N.LABEL_RANK: str(rank), N.LABEL_ATTEMPT: str(attempt)}
@@ -158,10 +170,10 @@ def pod(job: TrainingJob, owner: dict, rank: int, attempt: int, config_digest: s
         "image": spec.image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["python", "-m", "kubetrain_trainer.launch"],
-        "args": trainer_args(job, N.pod_dns_name(name, ns, 0), attempt, owner["uid"]),
+        "args": trainer_args(job, N.pod_dns_name(name, ns, 0), attempt, owner["uid"], rank, rdzv_port),
         "env": _env(job),
         "ports": [
-            {"name": "rendezvous", "containerPort": RDZV_PORT, "protocol": "TCP"},
+            {"name": "rendezvous", "containerPort": rdzv_port, "protocol": "TCP"},
             {"name": "metrics", "containerPort": spec.metrics.port, "protocol": "TCP"},
         ],
         "resources": _resources(job),
@@ -215,11 +227,11 @@ def pod(job: TrainingJob, owner: dict, rank: int, attempt: int, config_digest: s
     }
 
 
-def group(job: TrainingJob, owner: dict, attempt: int) -> tuple[dict, list[dict]]:
+def group(job: TrainingJob, owner: dict, attempt: int, rdzv_port: int = RDZV_PORT) -> tuple[dict, list[dict]]:
     """The ConfigMap and every pod of one attempt (pods name the config they were made for)."""
     config = config_map(job, owner)
     digest = config_hash(config)
-    return config, [pod(job, owner, rank, attempt, digest) for rank in range(job.spec.nodes)]
+    return config, [pod(job, owner, rank, attempt, digest, rdzv_port) for rank in range(job.spec.nodes)]
 
 
 def describe_command(pod_manifest: dict) -> str:

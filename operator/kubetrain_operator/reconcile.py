@@ -96,8 +96,9 @@ def pod_rank(pod: dict) -> int:
 class _Builder:
     """Accumulates the new status and the plan for one reconcile."""
 
-    def __init__(self, obs: Observed):
+    def __init__(self, obs: Observed, defaults: ClusterDefaults):
         self.obs = obs
+        self.rdzv_port = builders.rendezvous_port(obs.job["metadata"].get("uid", ""), defaults)
         self.old = current_status(obs.job)
         self.status = self.old.model_dump()
         self.plan = Plan()
@@ -168,10 +169,10 @@ def _progress(b: _Builder, pods: list[dict]) -> None:
 
 
 def _start_group(b: _Builder, job: TrainingJob, attempt: int) -> None:
-    config, pods = builders.group(job, builders.owner_reference(b.obs.job), attempt)
+    config, pods = builders.group(job, builders.owner_reference(b.obs.job), attempt, b.rdzv_port)
     b.plan.replace_config = config
     if not b.obs.has_service:
-        b.plan.create.append(builders.service(job, builders.owner_reference(b.obs.job)))
+        b.plan.create.append(builders.service(job, builders.owner_reference(b.obs.job), b.rdzv_port))
     b.plan.create.extend(pods)
     b.set(attempt=attempt)
 
@@ -187,7 +188,7 @@ def _fail(b: _Builder, reason: str, message: str, pods: list[dict]) -> None:
 
 
 def plan(obs: Observed, defaults: ClusterDefaults = ClusterDefaults()) -> Plan:
-    b = _Builder(obs)
+    b = _Builder(obs, defaults)
     phase = b.status["phase"]
     pods = obs.pods
     if obs.job["metadata"].get("deletionTimestamp"):
@@ -244,10 +245,11 @@ def _watch_group(b: _Builder, job: TrainingJob, pods: list[dict]) -> Plan:
         for r in missing:
             outcomes[r] = PodOutcome("preempted", "Preempted", f"pod {job.metadata.name}-{r} disappeared")
     elif missing:  # still starting (or the operator stopped mid-creation): create what is missing
-        config, group = builders.group(job, builders.owner_reference(b.obs.job), attempt)
+        config, group = builders.group(job, builders.owner_reference(b.obs.job), attempt, b.rdzv_port)
+        b.plan.replace_config = config
         b.plan.create.extend(p for p in group if pod_rank(p) in missing)
         if not b.obs.has_service:
-            b.plan.create.insert(0, builders.service(job, builders.owner_reference(b.obs.job)))
+            b.plan.create.insert(0, builders.service(job, builders.owner_reference(b.obs.job), b.rdzv_port))
 
     kinds = {o.kind for o in outcomes.values()}
     first = lambda kind: next(o for o in outcomes.values() if o.kind == kind)  # noqa: E731

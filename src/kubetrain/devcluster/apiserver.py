@@ -597,6 +597,7 @@ class KubeApiEmulator(kmock.KubernetesEmulator):
     """
 
     log_dir: pathlib.Path | None = attrs.field(default=None, converter=lambda p: None if p is None else pathlib.Path(p))
+    audit_log: pathlib.Path | None = attrs.field(default=None, converter=lambda p: None if p is None else pathlib.Path(p))
     event_window: int = 10_000
     request_log_limit: int = 1_000
     history_limit: int = 20
@@ -630,6 +631,8 @@ class KubeApiEmulator(kmock.KubernetesEmulator):
         """
         try:
             request = await self._parse(raw_request)
+            if self.audit_log is not None:
+                self._audit(raw_request, request)
             self._requests.append(request)
             del self._requests[: -self.request_log_limit]
             if raw_request.method == "GET":
@@ -642,6 +645,26 @@ class KubeApiEmulator(kmock.KubernetesEmulator):
             if self._errors:
                 self._errors[-1].append(e)
             return await self._render_error(e)
+
+    def _audit(self, raw: aiohttp.web.BaseRequest, request: kmock.Request) -> None:
+        """One JSON line per resource request: who (bearer token) did which RBAC verb on what.
+
+        The dev cluster gives each component its own token, so a test can compare what the operator
+        really does with what its ClusterRole grants (there is no authorization here to do it).
+        """
+        res = request.resource
+        if res is None or res.plural is None:
+            return
+        named = request.name is not None
+        verb = {"GET": "get" if named else "list", "POST": "create", "PUT": "update", "PATCH": "patch",
+                "DELETE": "delete" if named else "deletecollection"}.get(raw.method, raw.method.lower())
+        if raw.method == "GET" and request.params.get("watch") in ("true", "1"):
+            verb = "watch"
+        user = raw.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        entry = {"user": user, "verb": verb, "group": res.group or "", "resource": res.plural,
+                 "subresource": request.subresource or "", "namespace": request.namespace or "", "name": request.name or ""}
+        with open(self.audit_log, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
 
     async def _render_error(self, exc: Exception) -> aiohttp.web.StreamResponse:
         if type(exc) is kmock.KubernetesError:  # ours: real reasons and messages
@@ -815,7 +838,9 @@ class KubeApiEmulator(kmock.KubernetesEmulator):
         raw = request._raw_request
         assert raw is not None
         match = request_selector(request.params, t.namespace, t.name)
-        events = self._watch_events(t, match, _resource_version(request.params.get("resourceVersion")))
+        send_initial = request.params.get("sendInitialEvents") == "true"  # kubectl >= 1.35's watch-list
+        since = None if send_initial else _resource_version(request.params.get("resourceVersion"))
+        events = self._watch_events(t, match, since, initial_events_end=send_initial)
         response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
         response.enable_chunked_encoding()
         await response.prepare(raw)
@@ -824,7 +849,7 @@ class KubeApiEmulator(kmock.KubernetesEmulator):
         as_table = _wants_table(request)  # kubectl get -w: each event carries a one-row Table
         try:
             while (event := await self._next_event(events, deadline)) is not None:
-                if as_table and event["type"] != "ERROR":
+                if as_table and event["type"] not in ("ERROR", "BOOKMARK"):
                     event = {**event, "object": self._table(t, [event["object"]], str(self._rv))}
                 await response.write(json.dumps(event).encode() + b"\n")
             await response.write_eof()
@@ -856,17 +881,27 @@ class KubeApiEmulator(kmock.KubernetesEmulator):
             return None
         raise exc
 
-    async def _watch_events(self, t: Target, match: Selector, since: int | None) -> AsyncIterator[Obj]:
-        """The initial events (state or replay), then the live ones, as this watcher sees them."""
+    async def _watch_events(self, t: Target, match: Selector, since: int | None,
+                            initial_events_end: bool = False) -> AsyncIterator[Obj]:
+        """The initial events (state or replay), then the live ones, as this watcher sees them.
+
+        ``initial_events_end`` (``sendInitialEvents=true``): after the state, a BOOKMARK annotated
+        ``k8s.io/initial-events-end``, which a watch-list client waits for before it trusts its cache.
+        """
         bus = self._buses[t.res]
         async with self._lock:
             mark = await bus.mark()
             initial = self._initial_events(t.res, match, since)
+            bookmark = {"type": "BOOKMARK", "object": {
+                "kind": self.resources[t.res].kind, "apiVersion": f"{t.res.group}/{t.res.version}".lstrip("/"),
+                "metadata": {"resourceVersion": str(self._rv), "annotations": {"k8s.io/initial-events-end": "true"}}}}
         try:
             for event in initial:
                 yield event
             if initial and initial[-1]["type"] == "ERROR":
                 return
+            if initial_events_end:
+                yield bookmark
             async for event in bus.stream(since=mark):
                 if (seen := _as_seen(event, match)) is not None:
                     yield seen
@@ -1457,12 +1492,14 @@ def load_crds(paths: Iterable[str | pathlib.Path]) -> list[Obj]:
 
 @contextlib.asynccontextmanager
 async def serve(host: str = "127.0.0.1", port: int = 0, *, log_dir: str | pathlib.Path | None = None,
-                crds: Iterable[Mapping[str, Any] | str | pathlib.Path] = ()) -> AsyncIterator[ApiServer]:
+                crds: Iterable[Mapping[str, Any] | str | pathlib.Path] = (),
+                audit_log: str | pathlib.Path | None = None) -> AsyncIterator[ApiServer]:
     """Run the API server on ``host:port`` (0: a free port) while the context is open.
 
-    ``crds`` are CRD dicts or YAML files, registered before the server listens.
+    ``crds`` are CRD dicts or YAML files, registered before the server listens; ``audit_log`` gets
+    one JSON line per resource request (user, verb, resource).
     """
-    emulator = KubeApiEmulator(log_dir=log_dir)
+    emulator = KubeApiEmulator(log_dir=log_dir, audit_log=audit_log)
     async with emulator:
         for crd in crds:
             for doc in load_crds([crd]) if isinstance(crd, (str, pathlib.Path)) else [crd]:
@@ -1480,12 +1517,16 @@ async def serve(host: str = "127.0.0.1", port: int = 0, *, log_dir: str | pathli
             await runner.cleanup()
 
 
-def write_kubeconfig(path: str | pathlib.Path, url: str, namespace: str = "default") -> pathlib.Path:
-    """A kubeconfig for ``url`` (plain HTTP, a dummy token) that kubectl, kopf and the client accept."""
+def write_kubeconfig(path: str | pathlib.Path, url: str, namespace: str = "default",
+                     token: str = "kubetrain-dev-token") -> pathlib.Path:
+    """A kubeconfig for ``url`` (plain HTTP, a dummy token) that kubectl, kopf and the client accept.
+
+    The token is not checked; it names the component in the audit log.
+    """
     config = {
         "apiVersion": "v1", "kind": "Config", "preferences": {},
         "clusters": [{"name": "kubetrain-dev", "cluster": {"server": url}}],
-        "users": [{"name": "kubetrain-dev", "user": {"token": "kubetrain-dev-token"}}],
+        "users": [{"name": "kubetrain-dev", "user": {"token": token}}],
         "contexts": [{"name": "kubetrain-dev",
                       "context": {"cluster": "kubetrain-dev", "user": "kubetrain-dev", "namespace": namespace}}],
         "current-context": "kubetrain-dev",
@@ -1501,7 +1542,7 @@ async def _run(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with serve(args.host, args.port, log_dir=args.log_dir, crds=args.crd) as server:
+    async with serve(args.host, args.port, log_dir=args.log_dir, crds=args.crd, audit_log=args.audit_log) as server:
         print(f"kubetrain apiserver listening on {server.url}", flush=True)
         await stop.wait()
     return 0
@@ -1514,6 +1555,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--log-dir", type=pathlib.Path, help="where the pod executor writes pod logs")
     parser.add_argument("--crd", action="append", default=[], metavar="FILE", help="CRD YAML to register (repeatable)")
+    parser.add_argument("--audit-log", type=pathlib.Path, help="append one JSON line per resource request (user, verb, resource)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

@@ -96,6 +96,7 @@ class DevCluster:
                         "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, nodes))), **(pod_env or {})}
         self.kubeconfig = self.state_dir / "kubeconfig"
         self.logs = self.state_dir / "logs"
+        self.audit_log = self.logs / "audit.jsonl"
         self.s3 = S3Server()
         self.api_url = ""
         self.operator_metrics_port = 0
@@ -144,10 +145,12 @@ class DevCluster:
         self.api = ManagedProcess(
             "apiserver",
             [sys.executable, "-m", "kubetrain.devcluster.apiserver", "--port", str(port),
-             "--log-dir", str(self.logs / "pods"), "--crd", str(crd)],
+             "--log-dir", str(self.logs / "pods"), "--crd", str(crd), "--audit-log", str(self.audit_log)],
             self.logs / "apiserver.log", "kubetrain apiserver listening on").start()
         self.api_url = f"http://127.0.0.1:{port}"
         write_kubeconfig(self.kubeconfig, self.api_url, namespace=self.namespace)
+        for component in ("operator", "executor"):  # own tokens: the audit log tells them apart
+            write_kubeconfig(self.component_kubeconfig(component), self.api_url, self.namespace, token=component)
 
     def _create_s3_secret(self) -> None:
         core = self.core_api()
@@ -157,7 +160,7 @@ class DevCluster:
             "type": "Opaque"})
 
     def _start_executor(self) -> None:
-        argv = [sys.executable, "-m", "kubetrain.devcluster.executor", "--kubeconfig", str(self.kubeconfig),
+        argv = [sys.executable, "-m", "kubetrain.devcluster.executor", "--kubeconfig", str(self.component_kubeconfig("executor")),
                 "--state-dir", str(self.state_dir / "executor"), "--nodes", str(self.nodes),
                 "--image-root", f"{IMAGE_ROOT}={self.image_root}", "--log-dir", str(self.logs / "pods")]
         for key, value in self.pod_env.items():
@@ -172,9 +175,21 @@ class DevCluster:
             [sys.executable, "-m", "kubetrain_operator", "--metrics-port", str(self.operator_metrics_port),
              "--metrics-addr", "127.0.0.1", "--liveness-port", "0",
              "--default-checkpoint-uri", CHECKPOINT_URI, "--default-s3-secret", S3_SECRET,
-             "--default-s3-endpoint", self.s3.endpoint],
-            self.logs / "operator.log", "kubetrain operator started", env={"KUBECONFIG": str(self.kubeconfig)}).start()
+             "--default-s3-endpoint", self.s3.endpoint,
+             "--rendezvous-port-range", "30000-39999"],  # pods share this machine's network
+            self.logs / "operator.log", "kubetrain operator started",
+            env={"KUBECONFIG": str(self.component_kubeconfig("operator"))}).start()
         return self.operator
+
+    def component_kubeconfig(self, component: str) -> Path:
+        return self.state_dir / f"{component}.kubeconfig"
+
+    def requests_by(self, user: str) -> list[dict]:
+        """The audit log's entries for one component ("operator", "executor", or a user's token)."""
+        import json
+
+        lines = self.audit_log.read_text().splitlines() if self.audit_log.exists() else []
+        return [e for e in map(json.loads, lines) if e["user"] == user]
 
     # --- clients
     def api_client(self):

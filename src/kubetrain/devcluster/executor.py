@@ -110,6 +110,7 @@ import logging
 import math
 import os
 import platform
+import random
 import re
 import signal
 import ssl
@@ -846,13 +847,17 @@ def container_status(container: Mapping[str, Any], state: Mapping[str, Any], *, 
 
 
 class IpAllocator:
-    """Unique loopback addresses 127.A.B.C for pods, from 127.1.0.1 up (127.0.0.x is the host's)."""
+    """Unique loopback addresses 127.A.B.C for pods (127.0.0.x is the host's).
+
+    Each executor starts at a random 127.A.1.1 (A in 1..254), so that two dev clusters on one machine
+    (a test run and a user's) do not hand out the same pod IPs.
+    """
 
     FIRST = (127 << 24) | (1 << 16) | 1
     LAST = (127 << 24) | 0xFFFFFE
 
-    def __init__(self) -> None:
-        self._next = self.FIRST
+    def __init__(self, start: int | None = None) -> None:
+        self._next = start if start is not None else (127 << 24) | (random.randint(1, 254) << 16) | (1 << 8) | 1
         self._used: set[str] = set()
 
     def allocate(self) -> str:
