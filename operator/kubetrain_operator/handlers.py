@@ -72,6 +72,8 @@ def _count(metrics: OperatorMetrics, job: dict, decided: Plan) -> None:
     after = decided.status or before
     meta = job["metadata"]
     metrics.observe_phase(meta["namespace"], meta["name"], after.get("phase"))
+    if after.get("phase") and after.get("phase") != before.get("phase"):
+        metrics.transition(after["phase"])
     if after.get("restarts", 0) > before.get("restarts", 0):
         preempted = after.get("preemptions", 0) > before.get("preemptions", 0)
         metrics.restarts.labels("preemption" if preempted else "failure").inc()
@@ -87,10 +89,10 @@ def _guarded(memo: kopf.Memo, namespace: str, name: str, scrape: bool = False) -
         memo.metrics.errors.labels("conflict").inc()
         raise
     except ApiException as err:
-        memo.metrics.errors.labels(f"api_{err.status}").inc()
+        memo.metrics.errors.labels("api").inc()
         raise kopf.TemporaryError(f"API error {err.status}: {err.reason}", delay=2) from None
     except Exception as err:  # a bug must not stop the operator from serving other jobs
-        memo.metrics.errors.labels(type(err).__name__).inc()
+        memo.metrics.errors.labels("internal").inc()
         log.exception("reconcile of %s/%s failed", namespace, name)
         raise kopf.TemporaryError(f"{type(err).__name__}: {err}", delay=5) from None
 

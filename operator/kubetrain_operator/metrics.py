@@ -6,7 +6,9 @@ import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+ERROR_KINDS = ("conflict", "api", "internal")
 PHASES = ("Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
+RESTART_REASONS = ("preemption", "failure")
 
 
 class OperatorMetrics:
@@ -22,11 +24,22 @@ class OperatorMetrics:
         self.transitions = Counter("kubetrain_operator_phase_transitions_total", "Phase transitions", ["phase"], registry=r)
         self._phases: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
+        # Every known label value exported from the start, at 0: increase()/rate() then see the first
+        # event (a counter that appears at 1 has no increase), and alerts and dashboards have a series.
         for phase in PHASES:
             self.jobs.labels(phase).set(0)
+            self.transitions.labels(phase)
+        for reason in RESTART_REASONS:
+            self.restarts.labels(reason)
+        for kind in ERROR_KINDS:  # rate() misses the first error of a series born at 1
+            self.errors.labels(kind)
 
     def observe_phase(self, namespace: str, name: str, phase: str | None) -> None:
-        """Record a job's phase (None: the job is gone); keeps the by-phase gauge exact."""
+        """Record a job's phase (None: the job is gone); keeps the by-phase gauge exact.
+
+        Transitions are counted apart (`transition`), from status changes the operator made itself:
+        a restarted operator re-learning existing phases must not look like jobs failing again.
+        """
         with self._lock:
             key = (namespace, name)
             before = self._phases.get(key)
@@ -35,13 +48,14 @@ class OperatorMetrics:
             else:
                 self._phases[key] = phase
             if before != phase:
-                if phase:
-                    self.transitions.labels(phase).inc()
                 counts = {p: 0 for p in PHASES}
                 for p in self._phases.values():
                     counts[p] = counts.get(p, 0) + 1
                 for p, n in counts.items():
                     self.jobs.labels(p).set(n)
+
+    def transition(self, phase: str) -> None:
+        self.transitions.labels(phase).inc()
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         start_http_server(port, addr=addr, registry=self.registry)

@@ -100,7 +100,7 @@ def train(job: TrainingJob, opts: RunOptions) -> int:
     ddp = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.world_size > 1 else model
     stop = StopSignal().install()
     early = EarlyStopping(t.early_stopping, state)
-    progress = ProgressLog(rt, metrics, total_steps, state)
+    progress = ProgressLog(rt, metrics, total_steps, state, model=model)
     if metrics:
         metrics.resumed_from_step.set(state.step)
         metrics.world_size.set(rt.world_size)

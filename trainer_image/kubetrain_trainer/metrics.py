@@ -27,6 +27,11 @@ class TrainerMetrics:
         self.samples_per_second = gauge("samples_per_second", "Training samples per second, all ranks.")
         self.tokens_per_second = gauge("tokens_per_second", "Real (non-pad) training tokens per second, all ranks.")
         self.padding_ratio = gauge("padding_ratio", "Pad tokens / tokens fed to the model, last window.")
+        self.model_flops = gauge("model_flops_per_second", "Model FLOP/s achieved, all ranks: training FLOPs per real token "
+                                 "(matmul parameters, see progress.model_flops_per_token) x real tokens/s.")
+        # Labelled, so it is absent (not 0) where the peak is unknown: CPUs and GPUs not in progress.PEAK_TFLOPS.
+        self.mfu = gauge("mfu_ratio", "Model FLOPs utilisation: model FLOP/s / (dense bf16 peak FLOP/s of the device x "
+                         "world size); only where the device's peak is known.", ("device",))
         self.eta_seconds = gauge("eta_seconds", "Estimated seconds to the last step.")
         self.goodput = gauge("goodput_ratio", "Productive training time / wall time since the job first started.")
         self.eval_metric = gauge("eval_metric", "Latest evaluation metrics (eval_loss, eval_f1, ...).", ("metric",))

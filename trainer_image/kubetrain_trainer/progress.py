@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -24,11 +25,55 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+# Dense (no sparsity) bf16 tensor-core peak of one device, TFLOP/s, from NVIDIA's datasheets; the
+# first key contained in torch.cuda.get_device_name() (lower-cased) wins, so specific names go first.
+PEAK_TFLOPS = {
+    "h100 nvl": 835.5, "h100 pcie": 756.5, "h100": 989.5,  # "NVIDIA H100 80GB HBM3" is the SXM part
+    "h200 nvl": 835.5, "h200": 989.5,
+    "a100": 312.0,
+}
+PEAK_TFLOPS_ENV = "KUBETRAIN_PEAK_TFLOPS"  # override: the peak of a device not in the table
+
+
+def peak_flops(device: torch.device) -> tuple[str, float] | None:
+    """(device name, peak FLOP/s of one device), or None where unknown (CPU, GPUs not in the table)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    if override := os.environ.get(PEAK_TFLOPS_ENV):
+        return name, float(override) * 1e12
+    found = next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name.lower()), None)
+    return (name, found * 1e12) if found else None
+
+
+def model_flops_per_token(model: torch.nn.Module) -> float:
+    """Training FLOPs per token: 2 (forward) + 2 (input gradients) per matmul weight, + 2 (weight
+    gradient) per trainable one: 6N for full fine-tuning, about 4N with LoRA.
+
+    Matmul weights are all parameters but embedding lookups (a tied output projection is a matmul).
+    Attention scores (which grow with sequence length) are not counted, as in the usual 6N estimate.
+    """
+    lookups = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters(recurse=False)}
+    try:
+        output = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        output = None
+    projected = {id(output.weight)} if getattr(output, "weight", None) is not None else set()
+    total = trainable = 0
+    for p in model.parameters():
+        if id(p) in lookups and id(p) not in projected:
+            continue
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return 4.0 * total + 2.0 * trainable
+
+
 class ProgressLog:
     """Accumulates a logging window on device; one all-reduce per flush, none per step."""
 
-    def __init__(self, rt: Runtime, metrics: TrainerMetrics | None, total_steps: int, state: TrainState):
+    def __init__(self, rt: Runtime, metrics: TrainerMetrics | None, total_steps: int, state: TrainState,
+                 model: torch.nn.Module | None = None):
         self.rt, self.metrics, self.total_steps, self.state = rt, metrics, total_steps, state
+        self.flops_per_token = model_flops_per_token(model) if model is not None else None
+        self.peak = peak_flops(rt.device) if model is not None else None
         self._reset()
 
     def _reset(self) -> None:
@@ -66,6 +111,11 @@ class ProgressLog:
             m.samples_per_second.set(samples_s)
             m.tokens_per_second.set(tokens_s)
             m.padding_ratio.set(1 - self.tokens / max(1, self.padded))
+            if self.flops_per_token:
+                m.model_flops.set(self.flops_per_token * tokens_s)
+                if self.peak:
+                    device, peak = self.peak
+                    m.mfu.labels(device).set(self.flops_per_token * tokens_s / (peak * self.rt.world_size))
             m.eta_seconds.set(eta)
             m.goodput.set(goodput)
             m.samples.inc(self.samples)
