@@ -65,7 +65,7 @@ def test_pod_manifest_carries_the_spec_and_a_restricted_security_context():
     assert c["image"] == "ghcr.io/example/trainer:1"
     assert c["resources"] == {"limits": {"nvidia.com/gpu": 1, "memory": "8Gi"}, "requests": {"cpu": "2"}}
     assert "--rdzv-endpoint=bert-0.bert.ml.svc:29400" in c["args"] and "--nnodes=2" in c["args"]
-    assert "--rdzv-id=uid-1234-3" in c["args"] and "--local-addr=$(POD_IP)" in c["args"]
+    assert "--rdzv-id=uid-1234-3" in c["args"] and "--local-addr=bert-1.bert.ml.svc" in c["args"]
     assert c["args"][c["args"].index("--config") + 1] == "/etc/kubetrain/job.yaml"
     env = {e["name"]: e for e in c["env"]}
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID", "optional": False}
@@ -371,3 +371,11 @@ def test_node_0_hosts_the_rendezvous_and_a_port_range_gives_each_job_its_own_por
     assert svc["spec"]["ports"][0]["port"] == port
     assert all(f"--rdzv-endpoint=bert-0.bert.ml.svc:{port}" in m["spec"]["containers"][0]["args"]
                for m in p.create if m["kind"] == "Pod")
+
+
+def test_pod_0_sorts_first_so_it_gets_global_rank_0():
+    """torchrun ranks nodes by sorting their addresses; the PodMonitor and the operator read rank 0 in pod 0."""
+    body = job_body(nodes=12)
+    _, pods = builders.group(parsed(body), builders.owner_reference(body), 1)
+    addrs = [next(a for a in p["spec"]["containers"][0]["args"] if a.startswith("--local-addr=")) for p in pods]
+    assert sorted(addrs)[0] == addrs[0] == "--local-addr=bert-0.bert.ml.svc"

@@ -153,10 +153,15 @@ def _resources(job: TrainingJob) -> dict:
     return {k: v for k, v in res.items() if v}
 
 
-def trainer_args(job: TrainingJob, rank0_host: str, attempt: int, uid: str, rank: int, rdzv_port: int = RDZV_PORT) -> list[str]:
-    """Node 0 hosts the rendezvous store: said explicitly, not guessed from host names."""
-    torchrun = torchrun_options(job.spec.nodes, job.spec.procs_per_node, f"{rank0_host}:{rdzv_port}",
-                                f"{uid}-{attempt}", local_addr="$(POD_IP)", is_host=rank == 0)
+def trainer_args(job: TrainingJob, attempt: int, uid: str, rank: int, rdzv_port: int = RDZV_PORT) -> list[str]:
+    """Node 0 hosts the rendezvous store, said explicitly rather than guessed from host names.
+
+    Each node's address is its pod DNS name. torchrun numbers nodes by sorting their addresses, and
+    `<job>-0.` sorts first, so global rank 0 (metrics, termination report) is always in pod 0.
+    """
+    name, ns = job.metadata.name, job.metadata.namespace
+    torchrun = torchrun_options(job.spec.nodes, job.spec.procs_per_node, f"{N.pod_dns_name(name, ns, 0)}:{rdzv_port}",
+                                f"{uid}-{attempt}", local_addr=N.pod_dns_name(name, ns, rank), is_host=rank == 0)
     return [*torchrun, "--", "--config", f"{N.CONFIG_DIR}/{N.CONFIG_KEY}", "--work-dir", N.WORK_DIR,
             "--base-dir", N.IMAGE_EXAMPLES_DIR]
 
@@ -170,7 +175,7 @@ def pod(job: TrainingJob, owner: dict, rank: int, attempt: int, config_digest: s
         "image": spec.image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["python", "-m", "kubetrain_trainer.launch"],
-        "args": trainer_args(job, N.pod_dns_name(name, ns, 0), attempt, owner["uid"], rank, rdzv_port),
+        "args": trainer_args(job, attempt, owner["uid"], rank, rdzv_port),
         "env": _env(job),
         "ports": [
             {"name": "rendezvous", "containerPort": rdzv_port, "protocol": "TCP"},
