@@ -288,3 +288,19 @@ def test_kubectl_apply_of_the_cpu_smoke_example(cluster):
     final = wait_phase(cluster, "cpu-smoke", {"Succeeded", "Failed"}, timeout=240)
     assert final["phase"] == "Succeeded" and final["step"] == 20, final
     assert 20 in s3_manifests(cluster, f"checkpoints/{NS}/cpu-smoke/")
+
+
+def test_everything_the_operator_did_is_granted_by_the_charts_cluster_role(cluster):
+    """Runs last: the API server's audit log of this whole module (every scenario above) against RBAC.
+
+    test_chart.py derives the rules from the code; this checks them against what the running
+    operator (kopf included) really sent, so a call hidden in a library cannot slip through.
+    """
+    from test_chart import by_kind, granted, helm_binary, render
+
+    (role,) = by_kind(render(helm_binary()), "ClusterRole")
+    allowed = granted(role["rules"])
+    used = {(e["group"], e["resource"] + (f"/{e['subresource']}" if e["subresource"] else ""), e["verb"])
+            for e in cluster.requests_by("operator")}
+    assert {("", "pods", "create"), ("kubetrain.io", "trainingjobs/status", "patch")} <= used, used
+    assert used <= allowed, f"used but not granted: {sorted(used - allowed)}"
