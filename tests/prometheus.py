@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from kubetrain.devcluster.cluster import ManagedProcess
 from kubetrain.local import free_port
 
 SETUP_HINT = "install it with scripts/setup-system (Debian's prometheus package)"
@@ -57,7 +58,7 @@ class PrometheusServer:
         self.work_dir = Path(work_dir)
         self.scrape_jobs, self.rule_files, self.interval = list(scrape_jobs), [Path(p).resolve() for p in rule_files], interval
         self.port = 0
-        self.proc: subprocess.Popen | None = None
+        self.proc: ManagedProcess | None = None
         self.log_path = self.work_dir / "prometheus.log"
 
     @property
@@ -83,32 +84,16 @@ class PrometheusServer:
         argv = [binary("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={self.work_dir / 'data'}",
                 f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-lifecycle",
                 "--storage.tsdb.retention.time=1d", "--log.level=info"]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise PrometheusError(f"prometheus exited {self.proc.returncode}:\n{self.log()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise PrometheusError(f"prometheus not ready within {timeout}s:\n{self.log()[-4000:]}")
-            time.sleep(0.2)
+        process = ManagedProcess("prometheus", argv, self.log_path, "Server is ready to receive web requests")
+        try:
+            self.proc = process.start(timeout)
+        except RuntimeError as err:
+            raise PrometheusError(str(err)) from None
+        return self
 
     def stop(self, timeout: float = 20) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            self.proc.stop(timeout)
 
     def __enter__(self) -> PrometheusServer:
         return self.start()

@@ -30,6 +30,7 @@ import pytest
 import torch
 import yaml
 
+import polling
 import tiny
 from kubetrain.observability import JOB_LABEL, alerts, dashboards
 from kubetrain.observability.__main__ import generated_files
@@ -339,15 +340,8 @@ def firing(prom: PrometheusServer, name: str) -> list[dict]:
     return [a for a in prom.alerts() if a["labels"]["alertname"] == name and a["state"] == "firing"]
 
 
-def wait_for(what: str, probe, timeout: float, stack: Stack | None = None, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{stack.diagnostics() if stack else ''}")
-        time.sleep(interval)
+def wait_for(what: str, probe, timeout: float, stack: Stack | None = None):
+    return polling.wait_for(what, probe, timeout, stack.diagnostics if stack else lambda: "", interval=0.5)
 
 
 def inject_fault(cluster, fault: dict) -> None:

@@ -8,7 +8,6 @@ One cluster for the module; each test uses its own job. Jobs are applied with th
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -18,9 +17,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 from kubernetes.client.exceptions import ApiException
 
+import polling
 import tiny
 from kubetrain.devcluster.cluster import BUCKET, S3_SECRET, DevCluster
 
@@ -72,15 +71,8 @@ def status(cluster: DevCluster, name: str) -> dict:
     return get_job(cluster, name).get("status") or {}
 
 
-def wait_for(what: str, probe, timeout: float, cluster: DevCluster, interval: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{diagnostics(cluster)}")
-        time.sleep(interval)
+def wait_for(what: str, probe, timeout: float, cluster: DevCluster):
+    return polling.wait_for(what, probe, timeout, lambda: diagnostics(cluster))
 
 
 def wait_phase(cluster: DevCluster, name: str, phases: set[str], timeout: float) -> dict:

@@ -167,7 +167,7 @@ def trainer_args(job: TrainingJob, attempt: int, uid: str, rank: int, rdzv_port:
 
 
 def pod(job: TrainingJob, owner: dict, rank: int, attempt: int, config_digest: str, rdzv_port: int = RDZV_PORT) -> dict:
-    name, ns = job.metadata.name, job.metadata.namespace
+    name = job.metadata.name
     spec = job.spec
     labels = {**_labels(job), N.LABEL_RANK: str(rank), N.LABEL_ATTEMPT: str(attempt)}
     container = {

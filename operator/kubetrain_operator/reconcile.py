@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 from pydantic import ValidationError
 
-from kubetrain.api import CheckpointRef, Condition, SpecError, TrainingJob, TrainingJobStatus, parse_training_job
+from kubetrain.api import CheckpointRef, SpecError, TrainingJob, TrainingJobStatus, parse_training_job
 
 from . import builders
 from .builders import ClusterDefaults
