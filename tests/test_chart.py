@@ -532,7 +532,7 @@ def test_checkov_finds_nothing_unexplained(helm: Path, tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------ yamllint
 
 YAMLLINT_PATHS = ["charts/kubetrain/Chart.yaml", "charts/kubetrain/values.yaml", "charts/kubetrain/ci",
-                  "charts/kubetrain/crds", "crds", "examples", ".yamllint.yaml", ".hadolint.yaml"]
+                  "charts/kubetrain/crds", "charts/kubetrain/rules", "crds", "examples", ".yamllint.yaml", ".hadolint.yaml"]
 
 
 def test_yamllint_is_clean(tmp_path: Path) -> None:
