@@ -372,3 +372,20 @@ def test_real_s3_error_becomes_checkpoint_error(s3_bucket: str, tmp_path: Path) 
         store.wait()
     assert future.done()
     store.close()
+
+
+def test_snapshot_to_cpu_is_a_copy_that_training_cannot_change():
+    """The checkpoint is taken from a snapshot while training goes on: later updates must not leak in."""
+    import torch
+
+    from kubetrain_trainer.checkpoint import snapshot_to_cpu
+
+    weights = torch.ones(3)
+    state = {"model.pt": {"w": weights}, "optimizer.pt": {"state": {0: {"step": torch.tensor(5.0), "exp_avg": weights * 2}},
+                                                          "param_groups": [{"lr": 0.1, "params": [0]}]}}
+    snap = snapshot_to_cpu(state)
+    weights.add_(1.0)
+    state["optimizer.pt"]["state"][0]["exp_avg"].zero_()
+    assert torch.equal(snap["model.pt"]["w"], torch.ones(3))
+    assert torch.equal(snap["optimizer.pt"]["state"][0]["exp_avg"], torch.full((3,), 2.0))
+    assert snap["optimizer.pt"]["param_groups"] == [{"lr": 0.1, "params": [0]}]

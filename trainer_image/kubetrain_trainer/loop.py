@@ -20,7 +20,7 @@ from kubetrain.api import EXIT_PREEMPTED, TrainingJob
 from kubetrain.report import TrainerReport, write_report
 
 from . import data as D
-from .checkpoint import Checkpointer, TrainState
+from .checkpoint import Checkpointer, TrainState, reserve_pinned_memory
 from .checkpoint_store import CheckpointStore
 from .distributed import Runtime, configure_determinism, init_distributed, seed_everything
 from .evaluate import evaluate
@@ -92,6 +92,8 @@ def train(job: TrainingJob, opts: RunOptions) -> int:
     storage, prefix = open_storage(opts.checkpoint_prefix_uri, **s3)
     store = CheckpointStore(storage, prefix, keep=spec.checkpoint.keep)
     checkpointer = Checkpointer(store, opts.work_dir, rt, metrics, lora=spec.model.lora is not None)
+    if rt.is_main:  # only rank 0 snapshots; pay for fresh pinned memory now, not at the first checkpoint
+        reserve_pinned_memory(model, lora=spec.model.lora is not None)
     restored = checkpointer.restore(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     state = restored.state if restored else TrainState()
     if restored:
