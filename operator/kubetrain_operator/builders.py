@@ -6,12 +6,11 @@ Nothing here talks to the API server, so every manifest can be tested (and diffe
 from __future__ import annotations
 
 import hashlib
-import shlex
 from dataclasses import dataclass
 
 import yaml
 
-from kubetrain.api import API_VERSION, KIND, SpecError, TrainingJob
+from kubetrain.api import API_VERSION, KIND, SpecError, TrainingJob, parse_training_job
 from kubetrain.report import TERMINATION_MESSAGE_ENV
 from kubetrain.torchrun import RDZV_PORT, torchrun_options
 
@@ -69,6 +68,11 @@ def effective_job(job: TrainingJob, defaults: ClusterDefaults) -> TrainingJob:
     if errors:
         raise SpecError("\n".join(errors))
     return job.model_copy(update={"spec": job.spec.model_copy(update={"checkpoint": checkpoint})})
+
+
+def job_from_object(body: dict, defaults: ClusterDefaults) -> TrainingJob:
+    """The effective job of a TrainingJob object as the API returns it (status is ours, not the spec's)."""
+    return effective_job(parse_training_job({k: v for k, v in body.items() if k != "status"}), defaults)
 
 
 def owner_reference(body: dict) -> dict:
@@ -238,7 +242,3 @@ def group(job: TrainingJob, owner: dict, attempt: int, rdzv_port: int = RDZV_POR
     digest = config_hash(config)
     return config, [pod(job, owner, rank, attempt, digest, rdzv_port) for rank in range(job.spec.nodes)]
 
-
-def describe_command(pod_manifest: dict) -> str:
-    c = pod_manifest["spec"]["containers"][0]
-    return shlex.join([*c["command"], *c["args"]])

@@ -15,14 +15,14 @@ from datetime import UTC, datetime
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from kubetrain.api import GROUP, PLURAL, VERSION, checkpoint_prefix
+from kubetrain.api import GROUP, PLURAL, VERSION, SpecError, checkpoint_prefix
 
 from . import progress
-from .builders import ClusterDefaults
+from .builders import ClusterDefaults, job_from_object
 from .kube import Conflict, Kube
 from .metrics import OperatorMetrics
 from .names import LABEL_ATTEMPT, LABEL_JOB
-from .reconcile import RECHECK_SECONDS, Plan, plan
+from .reconcile import RECHECK_SECONDS, Observed, Plan, Progress, plan
 
 log = logging.getLogger("kubetrain.operator")
 _locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
@@ -40,8 +40,9 @@ def reconcile(memo: kopf.Memo, namespace: str, name: str, scrape: bool = False) 
                 metrics.observe_phase(namespace, name, None)
                 return None
             now = datetime.now(UTC)
-            live = _scrape(kube, job, memo.defaults) if scrape else None
-            observed = kube.observe(job, now, live)
+            observed = kube.observe(job, now)
+            if scrape:
+                observed.live = _scrape(observed, memo.defaults)
             decided = plan(observed, memo.defaults)
             try:
                 kube.apply(job, decided, now)
@@ -52,19 +53,21 @@ def reconcile(memo: kopf.Memo, namespace: str, name: str, scrape: bool = False) 
         raise kopf.TemporaryError(f"{namespace}/{name}: status kept changing under us", delay=1)
 
 
-def _scrape(kube: Kube, job: dict, defaults: ClusterDefaults):
-    status = job.get("status") or {}
+def _scrape(observed: Observed, defaults: ClusterDefaults) -> Progress | None:
+    """Rank 0's /metrics of the running attempt, from the pods already listed for this reconcile."""
+    status = observed.job.get("status") or {}
     if status.get("phase") != "Running":
         return None
-    spec, meta = job.get("spec") or {}, job["metadata"]
-    uri = (spec.get("checkpoint") or {}).get("uri") or ""
-    if not uri.startswith("s3://"):
-        uri = defaults.checkpoint_uri or uri
-    port = (spec.get("metrics") or {}).get("port", 9400)
+    try:  # the checkpoint URI the pods were given: the job's, or the operator's default
+        job = job_from_object(observed.job, defaults)
+    except SpecError:
+        return None
+    meta = job.metadata
     attempt = str(status.get("attempt"))
-    ips = [p["status"]["podIP"] for p in kube.list_pods(meta["namespace"], meta["name"])
+    ips = [p["status"]["podIP"] for p in observed.pods
            if p["metadata"].get("labels", {}).get(LABEL_ATTEMPT) == attempt and p.get("status", {}).get("podIP")]
-    return progress.scrape(ips, port, checkpoint_prefix(uri, meta["namespace"], meta["name"]))
+    prefix = checkpoint_prefix(job.spec.checkpoint.uri, meta.namespace, meta.name)
+    return progress.scrape(ips, job.spec.metrics.port, prefix)
 
 
 def _count(metrics: OperatorMetrics, job: dict, decided: Plan) -> None:

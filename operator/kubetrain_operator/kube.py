@@ -56,10 +56,10 @@ class Kube:
                 return False
             raise
 
-    def observe(self, job: dict, now: datetime, live=None) -> Observed:
+    def observe(self, job: dict, now: datetime) -> Observed:
         meta = job["metadata"]
         ns, name = meta["namespace"], meta["name"]
-        return Observed(job=job, pods=self.list_pods(ns, name), has_service=self.has_service(ns, name), now=now, live=live)
+        return Observed(job=job, pods=self.list_pods(ns, name), has_service=self.has_service(ns, name), now=now)
 
     # --- writing
     def apply(self, job: dict, plan: Plan, now: datetime) -> None:

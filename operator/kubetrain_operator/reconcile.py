@@ -17,11 +17,11 @@ from datetime import UTC, datetime, timedelta
 
 from pydantic import ValidationError
 
-from kubetrain.api import CheckpointRef, SpecError, TrainingJob, TrainingJobStatus, parse_training_job
+from kubetrain.api import CheckpointRef, SpecError, TrainingJob, TrainingJobStatus
 
 from . import builders
 from .builders import ClusterDefaults
-from .names import LABEL_ATTEMPT, LABEL_RANK
+from .names import LABEL_ATTEMPT, LABEL_RANK, pod_name
 from .recovery import PodOutcome, classify, disruption, trainer_report
 
 TERMINAL = ("Succeeded", "Failed")
@@ -61,7 +61,6 @@ class Plan:
     events: list[Event] = field(default_factory=list)
     delete_job: bool = False  # ttlSecondsAfterFinished passed
     requeue_after: float | None = None
-    job: TrainingJob | None = None  # the parsed job, when valid
 
 
 def timestamp(now: datetime) -> str:
@@ -168,12 +167,14 @@ def _progress(b: _Builder, pods: list[dict]) -> None:
             b.set(last_checkpoint=p.checkpoint.model_dump())
 
 
-def _start_group(b: _Builder, job: TrainingJob, attempt: int) -> None:
-    config, pods = builders.group(job, builders.owner_reference(b.obs.job), attempt, b.rdzv_port)
+def _start_group(b: _Builder, job: TrainingJob, attempt: int, ranks: list[int] | None = None) -> None:
+    """The ConfigMap, the Service if it is missing, and the pods of `ranks` (default: all) of an attempt."""
+    owner = builders.owner_reference(b.obs.job)
+    config, pods = builders.group(job, owner, attempt, b.rdzv_port)
     b.plan.replace_config = config
     if not b.obs.has_service:
-        b.plan.create.append(builders.service(job, builders.owner_reference(b.obs.job), b.rdzv_port))
-    b.plan.create.extend(pods)
+        b.plan.create.append(builders.service(job, owner, b.rdzv_port))
+    b.plan.create.extend(p for p in pods if ranks is None or pod_rank(p) in ranks)
     b.set(attempt=attempt)
 
 
@@ -195,14 +196,13 @@ def plan(obs: Observed, defaults: ClusterDefaults = ClusterDefaults()) -> Plan:
         return b.plan  # owner references take the children with it
 
     try:
-        job = builders.effective_job(parse_training_job({k: v for k, v in obs.job.items() if k != "status"}), defaults)
+        job = builders.job_from_object(obs.job, defaults)
     except SpecError as err:
         if phase != "Failed":
             b.enter("Failed", "InvalidSpec", f"invalid TrainingJob: {err}".replace("\n", "; "), "Warning")
             b.set(completion_time=timestamp(obs.now))
             _delete_all(b, pods)
         return b.finish()
-    b.plan.job = job
     policy = job.spec.run_policy
 
     if phase in TERMINAL:
@@ -243,13 +243,9 @@ def _watch_group(b: _Builder, job: TrainingJob, pods: list[dict]) -> Plan:
     missing = [r for r in range(job.spec.nodes) if r not in mine]
     if missing and running_before:
         for r in missing:
-            outcomes[r] = PodOutcome("preempted", "Preempted", f"pod {job.metadata.name}-{r} disappeared")
+            outcomes[r] = PodOutcome("preempted", "Preempted", f"pod {pod_name(job.metadata.name, r)} disappeared")
     elif missing:  # still starting (or the operator stopped mid-creation): create what is missing
-        config, group = builders.group(job, builders.owner_reference(b.obs.job), attempt, b.rdzv_port)
-        b.plan.replace_config = config
-        b.plan.create.extend(p for p in group if pod_rank(p) in missing)
-        if not b.obs.has_service:
-            b.plan.create.insert(0, builders.service(job, builders.owner_reference(b.obs.job), b.rdzv_port))
+        _start_group(b, job, attempt, missing)
 
     kinds = {o.kind for o in outcomes.values()}
     first = lambda kind: next(o for o in outcomes.values() if o.kind == kind)  # noqa: E731
