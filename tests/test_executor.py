@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 
+import polling
+
 from kubetrain.devcluster.executor import (
     ConfigError,
     DnsPending,
@@ -447,14 +449,8 @@ class PodEvents:
 
 def wait_for(predicate: Callable[[], Any], timeout: float, describe: Callable[[], Any] = lambda: None) -> Any:
     """Poll every 0.1 s until predicate() is truthy; fail with describe() after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s; last state: {json.dumps(describe(), indent=1)[:3000]}")
-        time.sleep(0.1)
+    return polling.wait_for("the condition", predicate, timeout,
+                            lambda: f"last state: {json.dumps(describe(), indent=1)[:3000]}", interval=0.1)
 
 
 def terminated(pod: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import urllib.request
 from datetime import UTC, datetime
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from kubetrain.api import CheckpointRef, step_dir_name
 
 from .reconcile import Progress
@@ -18,15 +20,8 @@ TIMEOUT_S = 1.0
 
 def parse_metrics(text: str) -> dict[str, float]:
     """Unlabelled samples of the Prometheus text format: name -> value."""
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            name, _, value = line.partition(" ")
-            try:
-                values[name] = float(value.split()[0])
-            except (ValueError, IndexError):
-                continue
-    return values
+    return {sample.name: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if not sample.labels}
 
 
 def progress_from_metrics(values: dict[str, float], checkpoint_prefix: str) -> Progress | None:
@@ -47,7 +42,7 @@ def scrape(pod_ips: list[str], port: int, checkpoint_prefix: str) -> Progress | 
         try:
             with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=TIMEOUT_S) as resp:
                 found = progress_from_metrics(parse_metrics(resp.read().decode()), checkpoint_prefix)
-        except OSError:
+        except (OSError, ValueError):  # unreachable, or not the Prometheus text format
             continue
         if found:
             return found

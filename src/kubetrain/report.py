@@ -37,8 +37,12 @@ def decode_report(message: str | None) -> TrainerReport | None:
         return None
 
 
-def write_report(report: TrainerReport) -> None:
-    """Write where the pod spec says (no-op outside a pod)."""
+def write_termination_message(text: str) -> None:
+    """Write where the pod spec says (no-op outside a pod); the kubelet keeps MAX_BYTES, the last ones here."""
     path = os.environ.get(TERMINATION_MESSAGE_ENV)
     if path:
-        Path(path).write_text(report.encode(), encoding="utf-8")
+        Path(path).write_text(text[-MAX_BYTES:], encoding="utf-8")
+
+
+def write_report(report: TrainerReport) -> None:
+    write_termination_message(report.encode())

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from kubetrain.api import EXIT_PREEMPTED
-from kubetrain.report import MAX_BYTES, TERMINATION_MESSAGE_ENV
+from kubetrain.report import write_termination_message
 
 from .preemption import EXIT_DIR_ENV
 
@@ -39,13 +39,6 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def preempted_workers(exit_dir: Path) -> int:
     return len(list(exit_dir.glob("preempted-*.json")))
-
-
-def write_failure(message: str) -> None:
-    """The root cause (the worker's exception, recorded by torchrun) as the pod's termination message."""
-    path = os.environ.get(TERMINATION_MESSAGE_ENV)
-    if path:
-        Path(path).write_text(message[-MAX_BYTES:], encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         rank = min(failures)  # keyed by global rank
         first = failures[rank]
         log.error("worker rank %d failed with exit code %s: %s", rank, first.exitcode, first.message)
-        write_failure(f"worker rank {rank} failed with exit code {first.exitcode}: {first.message}")
+        # the root cause (the worker's exception, recorded by torchrun) as the pod's termination message
+        write_termination_message(f"worker rank {rank} failed with exit code {first.exitcode}: {first.message}")
         return first.exitcode if 0 < first.exitcode < 256 else 1
 
 
