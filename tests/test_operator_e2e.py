@@ -95,8 +95,11 @@ def events(cluster: DevCluster, name: str) -> list[tuple[str, str, str]]:
 
 
 def diagnostics(cluster: DevCluster) -> str:
+    """The operator's and executor's log tails and the two newest pod logs: what a failing CI run needs."""
     tail = lambda p: p.read_text(errors="replace")[-3000:] if p.exists() else "(none)"  # noqa: E731
-    return "\n".join(f"--- {n}\n{tail(cluster.logs / n)}" for n in ("operator.log", "executor.log"))
+    newest_pods = sorted((cluster.logs / "pods").rglob("*.log"), key=lambda p: p.stat().st_mtime)[-2:]
+    return "\n".join(f"--- {p.name}\n{tail(p)}" for p in
+                     [cluster.logs / "operator.log", cluster.logs / "executor.log", *newest_pods])
 
 
 def s3_manifests(cluster: DevCluster, prefix: str) -> dict[int, dict]:

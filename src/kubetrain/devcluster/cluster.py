@@ -176,7 +176,9 @@ class DevCluster:
              "--metrics-addr", "127.0.0.1", "--liveness-port", "0",
              "--default-checkpoint-uri", CHECKPOINT_URI, "--default-s3-secret", S3_SECRET,
              "--default-s3-endpoint", self.s3.endpoint,
-             "--rendezvous-port-range", "30000-39999"],  # pods share this machine's network
+             # Pods share this machine's network, so each job gets its own port; the range lies below
+             # Linux's ephemeral ports (32768-60999), which any outgoing connection may already hold.
+             "--rendezvous-port-range", "20000-29999"],
             self.logs / "operator.log", "kubetrain operator started",
             env={"KUBECONFIG": str(self.component_kubeconfig("operator"))}).start()
         return self.operator
