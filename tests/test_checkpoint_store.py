@@ -297,9 +297,10 @@ def test_transient_failure_is_retried(local_storage: LocalStorage, tmp_path: Pat
                 raise failures.pop(0)
             self.inner.put_file(local_path, key)
 
-    store = fast_store(Flaky(local_storage))
+    retries: list[int] = []
+    store = fast_store(Flaky(local_storage), on_retry=lambda: retries.append(1))
     assert store.save(7, make_files(tmp_path / "src", 7), {}).info.step == 7
-    assert not failures
+    assert not failures and len(retries) == 2  # each retry reported (the trainer counts them in a metric)
     assert [i.step for i in store.list_complete()] == [7]
 
 

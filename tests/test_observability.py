@@ -238,6 +238,7 @@ def test_peak_flops_knows_a100_h100_h200_and_nothing_else(monkeypatch):
 def test_progress_sets_model_flops_and_mfu_only_where_the_peak_is_known(peak, monkeypatch):
     from kubetrain_trainer import progress
     from kubetrain_trainer.checkpoint import TrainState
+    from kubetrain_trainer.data import StepBatches
     from kubetrain_trainer.distributed import Runtime
     from kubetrain_trainer.metrics import TrainerMetrics
 
@@ -249,7 +250,7 @@ def test_progress_sets_model_flops_and_mfu_only_where_the_peak_is_known(peak, mo
     metrics = TrainerMetrics()
     log = progress.ProgressLog(Runtime(0, 0, 2, torch.device("cpu")), metrics, total_steps=10, state=TrainState(),
                                model=model)
-    batches = type("B", (), {"global_targets": 4, "global_samples": 4, "global_tokens": 1000, "global_padded": 1200})()
+    batches = StepBatches([[0]], global_samples=4, global_tokens=1000, global_targets=4, global_padded=1200)
     log.record(batches, torch.tensor(2.0), torch.tensor(1.0), 0.1)
     log.flush(epoch=0.0)
     tokens_s = metrics.registry.get_sample_value("kubetrain_tokens_per_second")
@@ -367,7 +368,7 @@ def stack(tmp_path_factory):
     checkpoints = work / "checkpoints"
     doc = tiny.job_doc(TRAINER_JOB, train, evals, tokenizer, str(checkpoints), nodes=2,
                        training__maxSteps=100_000, training__epochs=10_000, training__evalEverySteps=20,
-                       checkpoint__everySteps=60, checkpoint__keep=2)
+                       checkpoint__everySteps=60, checkpoint__keep=2, checkpoint__uploadAttempts=2)
     doc["metadata"]["namespace"] = NS
     job = tiny.write_job(work / "train.yaml", doc)
     port = free_port()
@@ -419,7 +420,7 @@ def test_prometheus_scrapes_the_trainer_and_the_operator(stack):
 
 
 @pytest.mark.slow
-def test_job_failed_and_checkpoint_failing_alerts_fire(stack):
+def test_job_failed_checkpoint_storage_errors_and_checkpoint_failing_alerts_fire(stack):
     prom = stack.prom
     failed = wait_for("KubetrainJobFailed firing", lambda: firing(prom, "KubetrainJobFailed"), 150, stack)
     assert failed[0]["labels"]["severity"] == "critical"
@@ -429,6 +430,9 @@ def test_job_failed_and_checkpoint_failing_alerts_fire(stack):
         "kubetrain.io", "v1alpha1", stack.cluster.namespace, "trainingjobs", FAILING_JOB)["status"]
     assert status["phase"] == "Failed" and status["restarts"] == 1, status
 
+    retried = wait_for("KubetrainCheckpointStorageErrors firing", lambda: firing(prom, "KubetrainCheckpointStorageErrors"),
+                       90, stack)
+    assert retried[0]["labels"]["pod"] == f"{TRAINER_JOB}-0" and "being retried" in retried[0]["annotations"]["description"]
     ckpt = wait_for("KubetrainCheckpointFailing firing", lambda: firing(prom, "KubetrainCheckpointFailing"), 90, stack)
     labels = ckpt[0]["labels"]
     assert (labels["namespace"], labels[JOB_LABEL], labels["pod"]) == (NS, TRAINER_JOB, f"{TRAINER_JOB}-0")

@@ -187,6 +187,11 @@ class CheckpointSpec(_Model):
     )
     every_steps: int = Field(500, ge=1)
     keep: int = Field(3, ge=1, le=1000, description="Newest complete checkpoints kept.")
+    upload_attempts: int = Field(
+        10, ge=1, le=100,
+        description="Tries per checkpoint request before the save counts as failed; the wait doubles from 1 s to "
+                    "30 s between tries, so 10 ride out about 2.5 minutes of storage refusing requests.",
+    )
     s3_secret: str | None = Field(
         None,
         pattern=DNS_LABEL,

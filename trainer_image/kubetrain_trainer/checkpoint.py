@@ -4,6 +4,9 @@ A checkpoint is the complete state for exact resume: trained weights, optimizer,
 scaler, every rank's RNG streams, and the TrainState (step, data position, early stopping, goodput
 clock). Rank 0 writes the files locally and hands them to the store, which uploads them in the
 background with the manifest last; periodic saves return at once, final and emergency saves wait.
+When storage is slower than the checkpoint interval (an S3 outage), a snapshot still waiting to be
+written is dropped for the newer one: host memory holds at most two snapshots, and the newest state
+is the one that lands once storage is back.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import dataclasses
 import json
 import logging
 import shutil
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,14 +101,46 @@ def reserve_pinned_memory(model, lora: bool = False) -> float:
     return time.perf_counter() - started
 
 
+class LatestWinsWriter:
+    """One background thread running submitted jobs in order, except that a job still waiting when a
+    newer one is submitted is cancelled (its future says so): only the newest waiting job matters."""
+
+    def __init__(self, name: str):
+        self._cond = threading.Condition()
+        self._waiting: tuple[Future, Callable[[], object]] | None = None
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, job: Callable[[], object]) -> Future:
+        future: Future = Future()
+        with self._cond:
+            superseded, self._waiting = self._waiting, (future, job)
+            self._cond.notify()
+        if superseded is not None:
+            superseded[0].cancel()  # outside the lock: cancel runs the future's callbacks
+        return future
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._waiting is None:
+                    self._cond.wait()
+                (future, job), self._waiting = self._waiting, None
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(job())
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+                future.set_exception(e)
+
+
 class Checkpointer:
     def __init__(self, store: CheckpointStore, work_dir: Path, rt: Runtime, metrics: TrainerMetrics | None, lora: bool):
         self.store, self.work_dir, self.rt, self.metrics, self.lora = store, work_dir, rt, metrics, lora
         self.submitted_step: int | None = None
         self.pending: Future | None = None  # the newest submitted save, done once accounted (rank 0)
         self.latest: CheckpointInfo | None = None  # the newest complete checkpoint known (rank 0)
-        # one writer thread: snapshots are written and uploaded in the order they were taken
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kubetrain-ckpt-write")
+        # one writer thread: snapshots land in the order they were taken, a waiting one replaced by a newer one
+        self._writer = LatestWinsWriter("kubetrain-ckpt-write")
 
     def save(self, *, model, optimizer, scheduler, scaler, state: TrainState, reason: str, wait: bool) -> None:
         """Collective: every rank must call it (RNG states are gathered to rank 0).
@@ -134,9 +171,10 @@ class Checkpointer:
             stall = time.perf_counter() - started
             staging = self.work_dir / "staging" / f"step-{state.step:09d}-{reason}"
             meta = {"reason": reason, "world_size": self.rt.world_size, "state": train_state, "stall_seconds": stall}
-            upload = self._writer.submit(self._write_and_upload, state.step, staging, snapshot, train_state, meta)
             landed = self.pending = Future()  # done after _landed: a waiter sees the metrics updated
-            upload.add_done_callback(lambda f: self._landed(f, staging, reason, stall, landed))
+            step = state.step  # `state` moves on while the writer works
+            upload = self._writer.submit(lambda: self._write_and_upload(step, staging, snapshot, train_state, meta))
+            upload.add_done_callback(lambda f: self._landed(f, step, staging, reason, stall, landed))
 
     def _write_and_upload(self, step: int, staging: Path, snapshot: dict, train_state: dict, meta: dict):
         """Background: serialize the snapshot, then upload it (manifest last) through the store."""
@@ -148,7 +186,14 @@ class Checkpointer:
         files["state.json"].write_text(json.dumps(train_state, indent=1))
         return self.store.save(step, files, meta)
 
-    def _landed(self, future: Future, staging: Path, reason: str, stall: float, landed: Future) -> None:
+    def _landed(self, future: Future, step: int, staging: Path, reason: str, stall: float, landed: Future) -> None:
+        if future.cancelled():  # a newer snapshot was taken before this one could be written
+            log.warning("checkpoint step %d (%s) skipped: storage is slower than the checkpoint interval, "
+                        "a newer snapshot replaces it", step, reason)
+            if self.metrics:
+                self.metrics.checkpoints_superseded.inc()
+            landed.cancel()
+            return
         try:
             self._account(future, staging, reason, stall)
         finally:

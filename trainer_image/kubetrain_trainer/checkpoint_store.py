@@ -92,9 +92,11 @@ def _utc_now() -> str:
 class CheckpointStore:
     """Saves, lists, prunes and restores checkpoints under `prefix` of a `Storage`.
 
-    Uploads are retried with exponential backoff on top of botocore's own retries, because a
-    checkpoint that fails to land is lost training time; a failure that survives the retries
-    surfaces as a `CheckpointError` naming the step and the URI.
+    Uploads are retried with capped exponential backoff on top of botocore's few quick retries, for
+    about 2.5 minutes by default: a checkpoint that fails to land is lost training time, and object
+    stores do refuse requests for minutes (503 SlowDown). Each retry is logged and reported to
+    `on_retry` (a metric, for an alert); a failure that survives them surfaces as a
+    `CheckpointError` naming the step and the URI.
     """
 
     def __init__(
@@ -103,9 +105,10 @@ class CheckpointStore:
         prefix: str,
         keep: int,
         *,
-        attempts: int = 5,
-        backoff_s: float = 0.5,
-        max_backoff_s: float = 8.0,
+        attempts: int = 10,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+        on_retry: Callable[[], None] | None = None,
     ):
         if keep < 1:
             raise ValueError("keep must be >= 1")
@@ -117,6 +120,7 @@ class CheckpointStore:
         self.attempts = attempts
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        self.on_retry = on_retry
         self._executor: ThreadPoolExecutor | None = None
         self._pending: list[Future[SaveResult]] = []
         self._lock = threading.Lock()
@@ -263,6 +267,8 @@ class CheckpointStore:
                     "checkpoint step %d: %s failed (attempt %d/%d, retrying in %.1fs): %s",
                     step, what, attempt, self.attempts, delay, e,
                 )
+                if self.on_retry:
+                    self.on_retry()
                 time.sleep(delay)
                 delay = min(delay * 2, self.max_backoff_s)
         raise AssertionError("unreachable")

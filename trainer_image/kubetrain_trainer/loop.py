@@ -90,7 +90,8 @@ def train(job: TrainingJob, opts: RunOptions) -> int:
 
     metrics = TrainerMetrics() if rt.is_main else None
     storage, prefix = open_storage(opts.checkpoint_prefix_uri, **s3)
-    store = CheckpointStore(storage, prefix, keep=spec.checkpoint.keep)
+    store = CheckpointStore(storage, prefix, keep=spec.checkpoint.keep, attempts=spec.checkpoint.upload_attempts,
+                            on_retry=metrics.checkpoint_retries.inc if metrics else None)
     checkpointer = Checkpointer(store, opts.work_dir, rt, metrics, lora=spec.model.lora is not None)
     if rt.is_main:  # only rank 0 snapshots; pay for fresh pinned memory now, not at the first checkpoint
         reserve_pinned_memory(model, lora=spec.model.lora is not None)

@@ -46,7 +46,11 @@ class TrainerMetrics:
             registry=r,
         )
         self.checkpoints = Counter(PREFIX + "checkpoints", "Checkpoints completed, by reason.", ("reason",), registry=r)
-        self.checkpoint_failures = Counter(PREFIX + "checkpoint_failures", "Checkpoint saves that failed.", registry=r)
+        self.checkpoint_failures = Counter(PREFIX + "checkpoint_failures", "Checkpoint saves that failed after retries.", registry=r)
+        self.checkpoint_retries = Counter(PREFIX + "checkpoint_retries", "Checkpoint storage requests that failed and are "
+                                          "being retried (storage refusing or unreachable).", registry=r)
+        self.checkpoints_superseded = Counter(PREFIX + "checkpoints_superseded", "Snapshots dropped unwritten for a newer "
+                                              "one, because storage was slower than checkpoint.everySteps.", registry=r)
         self.samples = Counter(PREFIX + "train_samples", "Training samples processed, all ranks.", registry=r)
         self.tokens = Counter(PREFIX + "train_tokens", "Real training tokens processed, all ranks.", registry=r)
         self.resumed_from_step = gauge("resumed_from_step", "Step this process resumed from (0: fresh start).")

@@ -276,7 +276,9 @@ def _uses_custom_endpoint(endpoint: str | None) -> bool:
 
 
 def make_s3_client(*, endpoint: str | None = None, region: str | None = None) -> Any:
-    """A boto3 S3 client with standard retries; path-style addressing for custom endpoints.
+    """A boto3 S3 client with a few quick retries; path-style addressing for custom endpoints.
+
+    Quick, because long outages are retried (visibly: logged and counted) by the checkpoint store.
 
     With no `endpoint`, boto3 itself honours AWS_ENDPOINT_URL(_S3). Path style matters there too:
     MinIO and friends usually do not serve bucket-named virtual hosts.
@@ -285,7 +287,7 @@ def make_s3_client(*, endpoint: str | None = None, region: str | None = None) ->
     from botocore.config import Config
 
     s3_options = {"addressing_style": "path"} if _uses_custom_endpoint(endpoint) else None
-    config = Config(retries={"mode": "standard", "max_attempts": 10}, s3=s3_options)
+    config = Config(retries={"mode": "standard", "max_attempts": 3}, s3=s3_options)
     region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     return boto3.session.Session().client(
         "s3", endpoint_url=endpoint or None, region_name=region, config=config

@@ -54,6 +54,7 @@ class AlertRule:
 
 STALL_WINDOW_MINUTES, STALL_FOR_MINUTES = 15, 5  # no new step in the window, held this long
 CHECKPOINT_FAILURE_WINDOW = "30m"
+CHECKPOINT_RETRY_WINDOW = "10m"
 CHECKPOINT_MAX_AGE_SECONDS = 2 * 3600
 RESTARTS_PER_HOUR = 5
 
@@ -87,6 +88,16 @@ ALERTS: list[AlertRule] = [
                     f"in the last {CHECKPOINT_FAILURE_WINDOW} after retries: training goes on, but everything since "
                     "the last complete checkpoint is lost on a preemption. Check the checkpoint URI, credentials "
                     "(spec.checkpoint.s3Secret) and the trainer log (`checkpoint failed: ...`)."),
+    AlertRule(
+        name="KubetrainCheckpointStorageErrors",
+        group="trainer",
+        signal=f"increase(kubetrain_checkpoint_retries_total[{CHECKPOINT_RETRY_WINDOW}])",
+        op=">", threshold=0, for_="0m", severity="warning",
+        summary=f"Checkpoint storage of {JOB} refuses or fails requests",
+        description=f"{{{{ $value | humanize }}}} checkpoint upload request(s) of {JOB} (pod {{{{ $labels.pod }}}}) "
+                    f"failed in the last {CHECKPOINT_RETRY_WINDOW} and are being retried with backoff. Training goes "
+                    "on; if storage stays down, snapshots are replaced by newer ones and, once retries run out, "
+                    "KubetrainCheckpointFailing fires. Check the object store's health and request rate limits."),
     AlertRule(
         name="KubetrainCheckpointStale",
         group="trainer",

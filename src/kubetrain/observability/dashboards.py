@@ -239,8 +239,15 @@ TRAINING = DashboardSpec(
             ts("Checkpoints by reason", "Completed checkpoints per interval: periodic, final, preemption.",
                Query(f"sum by ({BY_JOB}, reason) (increase(kubetrain_checkpoints_total{SEL}[{RATE}]))",
                      legend=f"{LEGEND} {{{{reason}}}}"), width=6),
-            ts("Checkpoint failures over time", "Failed checkpoint saves per interval.",
-               Query(f"sum by ({BY_JOB}) (increase(kubetrain_checkpoint_failures_total{SEL}[{RATE}]))"), width=6),
+            ts("Checkpoint storage trouble over time", "Per interval: saves that failed after retries, storage "
+               "requests retried (storage refusing or down), and snapshots skipped for a newer one (storage slower "
+               "than the checkpoint interval).",
+               Query(f"sum by ({BY_JOB}) (increase(kubetrain_checkpoint_failures_total{SEL}[{RATE}]))",
+                     legend=f"{LEGEND} failed"),
+               Query(f"sum by ({BY_JOB}) (increase(kubetrain_checkpoint_retries_total{SEL}[{RATE}]))",
+                     legend=f"{LEGEND} retried"),
+               Query(f"sum by ({BY_JOB}) (increase(kubetrain_checkpoints_superseded_total{SEL}[{RATE}]))",
+                     legend=f"{LEGEND} skipped"), width=6),
         )),
     ),
 )
