@@ -9,6 +9,7 @@ whole step holds (the loss denominator for exact token/sample weighting under DD
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -153,6 +154,12 @@ class StepBatches:
     global_tokens: int  # real (non-pad) tokens
     global_targets: int  # loss denominator: samples (classification) or predicted tokens (LM)
     global_padded: int  # tokens fed to the model, pads included
+    fingerprint: str = ""  # of the whole step's sample indices in order: data order is auditable from logs
+
+
+def fingerprint(group: Sequence[Sequence[int]]) -> str:
+    """8 hex digits naming which samples a step trains on, in which order and micro-batches."""
+    return hashlib.blake2s(repr([[int(i) for i in b] for b in group]).encode(), digest_size=4).hexdigest()
 
 
 class TrainSchedule:
@@ -198,7 +205,7 @@ class TrainSchedule:
         targets = samples if self.task == CLASSIFICATION else tokens - samples
         padded = sum(len(b) * int(self.lengths[b].max()) for b in group)
         mine = group[rank * self.grad_accum : (rank + 1) * self.grad_accum]
-        return StepBatches(mine, samples, tokens, max(1, targets), padded)
+        return StepBatches(mine, samples, tokens, max(1, targets), padded, fingerprint(group))
 
 
 def collate(encoded: Encoded, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:

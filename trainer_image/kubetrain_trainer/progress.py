@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -66,6 +67,11 @@ def model_flops_per_token(model: torch.nn.Module) -> float:
     return 4.0 * total + 2.0 * trainable
 
 
+def window_fingerprint(steps: list[str]) -> str:
+    """The data fingerprint of a logging window: the step's own for a one-step window (logEverySteps 1)."""
+    return steps[0] if len(steps) == 1 else hashlib.blake2s("".join(steps).encode(), digest_size=4).hexdigest()
+
+
 class ProgressLog:
     """Accumulates a logging window on device; one all-reduce per flush, none per step."""
 
@@ -79,6 +85,7 @@ class ProgressLog:
     def _reset(self) -> None:
         self.loss_sum = torch.zeros((), device=self.rt.device)
         self.targets = self.samples = self.tokens = self.padded = self.steps = 0
+        self.data: list[str] = []  # the window's step fingerprints
         self.window_start = time.perf_counter()
 
     def record(self, batches: StepBatches, loss_sum: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
@@ -88,6 +95,7 @@ class ProgressLog:
         self.tokens += batches.global_tokens
         self.padded += batches.global_padded
         self.steps += 1
+        self.data.append(batches.fingerprint)
         self.grad_norm, self.lr = grad_norm, lr
 
     def flush(self, epoch: float) -> None:
@@ -122,8 +130,9 @@ class ProgressLog:
             m.tokens.inc(self.tokens)
         if self.rt.is_main:
             pct = 100 * self.state.step / self.total_steps
-            log.info("step %d/%d (%.0f%%) | epoch %.2f | loss %.4f | lr %.2e | grad %.2f | %.1f samples/s | %.0f tok/s | eta %s",
-                     self.state.step, self.total_steps, pct, epoch, loss, self.lr, grad_norm, samples_s, tokens_s, format_duration(eta))
+            log.info("step %d/%d (%.0f%%) | epoch %.2f | loss %.4f | lr %.2e | grad %.2f | %.1f samples/s | %.0f tok/s | eta %s"
+                     " | data %s", self.state.step, self.total_steps, pct, epoch, loss, self.lr, grad_norm, samples_s, tokens_s,
+                     format_duration(eta), window_fingerprint(self.data))
         self._reset()
 
     def report_eval(self, results: dict[str, float]) -> None:
