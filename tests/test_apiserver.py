@@ -482,8 +482,19 @@ def test_fault_injection(core: client.CoreV1Api, server: Server, ns: str) -> Non
         core.patch_namespaced_config_map("cm", ns, {"data": {"a": "b"}})
     assert e.value.status == 409
     assert core.read_namespaced_config_map("cm", ns).data is None  # the failed request had no effect
-    assert http(server, "DELETE", "/_kubetrain/faults") == (200, {"faults": []})
+    assert http(server, "DELETE", "/_kubetrain/faults") == (200, {"faults": [], "spent": []})
     assert core.patch_namespaced_config_map("cm", ns, {"data": {"a": "b"}}).data == {"a": "b"}
+
+    # "for a while": every matching request fails until the time is up, then the hits stay readable
+    http(server, "POST", "/_kubetrain/faults", {"status": 503, "seconds": 1.0, "methods": ["GET"], "pathRegex": "/cm$"})
+    for _ in range(3):
+        with pytest.raises(ApiException) as e:
+            core.read_namespaced_config_map("cm", ns)
+        assert e.value.status == 503
+    time.sleep(1.1)
+    assert core.read_namespaced_config_map("cm", ns).data == {"a": "b"}
+    status, faults = http(server, "GET", "/_kubetrain/faults")
+    assert faults["faults"] == [] and [f["hits"] for f in faults["spent"]] == [3]
 
 
 def test_errors_are_kubernetes_status_objects(server: Server, custom: client.CustomObjectsApi, ns: str) -> None:

@@ -55,7 +55,7 @@ def tiny_job(cluster: DevCluster, corpus: dict, name: str, **overrides) -> dict:
     doc = tiny.job_doc(name, corpus["train"], corpus["eval"], corpus["tokenizer"], f"s3://{BUCKET}/e2e", **overrides)
     doc["metadata"]["namespace"] = NS
     doc["spec"]["nodes"] = 2
-    doc["spec"]["checkpoint"].update(s3Secret=S3_SECRET, endpoint=cluster.s3.endpoint)
+    doc["spec"]["checkpoint"].update(s3Secret=S3_SECRET, endpoint=cluster.s3_endpoint)
     return doc
 
 

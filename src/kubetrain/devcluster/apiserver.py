@@ -77,8 +77,9 @@ What this adds to kmock
 13. Fault injection, for reliability tests: ``POST /_kubetrain/faults`` with
     ``{"status": 500, "count": 2, "methods": ["PATCH"], "pathRegex": "/pods"}`` makes the next
     ``count`` matching requests fail with that Status before they touch anything (``methods``
-    and ``pathRegex``, searched in the URL path, are optional); ``GET`` lists the armed faults,
-    ``DELETE`` clears them.
+    and ``pathRegex``, searched in the URL path, are optional); ``"seconds": 20`` instead fails
+    every matching request for that long. ``GET`` lists the armed faults and the spent ones, each
+    with its ``hits``; ``DELETE`` clears them.
 14. Tables for kubectl: ``kubectl get`` asks for a ``meta.k8s.io`` Table and gets one, with the
     CRD's ``additionalPrinterColumns`` (so ``kubectl get tj`` shows PHASE, NODES, STEP ...), pods
     with STATUS (Terminating while deleting) and NODE, other resources with NAME and AGE.
@@ -133,6 +134,7 @@ import random
 import re
 import signal
 import sys
+import time
 import uuid
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
@@ -532,34 +534,45 @@ def _json_path(obj: Any, path: str) -> Any:
 
 @dataclasses.dataclass
 class Fault:
-    """Fail the next ``count`` requests that match ``methods`` and ``path_regex`` with ``status``."""
+    """Fail requests that match ``methods`` and ``path_regex`` with ``status``: the next ``count``
+    of them, or every one for ``seconds`` (then ``count``, if given, caps them too)."""
 
     status: int
-    count: int = 1
+    count: int | None = 1
     methods: frozenset[str] = frozenset()
     path_regex: str = ""
     message: str = ""
+    until: float | None = None  # time.monotonic() deadline
+    hits: int = 0
 
     @classmethod
     def from_json(cls, body: Any) -> Fault:
         body = _checked_object(body)
         try:
-            fault = cls(status=int(body["status"]), count=int(body.get("count", 1)),
+            seconds = body.get("seconds")
+            count = body.get("count", None if seconds is not None else 1)
+            fault = cls(status=int(body["status"]), count=None if count is None else int(count),
                         methods=frozenset(m.upper() for m in body.get("methods") or ()),
-                        path_regex=str(body.get("pathRegex") or ""), message=str(body.get("message") or ""))
+                        path_regex=str(body.get("pathRegex") or ""), message=str(body.get("message") or ""),
+                        until=None if seconds is None else time.monotonic() + float(seconds))
             re.compile(fault.path_regex)
         except (KeyError, TypeError, ValueError, re.error) as e:
             raise api_error(400, f"invalid fault: {e}") from e
-        if not 400 <= fault.status <= 599 or fault.count < 1:
+        if not 400 <= fault.status <= 599 or (fault.count is not None and fault.count < 1):
             raise api_error(400, "invalid fault: status must be 4xx/5xx and count >= 1")
         return fault
+
+    @property
+    def spent(self) -> bool:
+        return (self.count is not None and self.count <= 0) or (self.until is not None and time.monotonic() >= self.until)
 
     def matches(self, method: str, path: str) -> bool:
         return (not self.methods or method.upper() in self.methods) and bool(re.search(self.path_regex, path))
 
     def to_json(self) -> Obj:
         return {"status": self.status, "count": self.count, "methods": sorted(self.methods),
-                "pathRegex": self.path_regex, "message": self.message}
+                "pathRegex": self.path_regex, "message": self.message, "hits": self.hits,
+                "secondsLeft": None if self.until is None else max(0.0, round(self.until - time.monotonic(), 3))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -606,6 +619,7 @@ class KubeApiEmulator(kmock.KubernetesEmulator):
     _events: dict[kmock.resource, deque[Obj]] = attrs.field(factory=dict, init=False)
     _expired_rv: dict[kmock.resource, int] = attrs.field(factory=lambda: defaultdict(int), init=False)
     _faults: list[Fault] = attrs.field(factory=list, init=False)
+    _spent_faults: list[Fault] = attrs.field(factory=list, init=False)  # what they did stays readable
     _columns: dict[kmock.resource, list[Obj]] = attrs.field(factory=dict, init=False)
     _tasks: set[asyncio.Task[None]] = attrs.field(factory=set, init=False)
     _closing: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
@@ -1249,17 +1263,21 @@ class KubeApiEmulator(kmock.KubernetesEmulator):
             return aiohttp.web.json_response(fault.to_json(), status=201)
         if method == "DELETE":
             self._faults.clear()
+            self._spent_faults.clear()
         elif method != "GET":
             raise api_error(405, "faults: use GET, POST or DELETE")
-        return aiohttp.web.json_response({"faults": [f.to_json() for f in self._faults]})
+        return aiohttp.web.json_response({"faults": [f.to_json() for f in self._faults if not f.spent],
+                                          "spent": [f.to_json() for f in self._spent_faults + [f for f in self._faults if f.spent]]})
 
     def _check_faults(self, method: str, path: str) -> None:
         """Fail this request if an armed fault matches it (before it has any effect)."""
+        self._spent_faults += [f for f in self._faults if f.spent]
+        self._faults = [f for f in self._faults if not f.spent]
         for fault in self._faults:
             if fault.matches(method, path):
-                fault.count -= 1
-                if fault.count <= 0:
-                    self._faults.remove(fault)
+                fault.hits += 1
+                if fault.count is not None:
+                    fault.count -= 1
                 raise api_error(fault.status, fault.message or f"injected fault ({fault.status})")
 
     # -- lifecycle -----------------------------------------------------------------------------

@@ -6,6 +6,8 @@ Four real processes talking HTTP, as in a cluster:
 - the kubetrain operator (`python -m kubetrain_operator`, kopf), exactly as in the chart;
 - a moto S3 server, with a bucket, and a Secret `s3-creds` the operator hands to jobs whose
   checkpoint URI is a local path (so `examples/trainingjob.yaml` checkpoints to S3 unchanged).
+  Pods reach it through a fault proxy (`s3faults.py`, in this process) that can refuse or slow
+  requests on demand; `cluster.s3_endpoint` is the proxy, `cluster.s3` the server itself.
 The "trainer image" is this Python environment; the image's /opt/kubetrain is this checkout.
 """
 
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from ..local import free_port
 from .s3 import ACCESS_KEY, SECRET_KEY, S3Server
+from .s3faults import CONTROL_PATH, S3FaultProxy
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 IMAGE_ROOT = "/opt/kubetrain"
@@ -98,6 +101,7 @@ class DevCluster:
         self.logs = self.state_dir / "logs"
         self.audit_log = self.logs / "audit.jsonl"
         self.s3 = S3Server()
+        self.s3_proxy: S3FaultProxy | None = None
         self.api_url = ""
         self.operator_metrics_port = 0
         self.api: ManagedProcess | None = None
@@ -122,7 +126,15 @@ class DevCluster:
         for proc in (self.operator, self.executor, self.api):
             if proc is not None:
                 proc.stop()
+        if self.s3_proxy is not None:
+            self.s3_proxy.stop()
         self.s3.stop()
+
+    @property
+    def s3_endpoint(self) -> str:
+        """What pods use: the fault proxy in front of moto."""
+        assert self.s3_proxy is not None, "not started"
+        return self.s3_proxy.endpoint
 
     def __enter__(self) -> DevCluster:
         return self.start()
@@ -134,6 +146,7 @@ class DevCluster:
     def _start_s3(self) -> None:
         self.s3.start()
         self.s3.create_bucket(BUCKET)
+        self.s3_proxy = S3FaultProxy(self.s3.endpoint).start()
 
     def _start_api(self) -> None:
         from ..crd import crd_yaml
@@ -175,7 +188,7 @@ class DevCluster:
             [sys.executable, "-m", "kubetrain_operator", "--metrics-port", str(self.operator_metrics_port),
              "--metrics-addr", "127.0.0.1", "--liveness-port", "0",
              "--default-checkpoint-uri", CHECKPOINT_URI, "--default-s3-secret", S3_SECRET,
-             "--default-s3-endpoint", self.s3.endpoint,
+             "--default-s3-endpoint", self.s3_endpoint,
              # Pods share this machine's network, so each job gets its own port; the range lies below
              # Linux's ephemeral ports (32768-60999), which any outgoing connection may already hold.
              "--rendezvous-port-range", "20000-29999"],
@@ -228,8 +241,9 @@ def run_dev_cluster(state_dir: Path, nodes: int) -> int:
   {kubectl} delete pod sentiment-minilm-1     # a preemption: the group restarts and resumes
   {kubectl} logs sentiment-minilm-0
 
-S3 (moto): {cluster.s3.endpoint}  bucket {BUCKET}, checkpoints under {CHECKPOINT_URI}
+S3 (moto): {cluster.s3_endpoint}  bucket {BUCKET}, checkpoints under {CHECKPOINT_URI}
            (AWS_ACCESS_KEY_ID={ACCESS_KEY} AWS_SECRET_ACCESS_KEY={SECRET_KEY})
+           faults: curl -d '{{"status": 503, "seconds": 60}}' {cluster.s3_endpoint}{CONTROL_PATH}
 operator metrics: http://127.0.0.1:{cluster.operator_metrics_port}/metrics
 logs: {cluster.logs}
 Ctrl-C stops everything.""", flush=True)
