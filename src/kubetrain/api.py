@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "kubetrain.io"
@@ -41,6 +41,14 @@ def step_dir_name(step: int) -> str:
 
 # Kubernetes object names that become DNS labels (pod hostnames) must be RFC 1123 labels.
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# An image reference: [registry[:port]/]path[:tag][@sha256:digest].
+IMAGE_REF = (r"^([a-zA-Z0-9.-]+(:[0-9]+)?/)?[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*"
+             r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?$")
+# Paths, URIs and names that end up in a pod's args: no control characters and nothing a shell would
+# act on. Pods run without a shell, so this is defence in depth, and a clear error for a pasted typo.
+SAFE_TEXT = r"^[^\x00-\x1f\x7f;&|$`<>\\'\"]+$"
+MAX_STEPS = 10**9  # a sanity bound for step counts and intervals (years of training at 30 steps/s)
 Quantity = int | str  # "4Gi", "500m", 1
 
 
@@ -62,7 +70,8 @@ class _Model(BaseModel):
     """
 
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, strict=True
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, strict=True,
+        allow_inf_nan=False,
     )
 
     @model_validator(mode="before")
@@ -90,10 +99,10 @@ class Toleration(_Model):
 
 class LoraSpec(_Model):
     r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
-    alpha: float = Field(16, gt=0, description="LoRA scaling numerator (lora_alpha).")
+    alpha: float = Field(16, gt=0, le=1e6, description="LoRA scaling numerator (lora_alpha).")
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | None = Field(
-        None, description="Module names to adapt; default: peft's choice for the architecture."
+    target_modules: list[Annotated[str, StringConstraints(min_length=1, pattern=SAFE_TEXT)]] | None = Field(
+        None, max_length=1000, description="Module names to adapt; default: peft's choice for the architecture."
     )
 
 
@@ -101,6 +110,8 @@ class ModelSpec(_Model):
     name: str | None = Field(
         None,
         min_length=1,
+        max_length=4096,
+        pattern=SAFE_TEXT,
         description=(
             "Where the pretrained model is: a local directory, s3://bucket/prefix/ (downloaded), "
             "package://python_module/subdir (a model shipped inside an installed Python package), "
@@ -114,7 +125,8 @@ class ModelSpec(_Model):
             "`name`, overrides applied to the pretrained config."
         ),
     )
-    tokenizer: str | None = Field(None, min_length=1, description="Tokenizer location; default: name.")
+    tokenizer: str | None = Field(None, min_length=1, max_length=4096, pattern=SAFE_TEXT,
+                                  description="Tokenizer location; default: name.")
     task: Literal["sequence-classification", "causal-lm"]
     num_labels: int = Field(2, ge=2, le=100000, description="Classes (sequence-classification).")
     lora: LoraSpec | None = None
@@ -131,19 +143,22 @@ class ModelSpec(_Model):
 
 
 class DataSpec(_Model):
-    train: str = Field(..., min_length=1, description="JSONL or CSV file: local path or s3://.")
-    eval: str | None = Field(None, min_length=1, description="Held-out JSONL or CSV file.")
+    train: str = Field(..., min_length=1, max_length=4096, pattern=SAFE_TEXT,
+                       description="JSONL or CSV file: local path or s3://.")
+    eval: str | None = Field(None, min_length=1, max_length=4096, pattern=SAFE_TEXT, description="Held-out JSONL or CSV file.")
     format: Literal["auto", "jsonl", "csv"] = "auto"
-    text_field: str = Field("text", min_length=1)
-    text_pair_field: str | None = Field(None, min_length=1, description="Second segment (NLI, QA).")
-    label_field: str = Field("label", min_length=1)
+    text_field: str = Field("text", min_length=1, max_length=256, pattern=SAFE_TEXT)
+    text_pair_field: str | None = Field(None, min_length=1, max_length=256, pattern=SAFE_TEXT,
+                                        description="Second segment (NLI, QA).")
+    label_field: str = Field("label", min_length=1, max_length=256, pattern=SAFE_TEXT)
     max_length: int = Field(256, ge=8, le=131072, description="Tokens per sample; longer is cut.")
     max_tokens_per_batch: int = Field(
         16384,
         ge=8,
+        le=16 * 2**20,
         description="Budget per micro-batch, counted as padded tokens (samples x longest sample).",
     )
-    max_samples_per_batch: int | None = Field(None, ge=1)
+    max_samples_per_batch: int | None = Field(None, ge=1, le=2**20)
 
     @model_validator(mode="after")
     def _budget_holds_a_sample(self) -> DataSpec:
@@ -163,29 +178,35 @@ class EarlyStoppingSpec(_Model):
 
 class TrainingSpec(_Model):
     epochs: float = Field(3, gt=0, le=10000)
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Optimizer steps; overrides epochs.")
     learning_rate: float = Field(2e-5, gt=0, le=10)
     weight_decay: float = Field(0.0, ge=0, le=10)
     warmup_ratio: float = Field(0.0, ge=0, le=1)
-    warmup_steps: int | None = Field(None, ge=0, description="Overrides warmupRatio.")
+    warmup_steps: int | None = Field(None, ge=0, le=MAX_STEPS, description="Overrides warmupRatio.")
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     gradient_accumulation: int = Field(1, ge=1, le=4096)
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, le=1e6)
     seed: int = Field(42, ge=0, le=2**32 - 1)
     deterministic: bool = Field(
         False, description="Deterministic kernels: bitwise-reproducible runs and resumes, slower."
     )
-    eval_every_steps: int | None = Field(None, ge=1, description="Default: at each epoch end.")
-    log_every_steps: int = Field(10, ge=1)
+    eval_every_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Default: at each epoch end.")
+    log_every_steps: int = Field(10, ge=1, le=MAX_STEPS)
     early_stopping: EarlyStoppingSpec | None = None
+    compile: Literal["off", "default", "reduce-overhead"] = Field(
+        "off",
+        description="torch.compile the forward/backward (GPU speed; costs a minute at startup). "
+        "reduce-overhead adds CUDA graphs (one GPU, gradientAccumulation 1).",
+    )
 
 
 class CheckpointSpec(_Model):
     uri: str = Field(
-        ..., min_length=1, description="s3://bucket/prefix or a local directory; <ns>/<job>/ is appended."
+        ..., min_length=1, max_length=4096, pattern=SAFE_TEXT,
+        description="s3://bucket/prefix or a local directory; <ns>/<job>/ is appended.",
     )
-    every_steps: int = Field(500, ge=1)
+    every_steps: int = Field(500, ge=1, le=MAX_STEPS)
     keep: int = Field(3, ge=1, le=1000, description="Newest complete checkpoints kept.")
     upload_attempts: int = Field(
         10, ge=1, le=100,
@@ -197,8 +218,9 @@ class CheckpointSpec(_Model):
         pattern=DNS_LABEL,
         description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, exposed to pods as env.",
     )
-    endpoint: str | None = Field(None, pattern=r"^https?://", description="S3 endpoint URL.")
-    region: str | None = None
+    endpoint: str | None = Field(None, max_length=2048, pattern=r"^https?://[^\x00-\x20\x7f;&|$`<>\\'\"]+$",
+                                 description="S3 endpoint URL.")
+    region: str | None = Field(None, pattern=r"^[a-z0-9-]{1,64}$")
 
 
 class MetricsSpec(_Model):
@@ -210,20 +232,20 @@ class MetricsSpec(_Model):
 
 class RunPolicy(_Model):
     backoff_limit: int = Field(3, ge=0, le=1000)
-    active_deadline_seconds: int | None = Field(None, ge=1)
-    ttl_seconds_after_finished: int | None = Field(None, ge=0)
+    active_deadline_seconds: int | None = Field(None, ge=1, le=MAX_STEPS)
+    ttl_seconds_after_finished: int | None = Field(None, ge=0, le=MAX_STEPS)
     clean_pod_policy: Literal["None", "Running", "All"] = "Running"
     suspend: bool = False
 
 
 class TrainingJobSpec(_Model):
-    image: str = Field(..., min_length=1, description="Trainer image.")
+    image: str = Field(..., min_length=1, max_length=1024, pattern=IMAGE_REF, description="Trainer image.")
     nodes: int = Field(1, ge=1, le=1024, description="Pods (torchrun --nnodes).")
     procs_per_node: int = Field(1, ge=1, le=64, description="torchrun --nproc-per-node.")
     resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
-    priority_class_name: str | None = None
+    priority_class_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN)
     model: ModelSpec
     data: DataSpec
     training: TrainingSpec = Field(default_factory=TrainingSpec)
