@@ -8,10 +8,10 @@ import re
 import shutil
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import polling
+from prometheus import scrape
 import tiny
 from kubetrain.devcluster.cluster import BUCKET, S3_SECRET, DevCluster
 
@@ -119,8 +119,8 @@ def newest_step(cluster: DevCluster, name: str) -> int:
     return max(steps_trained("".join(rank0_logs(cluster, name).values())) or [0])
 
 
-def operator_metrics(cluster: DevCluster) -> str:
-    return urllib.request.urlopen(f"http://127.0.0.1:{cluster.operator_metrics_port}/metrics", timeout=5).read().decode()
+def operator_metrics(cluster: DevCluster) -> dict[str, float]:
+    return scrape(f"http://127.0.0.1:{cluster.operator_metrics_port}/metrics")
 
 
 def assert_operator_calls_granted(cluster: DevCluster) -> None:

@@ -146,3 +146,16 @@ class PrometheusServer:
                 raise AssertionError(f"timed out after {timeout}s waiting for {what}"
                                      + (f" (last error: {last_error})" if last_error else ""))
             time.sleep(interval)
+
+
+def scrape(url: str) -> dict[str, float]:
+    """One real HTTP scrape of a /metrics URL, flattened to 'name{label=value,...}' -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    flat = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            flat[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return flat

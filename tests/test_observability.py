@@ -22,7 +22,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -345,18 +344,6 @@ def wait_for(what: str, probe, timeout: float, stack: Stack | None = None):
     return polling.wait_for(what, probe, timeout, stack.diagnostics if stack else lambda: "", interval=0.5)
 
 
-def inject_fault(cluster, fault: dict) -> None:
-    """The dev cluster's API server fails the next matching request (see kubetrain.devcluster.apiserver)."""
-    urllib.request.urlopen(urllib.request.Request(
-        f"{cluster.api_url}/_kubetrain/faults", data=json.dumps(fault).encode(), method="POST",
-        headers={"Content-Type": "application/json"}), timeout=10).read()
-
-
-def armed_faults(cluster) -> list:
-    with urllib.request.urlopen(f"{cluster.api_url}/_kubetrain/faults", timeout=10) as r:
-        return json.load(r)["faults"]
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     from kubetrain.devcluster.cluster import DevCluster
@@ -387,7 +374,7 @@ def stack(tmp_path_factory):
             s = Stack(prom, cluster, trainer)
             # a job that fails in the cluster: a missing data file, backoffLimit 1 (one restart, then Failed);
             # its first status write hits an injected API error (a reconcile error)
-            inject_fault(cluster, {"status": 500, "methods": ["PATCH"], "pathRegex": f"trainingjobs/{FAILING_JOB}/status"})
+            cluster.api_faults("POST", {"status": 500, "methods": ["PATCH"], "pathRegex": f"trainingjobs/{FAILING_JOB}/status"})
             failing = tiny.job_doc(FAILING_JOB, Path(str(train) + ".missing"), None, tokenizer, "checkpoints",
                                    runPolicy={"backoffLimit": 1})  # a local URI: the cluster's S3 default
             failing["metadata"]["namespace"] = cluster.namespace
@@ -400,7 +387,7 @@ def stack(tmp_path_factory):
             # A labelled counter appears at 1, and rate() sees only what comes after a series' first sample:
             # once the first error is scraped, a second one (the operator's next read of the job).
             wait_for("a reconcile error scraped", lambda: prom.query("kubetrain_operator_reconcile_errors_total"), 60, s)
-            inject_fault(cluster, {"status": 500, "methods": ["GET"], "pathRegex": f"trainingjobs/{FAILING_JOB}$"})
+            cluster.api_faults("POST", {"status": 500, "methods": ["GET"], "pathRegex": f"trainingjobs/{FAILING_JOB}$"})
             with BrokenDirectory(checkpoints / NS):
                 yield s
         finally:
@@ -425,7 +412,7 @@ def test_job_failed_checkpoint_storage_errors_and_checkpoint_failing_alerts_fire
     failed = wait_for("KubetrainJobFailed firing", lambda: firing(prom, "KubetrainJobFailed"), 150, stack)
     assert failed[0]["labels"]["severity"] == "critical"
     assert "entered phase Failed" in failed[0]["annotations"]["description"]
-    wait_for("the injected faults to be used up", lambda: not armed_faults(stack.cluster), 30, stack)
+    wait_for("the injected faults to be used up", lambda: not stack.cluster.api_faults()["faults"], 30, stack)
     status = stack.cluster.custom_api().get_namespaced_custom_object(
         "kubetrain.io", "v1alpha1", stack.cluster.namespace, "trainingjobs", FAILING_JOB)["status"]
     assert status["phase"] == "Failed" and status["restarts"] == 1, status

@@ -14,15 +14,14 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 from kubetrain.devcluster.s3 import S3Server
 
 import tiny
+from prometheus import scrape
 from kubetrain.local import free_port
 
 pytestmark = pytest.mark.slow
@@ -59,17 +58,6 @@ def load_model_state(s3: S3Server, bucket: str, prefix: str, step: int, tmp_path
     return torch.load(target, weights_only=True)
 
 
-def scrape(port: int) -> dict[str, float]:
-    """One real HTTP scrape of /metrics, flattened to 'name{label=value}' -> value."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    flat = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            flat[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return flat
-
-
 def test_two_node_run_checkpoints_to_s3_and_serves_metrics(corpus, s3_server, s3_bucket, tmp_path):
     client = s3_server.client()
     for split in ("train", "eval"):  # data read from s3:// too
@@ -83,7 +71,7 @@ def test_two_node_run_checkpoints_to_s3_and_serves_metrics(corpus, s3_server, s3
     run = tiny.LocalRun(job, env={**s3_server.env(), "KUBETRAIN_METRICS_ADDR": "127.0.0.1"}, work_dir=tmp_path / "work",
                         metrics_port=port)
     run.wait_for(r"finished at step 60")
-    final = scrape(port)  # served for lingerSeconds after the last step
+    final = scrape(f"http://127.0.0.1:{port}/metrics")  # served for lingerSeconds after the last step
     assert run.finish() == 0, run.output
 
     # S3: keep=2 newest complete checkpoints, the final one among them, files as the manifest says

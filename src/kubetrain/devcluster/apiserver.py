@@ -618,8 +618,7 @@ class KubeApiEmulator(kmock.KubernetesEmulator):
     _rv: int = attrs.field(default=0, init=False)
     _events: dict[kmock.resource, deque[Obj]] = attrs.field(factory=dict, init=False)
     _expired_rv: dict[kmock.resource, int] = attrs.field(factory=lambda: defaultdict(int), init=False)
-    _faults: list[Fault] = attrs.field(factory=list, init=False)
-    _spent_faults: list[Fault] = attrs.field(factory=list, init=False)  # what they did stays readable
+    _faults: list[Fault] = attrs.field(factory=list, init=False)  # spent ones stay, so their hits stay readable
     _columns: dict[kmock.resource, list[Obj]] = attrs.field(factory=dict, init=False)
     _tasks: set[asyncio.Task[None]] = attrs.field(factory=set, init=False)
     _closing: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
@@ -1263,18 +1262,15 @@ class KubeApiEmulator(kmock.KubernetesEmulator):
             return aiohttp.web.json_response(fault.to_json(), status=201)
         if method == "DELETE":
             self._faults.clear()
-            self._spent_faults.clear()
         elif method != "GET":
             raise api_error(405, "faults: use GET, POST or DELETE")
         return aiohttp.web.json_response({"faults": [f.to_json() for f in self._faults if not f.spent],
-                                          "spent": [f.to_json() for f in self._spent_faults + [f for f in self._faults if f.spent]]})
+                                          "spent": [f.to_json() for f in self._faults if f.spent]})
 
     def _check_faults(self, method: str, path: str) -> None:
         """Fail this request if an armed fault matches it (before it has any effect)."""
-        self._spent_faults += [f for f in self._faults if f.spent]
-        self._faults = [f for f in self._faults if not f.spent]
         for fault in self._faults:
-            if fault.matches(method, path):
+            if not fault.spent and fault.matches(method, path):
                 fault.hits += 1
                 if fault.count is not None:
                     fault.count -= 1

@@ -199,6 +199,20 @@ class DevCluster:
     def component_kubeconfig(self, component: str) -> Path:
         return self.state_dir / f"{component}.kubeconfig"
 
+    def api_faults(self, method: str = "GET", fault: dict | None = None) -> dict:
+        """The API server's fault injection (apiserver.py, item 13): POST arms `fault`, GET lists the armed
+        and spent faults with their hits, DELETE clears them."""
+        import json
+        import urllib.request
+
+        from .apiserver import FAULTS_PATH
+
+        request = urllib.request.Request(f"{self.api_url}{FAULTS_PATH}", method=method,
+                                         data=None if fault is None else json.dumps(fault).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.load(response)
+
     def requests_by(self, user: str) -> list[dict]:
         """The audit log's entries for one component ("operator", "executor", or a user's token)."""
         import json
