@@ -372,6 +372,9 @@ def stack(tmp_path_factory):
         try:
             prom.start()
             s = Stack(prom, cluster, trainer)
+            # increase() counts only what comes after a series' first sample: the operator's restart counter
+            # must be scraped at 0 before the failing job below restarts, or its restart does not show
+            wait_for("the operator scraped", lambda: prom.query("kubetrain_operator_restarts_total"), 60, s)
             # a job that fails in the cluster: a missing data file, backoffLimit 1 (one restart, then Failed);
             # its first status write hits an injected API error (a reconcile error)
             cluster.api_faults("POST", {"status": 500, "methods": ["PATCH"], "pathRegex": f"trainingjobs/{FAILING_JOB}/status"})
