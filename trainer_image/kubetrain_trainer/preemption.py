@@ -14,8 +14,7 @@ import signal
 from pathlib import Path
 
 import torch
-
-from .distributed import all_reduce
+import torch.distributed as dist
 
 EXIT_DIR_ENV = "KUBETRAIN_EXIT_DIR"
 log = logging.getLogger("kubetrain.preemption")
@@ -26,6 +25,7 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self._cpu_group = None
 
     def install(self) -> StopSignal:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -38,9 +38,18 @@ class StopSignal:
         self.received = signum
 
     def agreed(self, device: torch.device) -> bool:
-        """True on every rank once any rank has been signalled (one tiny all-reduce per step)."""
-        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32, device=device)
-        return bool(all_reduce(flag, op=torch.distributed.ReduceOp.MAX).item())
+        """True on every rank once any rank has been signalled (one tiny all-reduce per step).
+
+        The flag travels on the CPU (gloo), never through the GPU: reading a GPU result would make the
+        host wait for the step's kernels every step, and the next step could not be queued meanwhile.
+        """
+        if not dist.is_initialized():
+            return self.received is not None
+        if self._cpu_group is None:  # every rank reaches its first check at the same step
+            self._cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._cpu_group)
+        return bool(flag.item())
 
 
 def write_exit_marker(local_rank: int, step: int) -> None:
