@@ -197,7 +197,8 @@ class TrainingSpec(_Model):
     compile: Literal["off", "default", "reduce-overhead"] = Field(
         "off",
         description="torch.compile the forward/backward (GPU speed; costs a minute at startup). "
-        "reduce-overhead adds CUDA graphs (one GPU, gradientAccumulation 1).",
+        "reduce-overhead also replays the whole step as CUDA graphs (one GPU, gradientAccumulation 1, "
+        "bf16 or fp32; else default).",
     )
 
 

@@ -20,10 +20,13 @@ from kubetrain.api import EXIT_PREEMPTED, TrainingJob
 from kubetrain.report import TrainerReport, write_report
 
 from . import data as D
+from .batching import device_batcher
 from .checkpoint import Checkpointer, TrainState, reserve_pinned_memory
 from .checkpoint_store import CheckpointStore
+from .compile import compile_for_training, shapes_of, unwrapped, wants_step_graphs
 from .distributed import Runtime, configure_determinism, init_distributed, seed_everything
 from .evaluate import evaluate
+from .graphs import StepGraphs, one_sample_per_shape
 from .losses import summed_loss
 from .metrics import TrainerMetrics
 from .model import build_model, load_tokenizer
@@ -45,10 +48,13 @@ class RunOptions:
     metrics_addr: str = "0.0.0.0"
 
 
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast_for(precision: str, device: torch.device):
-    if precision == "fp32":
+    dtype = AUTOCAST_DTYPES[precision]
+    if dtype is None:
         return contextlib.nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
@@ -101,6 +107,14 @@ def train(job: TrainingJob, opts: RunOptions) -> int:
         log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", restored.info.uri, state.step, state.epoch, state.cursor)
 
     ddp = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.world_size > 1 else model
+    ddp = compile_for_training(ddp, t.compile, spec.data, world_size=rt.world_size, grad_accum=t.gradient_accumulation,
+                               device=rt.device, precision=t.precision)
+    graphs = None
+    if wants_step_graphs(ddp):  # capture every batch shape now, not as stalls mid-training
+        graphs = StepGraphs(ddp, optimizer, task=task, autocast_dtype=AUTOCAST_DTYPES[t.precision],
+                            max_grad_norm=t.max_grad_norm, device=rt.device)
+        batcher = device_batcher(train_set, tokenizer.pad_token_id, rt.device, shapes_of(ddp))
+        graphs.prepare(batcher, one_sample_per_shape(batcher, shapes_of(ddp).width))
     stop = StopSignal().install()
     early = EarlyStopping(t.early_stopping, state)
     progress = ProgressLog(rt, metrics, total_steps, state, model=model)
@@ -132,7 +146,7 @@ def train(job: TrainingJob, opts: RunOptions) -> int:
         batches = schedule.step(state.epoch, state.cursor, rt.rank)
         started = time.perf_counter()
         loss_sum, grad_norm = train_step(ddp, optimizer, scaler, train_set, batches, task=task, rt=rt, autocast=autocast,
-                                         max_grad_norm=t.max_grad_norm, pad_id=tokenizer.pad_token_id)
+                                         max_grad_norm=t.max_grad_norm, pad_id=tokenizer.pad_token_id, graphs=graphs)
         scheduler.step()
         state.step += 1
         state.cursor += schedule.micro_per_step
@@ -173,7 +187,8 @@ def train(job: TrainingJob, opts: RunOptions) -> int:
 
 
 def train_step(ddp, optimizer, scaler, train_set: D.Encoded, batches: D.StepBatches, *, task: str, rt: Runtime,
-               autocast, max_grad_norm: float | None, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+               autocast, max_grad_norm: float | None, pad_id: int, graphs: StepGraphs | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's micro-batches; returns (local loss sum, grad norm) as tensors.
 
     Each micro-batch's summed loss is scaled by world_size / (global targets of the step), so after
@@ -181,12 +196,16 @@ def train_step(ddp, optimizer, scaler, train_set: D.Encoded, batches: D.StepBatc
     step, however unevenly the token budget split the samples.
     """
     scale = rt.world_size / batches.global_targets
+    to_device = device_batcher(train_set, pad_id, rt.device, shapes_of(ddp))
+    if graphs is not None and len(batches.micro_batches) == 1:
+        return graphs.step(to_device(batches.micro_batches[0]), scale)
     loss_total = torch.zeros((), device=rt.device)
+    is_ddp = isinstance(unwrapped(ddp), DistributedDataParallel)
     for i, indices in enumerate(batches.micro_batches):
-        batch = {k: v.to(rt.device, non_blocking=True) for k, v in D.collate(train_set, indices, pad_id).items()}
+        batch = to_device(indices)
         labels = batch.pop("labels", None)
-        sync = i == len(batches.micro_batches) - 1 or not isinstance(ddp, DistributedDataParallel)
-        with contextlib.nullcontext() if sync else ddp.no_sync():
+        sync = i == len(batches.micro_batches) - 1 or not is_ddp
+        with contextlib.nullcontext() if sync else unwrapped(ddp).no_sync():
             with autocast():
                 logits = ddp(**batch).logits
             loss, _ = summed_loss(logits, batch, labels, task)

@@ -1,0 +1,47 @@
+"""Whole-step CUDA graphs (`training.compile: reduce-overhead`): where they apply, and on a GPU that they are exact."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kubetrain.api import DataSpec
+from kubetrain_trainer.compile import compile_for_training, shapes_of, wants_step_graphs
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+DATA = DataSpec.model_validate({"train": "x.jsonl", "maxLength": 128, "maxSamplesPerBatch": 32})
+
+
+@pytest.mark.parametrize("device, world_size, grad_accum, precision", [
+    ("cpu", 1, 1, "bf16"),  # no GPU
+    ("cuda", 2, 1, "bf16"),  # DDP
+    ("cuda", 1, 2, "bf16"),  # gradient accumulation
+    ("cuda", 1, 1, "fp16"),  # GradScaler reads found-inf on the host
+])
+def test_step_graphs_fall_back_to_plain_compile_where_they_cannot_apply(device, world_size, grad_accum, precision):
+    compiled = compile_for_training(torch.nn.Linear(2, 2), "reduce-overhead", DATA, world_size=world_size,
+                                    grad_accum=grad_accum, device=torch.device(device), precision=precision)
+    assert not wants_step_graphs(compiled)
+    assert shapes_of(compiled).rows == 1, "plain compile: batches keep their own row count"
+
+
+def test_step_graphs_are_chosen_on_one_gpu_with_fixed_batch_shapes():
+    compiled = compile_for_training(torch.nn.Linear(2, 2), "reduce-overhead", DATA, world_size=1, grad_accum=1,
+                                    device=torch.device("cuda"), precision="bf16")
+    assert wants_step_graphs(compiled)
+    shapes = shapes_of(compiled)
+    assert (shapes.rows, shapes.width_multiple) == (32, 8) and shapes.width(41) == 48
+    assert compile_for_training(torch.nn.Linear(2, 2), "off", DATA, world_size=1, grad_accum=1,
+                                device=torch.device("cuda"), precision="bf16").__class__ is torch.nn.Linear
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device: see BENCHMARKS.md)")
+def test_step_graphs_train_like_plain_compile_and_resume_bitwise(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "step_graphs_check.py"), "--work", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["ok"], json.dumps(result["checks"], indent=1)[:4000]

@@ -1,0 +1,65 @@
+"""torch.compile for the training forward/backward (`spec.training.compile`), with few batch shapes.
+
+- "default": Inductor fuses the elementwise work (layer norms, GELU, dropout, softmax) around the
+  matmuls; compiled once with dynamic shapes, so variable batch widths do not recompile.
+- "reduce-overhead": the same, and the whole step (forward, backward, clipping, AdamW) is replayed as
+  one CUDA graph per batch shape (`graphs.StepGraphs`). One graph per shape, so widths are rounded up
+  to a multiple of 8 (cap/16 for long caps) and batches are filled to maxSamplesPerBatch rows (see
+  batching.BatchShapes). One GPU, no gradient accumulation, bf16 or fp32; otherwise "default".
+Evaluation and checkpoints use the uncompiled module, which shares the parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kubetrain.api import DataSpec
+
+from .batching import BatchShapes
+
+log = logging.getLogger("kubetrain.compile")
+
+
+def batch_shapes(mode: str, data: DataSpec) -> BatchShapes | None:
+    if mode == "off":
+        return None
+    width_multiple = max(8, data.max_length // 16)
+    if mode == "default":
+        return BatchShapes(width_multiple=width_multiple)
+    rows = data.max_samples_per_batch or 8  # without a sample cap, batch sizes vary and graphs are captured as met
+    return BatchShapes(width_multiple=width_multiple, rows=rows, rows_multiple=8)
+
+
+def compile_for_training(module: torch.nn.Module, mode: str, data: DataSpec, *, world_size: int, grad_accum: int,
+                         device: torch.device, precision: str):
+    """The module to train with: `module` itself when mode is off, else a compiled wrapper of it.
+
+    The wrapper carries `kubetrain_shapes` (how to shape its batches) and `kubetrain_step_graphs`
+    (whether `train_step` should capture whole steps) for the loop.
+    """
+    if mode == "off":
+        return module
+    if mode == "reduce-overhead" and (world_size > 1 or grad_accum > 1 or device.type != "cuda" or precision == "fp16"):
+        log.warning("compile: reduce-overhead (CUDA graphs of the whole step) needs one GPU, gradientAccumulation 1 "
+                    "and bf16 or fp32; using default")
+        mode = "default"
+    compiled = torch.compile(module, dynamic=True)
+    compiled.kubetrain_shapes = batch_shapes(mode, data)
+    compiled.kubetrain_step_graphs = mode == "reduce-overhead"
+    log.info("compile: torch.compile (%s), batch shapes %s", mode, compiled.kubetrain_shapes)
+    return compiled
+
+
+def shapes_of(module: torch.nn.Module) -> BatchShapes | None:
+    return getattr(module, "kubetrain_shapes", None)
+
+
+def wants_step_graphs(module: torch.nn.Module) -> bool:
+    return getattr(module, "kubetrain_step_graphs", False)
+
+
+def unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    """The module under a torch.compile wrapper (e.g. to test for DDP)."""
+    return getattr(module, "_orig_mod", module)
