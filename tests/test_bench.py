@@ -27,3 +27,28 @@ def test_checkpoint_stall_in_loop_benchmark_runs(tmp_path):
     assert result["exit"] == 0
     assert [(c["step"], c["reason"]) for c in result["checkpoints"]] == [(2, "periodic"), (4, "final")]
     assert all(c["stall_s"] > 0 and c["bytes"] > 0 for c in result["checkpoints"])
+
+
+def test_hf_compare_benchmark_runs_every_side_on_the_same_data(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "hf_compare.py"), "--tiny", "--work", str(tmp_path),
+                          "--out", str(tmp_path / "result.json")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == json.loads((tmp_path / "result.json").read_text())
+    assert result["device"] == "cpu" and result["batch"] == 8 and result["timed_steps"] == 6
+    assert 30 <= result["lengths"]["median"] <= 50 and result["lengths"]["max"] <= 128  # skewed, capped corpus
+    sides = result["sides"]
+    assert set(sides) == {"hf-default", "hf-best", "kubetrain"}
+    for side in sides.values():
+        assert side["real_tokens_per_s"] > 0 and side["samples_per_s"] > 0 and side["timed_seconds"] > 0
+        assert side["mfu_real_tokens"] is None and side["peak_memory_gib"] is None  # CPU: no peak FLOP/s, no GPU memory
+        assert 0.3 < side["eval_loss"] < 1.5
+    assert sides["hf-default"]["samples_per_step"] == sides["hf-best"]["samples_per_step"] == 8
+    assert 6 < sides["kubetrain"]["samples_per_step"] <= 8  # token-budget batches, capped at the same 8 samples
+    # The bench evaluates kubetrain's final checkpoint itself; it must be the model the trainer evaluated.
+    trainer_eval = float(sides["kubetrain"]["trainer_eval"].split("eval_loss ")[1].split(" ")[0])
+    assert abs(sides["kubetrain"]["eval_loss"] - trainer_eval) < 1e-3
+    goals = result["goals"]
+    assert goals["kubetrain_side"] == "kubetrain" and goals["hf_best_side"] == "hf-best"
+    for goal in ("x_hf_default", "x_hf_best"):
+        assert goals[goal]["value"] > 0 and isinstance(goals[goal]["met"], bool)
