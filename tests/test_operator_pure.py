@@ -308,8 +308,16 @@ def test_suspend_deletes_pods_and_resume_starts_a_new_attempt_without_counting_a
     c.job["spec"]["runPolicy"] = {"suspend": True}
     p = c.step()
     assert c.status["phase"] == "Suspended" and len(p.delete_pods) == 2
+    assert c.status["conditions"][-1]["reason"] == "Suspending", "not yet: the pods are saving their checkpoint"
     c.gone()
-    c.step()
+    # The pods' final reports were seen on watch events only: they were deleted before this reconcile listed them.
+    uri = "s3://ckpt/runs/ml/bert/step-000000045"
+    p = plan(Observed(copy.deepcopy(c.job), [], c.service, c.now,
+                      reports=[TrainerReport("preempted", 45, 45, uri, "2026-11-23T12:20:00Z")]))
+    c.job["status"] = p.status
+    suspended = next(x for x in c.status["conditions"] if x["type"] == "Suspended")
+    assert (suspended["status"], suspended["reason"]) == ("True", "JobSuspended")
+    assert c.status["step"] == 45 and c.status["lastCheckpoint"]["uri"] == uri and uri in c.status["message"]
     c.job["spec"]["runPolicy"] = {"suspend": False}
     c.now += timedelta(hours=1)
     p = c.step()

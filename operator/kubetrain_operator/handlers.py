@@ -16,6 +16,7 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 
 from kubetrain.api import GROUP, PLURAL, VERSION, SpecError, checkpoint_prefix
+from kubetrain.report import TrainerReport
 
 from . import progress
 from .builders import ClusterDefaults, job_from_object
@@ -23,10 +24,13 @@ from .kube import Conflict, Kube
 from .metrics import OperatorMetrics
 from .names import LABEL_ATTEMPT, LABEL_JOB
 from .reconcile import RECHECK_SECONDS, Observed, Plan, Progress, plan
+from .recovery import trainer_report
 
 log = logging.getLogger("kubetrain.operator")
 _locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
 CONFLICT_RETRIES = 5
+# The trainer reports of terminated pods, from watch events, by job and pod uid (see Observed.reports).
+_reports: defaultdict[tuple[str, str], dict[str, TrainerReport]] = defaultdict(dict)
 
 
 def reconcile(memo: kopf.Memo, namespace: str, name: str, scrape: bool = False) -> Plan | None:
@@ -41,6 +45,7 @@ def reconcile(memo: kopf.Memo, namespace: str, name: str, scrape: bool = False) 
                 return None
             now = datetime.now(UTC)
             observed = kube.observe(job, now)
+            observed.reports = list(_reports.get((namespace, name), {}).values())
             if scrape:
                 observed.live = _scrape(observed, memo.defaults)
             decided = plan(observed, memo.defaults)
@@ -118,7 +123,10 @@ def job_changed(memo: kopf.Memo, namespace: str, name: str, **_) -> None:
 
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
-def pod_changed(memo: kopf.Memo, namespace: str, labels: dict, **_) -> None:
+def pod_changed(memo: kopf.Memo, namespace: str, labels: dict, body: kopf.Body, **_) -> None:
+    report = trainer_report(dict(body))
+    if report:  # kept until the job is deleted: one small record per pod that ever terminated with one
+        _reports[(namespace, labels[LABEL_JOB])][body["metadata"]["uid"]] = report
     _guarded(memo, namespace, labels[LABEL_JOB])
 
 
@@ -132,4 +140,5 @@ def recheck(memo: kopf.Memo, namespace: str, name: str, **_) -> None:
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
 def job_deleted(memo: kopf.Memo, namespace: str, name: str, **_) -> None:
+    _reports.pop((namespace, name), None)
     memo.metrics.observe_phase(namespace, name, None)

@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pydantic import ValidationError
 
 from kubetrain.api import CheckpointRef, SpecError, TrainingJob, TrainingJobStatus
+from kubetrain.report import TrainerReport
 
 from . import builders
 from .builders import ClusterDefaults
@@ -43,6 +44,9 @@ class Observed:
     has_service: bool
     now: datetime
     live: Progress | None = None  # scraped from rank 0's /metrics while running
+    # Trainer reports seen on pod watch events: a pod deleted right after it terminated (suspend, restart)
+    # may be gone before a reconcile lists it, and its report is the newest checkpoint.
+    reports: list[TrainerReport] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -154,9 +158,10 @@ class _Builder:
 
 def _progress(b: _Builder, pods: list[dict]) -> None:
     """Newest step and checkpoint: from terminated pods' reports and the live scrape, never backwards."""
+    reports = [*filter(None, map(trainer_report, pods)), *b.obs.reports]
     sources = [Progress(r.step, CheckpointRef(step=r.checkpoint_step, uri=r.checkpoint_uri, time=r.checkpoint_time)
                         if r.checkpoint_step is not None and r.checkpoint_uri else None)
-               for r in filter(None, map(trainer_report, pods))]
+               for r in reports]
     if b.obs.live:
         sources.append(b.obs.live)
     for p in sources:
@@ -307,11 +312,18 @@ def _restarting(b: _Builder, job: TrainingJob, pods: list[dict]) -> Plan:
 
 
 def _suspend(b: _Builder, pods: list[dict]) -> Plan:
-    b.enter("Suspended", "JobSuspended", "runPolicy.suspend is true: pods deleted, training paused at its last checkpoint")
+    """Suspended at once; reason Suspending while pods save their checkpoint, JobSuspended once none is left
+    (then step and lastCheckpoint are final: what a resume starts from)."""
     _progress(b, pods)
     _delete_all(b, pods)
     if pods:
+        b.enter("Suspended", "Suspending", f"runPolicy.suspend is true: stopping {len(pods)} pod(s), each saves "
+                "a checkpoint first")
         b.plan.requeue_after = 1.0
+    else:
+        ckpt = b.status["last_checkpoint"]
+        b.enter("Suspended", "JobSuspended", f"suspended at step {b.status['step'] or 0}: no pod left; resumes from "
+                + (ckpt["uri"] if ckpt else "scratch (no checkpoint yet)"))
     return b.finish()
 
 
