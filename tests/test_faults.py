@@ -186,12 +186,13 @@ def outcome(s: dict) -> str:
 
 # ---------------------------------------------------------------- RELIABILITY.md, written by the suite
 
-SCENARIOS = ["reference", "hostile-jobs", "worker-sigkill", "sigterm-during-upload", "s3-outage", "corrupt-newest",
+SCENARIOS = ["reference", "hostile-jobs", "worker-sigkill", "sigterm-upload", "s3-outage", "corrupt-newest",
              "operator-killed", "api-errors", "three-preemptions", "group-deleted", "node-lost"]
 ROWS: dict[str, dict] = {}
 
 
 def record(scenario: str, fault: str, result: str, steps_lost: int | str, data_lost: str, seconds: float) -> None:
+    assert scenario in SCENARIOS, f"{scenario}: not a row of the table"
     ROWS[scenario] = {"fault": fault, "outcome": result, "steps_lost": steps_lost, "data_lost": data_lost,
                       "seconds": seconds}
 
@@ -252,6 +253,15 @@ def wait_step(cluster: DevCluster, name: str, at_least: int, attempt: int | None
         last = runs[-1].last if runs else 0
         return last if last >= at_least else 0
     return wait_for(f"{name} at step {at_least}" + (f" in attempt {attempt}" if attempt else ""), probe, timeout, cluster)
+
+
+def suspended(cluster: DevCluster, name: str, timeout: float = 120) -> dict:
+    """Suspended with no pod left (reason JobSuspended, not Suspending): the emergency checkpoint is saved."""
+    def probe():
+        s = status(cluster, name)
+        return s.get("phase") == "Suspended" and any(
+            c["type"] == "Suspended" and c["reason"] == "JobSuspended" for c in s.get("conditions", [])) and s
+    return wait_for(f"{name} suspended, no pod left", probe, timeout, cluster)
 
 
 def succeeded(cluster: DevCluster, name: str, timeout: float = 300) -> dict:
@@ -420,11 +430,10 @@ def test_s3_refusing_requests_for_a_minute(cluster, corpus, reference):
                                                                    if s > step_at_end], 120, cluster)
     superseded = metrics_of_rank0(cluster, name).get("kubetrain_checkpoints_superseded_total", 0.0)
     patch_spec(cluster, name, {"runPolicy": {"suspend": True}})
-    final = wait_phase(cluster, name, {"Suspended"}, 120)
+    final = suspended(cluster, name)
     assert (final["restarts"], final["failures"], final["preemptions"]) == (0, 0, 0), final
     v = check_run(cluster, name, reference, steps=None, weights=False, losses=False)  # another LR schedule
-    # status.lastCheckpoint is a complete checkpoint (it can lag: the last live scrape before the suspend)
-    assert final["lastCheckpoint"]["step"] in s3_manifests(cluster, prefix(name))
+    assert final["step"] == final["lastCheckpoint"]["step"] == v.attempts[-1].last, "status: where a resume starts"
     log = v.attempts[0].text
     assert "retrying" in log and "checkpoint failed" not in log
     record(name, f"S3 answers every request of the job with 503 SlowDown for {S3_OUTAGE_SECONDS} s "
@@ -445,7 +454,7 @@ def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_complete_one(c
     wait_step(cluster, name, EVERY + 5)
     wait_for("a periodic checkpoint", lambda: s3_manifests(cluster, prefix(name)), 60, cluster)
     patch_spec(cluster, name, {"runPolicy": {"suspend": True}})  # pods stop gracefully: an emergency checkpoint
-    wait_phase(cluster, name, {"Suspended"}, 120)
+    suspended(cluster, name)
     manifests = s3_manifests(cluster, prefix(name))
     newest = max(manifests)
     assert manifests[newest]["meta"]["reason"] == "preemption"
