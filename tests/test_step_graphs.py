@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 from kubetrain.api import DataSpec
 from kubetrain_trainer.compile import compile_for_training, shapes_of, wants_step_graphs
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]
 DATA = DataSpec.model_validate({"train": "x.jsonl", "maxLength": 128, "maxSamplesPerBatch": 32})
 
 

@@ -19,6 +19,7 @@ captured on first sight; a step with other than one micro-batch falls back to th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -118,46 +119,35 @@ class StepGraphs:
         self.optimizer.zero_grad(set_to_none=True)  # the pool may reuse them: only the graph uses them
         self.graphs[key], self.inputs[key] = graph, inputs
 
+    @contextlib.contextmanager
     def _state_restored_afterwards(self):
-        return _Snapshot(self)
-
-
-class _Snapshot:
-    """Parameters, optimizer state and RNG states as they were; the optimizer made capturable meanwhile."""
-
-    def __init__(self, graphs: StepGraphs):
-        self.g = graphs
-
-    def __enter__(self):
-        g, opt = self.g, self.g.optimizer
-        torch.cuda.synchronize(g.device)
-        self.params = [p.detach().clone() for p in g.params]
-        self.state = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
-                      for p in g.params if opt.state.get(p)}
-        self.rng = torch.get_rng_state(), torch.cuda.get_rng_state(g.device)
-        self.groups = [(group["lr"], group.get("capturable", False)) for group in opt.param_groups]
-        for lr, group in zip(g.lrs, opt.param_groups, strict=True):
+        """Parameters, optimizer state and RNG states as they were; the optimizer made capturable meanwhile."""
+        opt = self.optimizer
+        torch.cuda.synchronize(self.device)
+        params = [p.detach().clone() for p in self.params]
+        state = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+                 for p in self.params if opt.state.get(p)}
+        rng = torch.get_rng_state(), torch.cuda.get_rng_state(self.device)
+        groups = [(group["lr"], group.get("capturable", False)) for group in opt.param_groups]
+        for lr, group in zip(self.lrs, opt.param_groups, strict=True):
             lr.fill_(group["lr"])
             group["lr"], group["capturable"] = lr, True  # in place, so the graph reads what step() fills
-        return self
-
-    def __exit__(self, *exc):
-        g, opt = self.g, self.g.optimizer
-        torch.cuda.synchronize(g.device)
-        for group, (lr, capturable) in zip(opt.param_groups, self.groups, strict=True):
-            group["lr"], group["capturable"] = lr, capturable
-        with torch.no_grad():
-            for p, saved in zip(g.params, self.params, strict=True):
-                p.copy_(saved)
-            for p in g.params:  # in place: the graphs hold these tensors' addresses
-                before = self.state.get(p, {})
-                for k, v in opt.state[p].items():
-                    if torch.is_tensor(v):
-                        v.copy_(before[k]) if k in before else v.zero_()  # absent before: a fresh state is zeros
-        torch.set_rng_state(self.rng[0])
-        torch.cuda.set_rng_state(self.rng[1], g.device)
-        self.params = self.state = None
-        return False
+        try:
+            yield
+        finally:
+            torch.cuda.synchronize(self.device)
+            for group, (lr, capturable) in zip(opt.param_groups, groups, strict=True):
+                group["lr"], group["capturable"] = lr, capturable
+            with torch.no_grad():
+                for p, saved in zip(self.params, params, strict=True):
+                    p.copy_(saved)
+                for p in self.params:  # in place: the graphs hold these tensors' addresses
+                    before = state.get(p, {})
+                    for k, v in opt.state[p].items():
+                        if torch.is_tensor(v):
+                            v.copy_(before[k]) if k in before else v.zero_()  # absent before: a fresh state is zeros
+            torch.set_rng_state(rng[0])
+            torch.cuda.set_rng_state(rng[1], self.device)
 
 
 def one_sample_per_shape(batcher: DeviceBatcher, width: Callable[[int], int]) -> list[list[int]]:
