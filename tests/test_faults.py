@@ -43,6 +43,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.faults]
 STEPS = 80  # every scenario's job, and the reference
 EVERY = 10  # checkpoint.everySteps
 S3_OUTAGE_SECONDS = 60
+# An emergency checkpoint's reason: "periodic" when the signal came at a save step (that save is the emergency one).
+EMERGENCY_REASONS = ("preemption", "periodic")
 TABLE = REPO / "RELIABILITY.md"
 
 
@@ -401,8 +403,7 @@ def test_sigterm_during_a_checkpoint_upload(cluster, corpus, reference):
     v = check_run(cluster, name, reference)
     first = v.attempts[0]
     manifests = s3_manifests(cluster, prefix(name))
-    # the emergency checkpoint landed (a periodic one, if the signal came at a checkpoint step)
-    assert manifests[first.last]["meta"]["reason"] in ("preemption", "periodic")
+    assert manifests[first.last]["meta"]["reason"] in EMERGENCY_REASONS, "the emergency checkpoint landed"
     assert v.steps_lost == 0 and v.attempts[1].resumed == first.last
     record(name, "SIGTERM to rank 0's pod while it uploads a checkpoint (S3 PUTs slowed to 1.5 s each)",
            outcome(final), v.steps_lost, v.data_lost, time.monotonic() - started)
@@ -457,8 +458,7 @@ def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_complete_one(c
     suspended(cluster, name)
     manifests = s3_manifests(cluster, prefix(name))
     newest = max(manifests)
-    # the suspend's emergency checkpoint (or the periodic one, when the signal came at a checkpoint step)
-    assert manifests[newest]["meta"]["reason"] in ("preemption", "periodic")
+    assert manifests[newest]["meta"]["reason"] in EMERGENCY_REASONS, "the suspend's emergency checkpoint"
     key = f"{prefix(name)}step-{newest:09d}/model.pt"
     client = cluster.s3.client()
     body = bytearray(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
@@ -553,9 +553,8 @@ def test_three_preemptions_in_one_run(cluster, corpus, reference):
     assert (final["preemptions"], final["restarts"], final["failures"], final["attempt"]) == (3, 3, 0, 4), final
     v = check_run(cluster, name, reference)
     assert v.steps_lost == 0
-    # each resume point is the previous attempt's emergency checkpoint (periodic when the signal came at a save step)
-    assert all(s3_manifests(cluster, prefix(name))[a.resumed]["meta"]["reason"] in ("preemption", "periodic")
-               for a in v.attempts[1:])
+    assert all(s3_manifests(cluster, prefix(name))[a.resumed]["meta"]["reason"] in EMERGENCY_REASONS
+               for a in v.attempts[1:]), "each resume point is the previous attempt's emergency checkpoint"
     record(name, "three preemptions: `kubectl delete pod` of rank 1, an eviction (Eviction API) of rank 0, "
            "`kubectl delete pod` of rank 0", outcome(final), v.steps_lost, v.data_lost, time.monotonic() - started)
 
