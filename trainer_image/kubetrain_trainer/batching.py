@@ -49,7 +49,6 @@ class DeviceBatcher:
         self.ids = self._padded(encoded.input_ids, width, pad_id)
         self.types = self._padded(encoded.token_type_ids, width, 0) if encoded.token_type_ids else None
         self.labels = np.asarray(encoded.labels, dtype=np.int64) if encoded.labels is not None else None
-        self.pin = device.type == "cuda"
 
     def _padded(self, rows: Sequence[Sequence[int]], width: int, fill: int) -> np.ndarray:
         out = np.full((len(rows), width), fill, dtype=np.int64)
@@ -68,7 +67,7 @@ class DeviceBatcher:
             host["token_type_ids"] = self._rows(self.types, idx, width, rows, 0)
         if self.labels is not None:
             host["labels"] = np.concatenate([self.labels[idx], np.full(rows - len(idx), IGNORE_LABEL, dtype=np.int64)])
-        batch = {k: self._to_device(v) for k, v in host.items()}
+        batch = {k: to_device(v, self.device) for k, v in host.items()}
         lengths_d = batch.pop("lengths")
         batch["attention_mask"] = (torch.arange(width, device=self.device) < lengths_d[:, None]).long()
         return batch
@@ -80,11 +79,14 @@ class DeviceBatcher:
             out = np.concatenate([out, np.full((rows - len(idx), width), fill, dtype=np.int64)])
         return out
 
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(array))
-        if self.pin:
-            t = t.pin_memory()
-        return t.to(self.device, non_blocking=True)
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device`: through pinned memory and a non-blocking copy on CUDA."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 _BATCHERS: dict[tuple, tuple[Encoded, DeviceBatcher]] = {}
