@@ -156,9 +156,16 @@ class DataSpec(_Model):
         16384,
         ge=8,
         le=16 * 2**20,
-        description="Budget per micro-batch, counted as padded tokens (samples x longest sample).",
+        description="Budget per micro-batch, counted as padded tokens (samples x longest sample), or as real "
+                    "tokens with packing.",
     )
     max_samples_per_batch: int | None = Field(None, ge=1, le=2**20)
+    packing: bool = Field(
+        False,
+        description="Lay each micro-batch's samples end to end in one row, with no padding; attention stays inside "
+                    "each sample (variable-length flash attention on GPU, bf16/fp16). For BERT/RoBERTa-style "
+                    "classifiers and causal LMs that use transformers' attention interface (GPT-2, Llama, ...).",
+    )
 
     @model_validator(mode="after")
     def _budget_holds_a_sample(self) -> DataSpec:

@@ -104,32 +104,40 @@ def encode(rows: Sequence[dict], tokenizer, spec: DataSpec, task: str, uri: str,
     return Encoded(ids, None, None)
 
 
-def pack_by_budget(order: Sequence[int], lengths: np.ndarray, max_tokens: int, max_samples: int | None) -> list[list[int]]:
-    """Greedy packing of length-sorted samples: each batch as full as samples x longest <= max_tokens."""
+def pack_by_budget(order: Sequence[int], lengths: np.ndarray, max_tokens: int, max_samples: int | None,
+                   packed: bool = False) -> list[list[int]]:
+    """Greedy batching in `order`: each batch as full as samples x longest <= max_tokens (padded), or
+    as the sum of lengths <= max_tokens (packed: no padding)."""
     batches: list[list[int]] = []
     batch: list[int] = []
-    longest = 0
+    longest = total = 0
     for i in order:
-        longest_if_added = max(longest, int(lengths[i]))
-        full = (len(batch) + 1) * longest_if_added > max_tokens or (max_samples and len(batch) >= max_samples)
+        length = int(lengths[i])
+        longest_if_added, total_if_added = max(longest, length), total + length
+        cost = total_if_added if packed else (len(batch) + 1) * longest_if_added
+        full = cost > max_tokens or (max_samples and len(batch) >= max_samples)
         if batch and full:
             batches.append(batch)
-            batch, longest_if_added = [], int(lengths[i])
+            batch, longest_if_added, total_if_added = [], length, length
         batch.append(int(i))
-        longest = longest_if_added
+        longest, total = longest_if_added, total_if_added
     if batch:
         batches.append(batch)
     return batches
 
 
-def plan_epoch(lengths: np.ndarray, max_tokens: int, max_samples: int | None, seed: int, epoch: int, window_batches: int = 64) -> list[list[int]]:
+def plan_epoch(lengths: np.ndarray, max_tokens: int, max_samples: int | None, seed: int, epoch: int, window_batches: int = 64,
+               packed: bool = False) -> list[list[int]]:
     """The epoch's micro-batches: shuffle, sort by length within windows, pack, shuffle batch order.
 
     Sorting inside windows (not globally) keeps batches random across the epoch while grouping
     similar lengths, so padding stays low; it is the same idea as HF's group_by_length megabatches.
+    Packed batches have no padding, so they are filled in shuffled order, unsorted.
     """
     rng = np.random.Generator(np.random.PCG64([seed, epoch]))
     order = rng.permutation(len(lengths))
+    if packed:
+        return pack_by_budget(order, lengths, max_tokens, max_samples, packed=True)
     mean_len = max(1.0, float(lengths.mean()))
     window = max(1, int(window_batches * max_tokens / mean_len))
     batches = []
@@ -177,7 +185,8 @@ class TrainSchedule:
 
     def plan(self, epoch: int) -> list[list[int]]:
         if epoch not in self._plans:
-            self._plans = {epoch: plan_epoch(self.lengths, self.spec.max_tokens_per_batch, self.spec.max_samples_per_batch, self.seed, epoch)}
+            self._plans = {epoch: plan_epoch(self.lengths, self.spec.max_tokens_per_batch, self.spec.max_samples_per_batch,
+                                             self.seed, epoch, packed=self.spec.packing)}
         return self._plans[epoch]
 
     def steps_in_epoch(self, epoch: int, cursor: int = 0) -> int:
@@ -203,7 +212,7 @@ class TrainSchedule:
         samples = sum(len(b) for b in group)
         tokens = int(sum(self.lengths[i] for b in group for i in b))
         targets = samples if self.task == CLASSIFICATION else tokens - samples
-        padded = sum(len(b) * int(self.lengths[b].max()) for b in group)
+        padded = tokens if self.spec.packing else sum(len(b) * int(self.lengths[b].max()) for b in group)
         mine = group[rank * self.grad_accum : (rank + 1) * self.grad_accum]
         return StepBatches(mine, samples, tokens, max(1, targets), padded, fingerprint(group))
 
