@@ -245,3 +245,23 @@ def test_early_stopping_ends_the_job_and_a_rerun_trains_no_more(corpus, tmp_path
     assert rerun.finish() == 0, rerun.output
     assert rerun.wait_for(r"resumed from \S+ at step (\d+)").group(1) == "4"
     assert not rerun.matches(r"step \d+/12 ")  # no step trained after the stop
+
+
+@pytest.mark.parametrize("task", ["sequence-classification", "causal-lm"])
+def test_packed_batches_train_and_evaluate(task, corpus, tmp_path):
+    """spec.data.packing through the real CLI: the budget counts real tokens, the LM's loss falls, eval runs padded.
+
+    That packed batches compute what padded ones do is tests/test_packing.py's job."""
+    lora = {"model__lora": {"r": 4, "alpha": 8, "targetModules": ["c_attn"]}} if task == "causal-lm" else {}
+    doc = tiny.job_doc("packed", corpus["train"], corpus["eval"], corpus["tokenizer"], str(tmp_path / "ckpt"), task=task,
+                       data__packing=True, training__maxSteps=16, training__evalEverySteps=16, **lora)
+    run = tiny.LocalRun(tiny.write_job(tmp_path / "packed.yaml", doc), env={}, work_dir=tmp_path / "work")
+    assert run.finish() == 0, run.output
+    losses = [float(m.group(1)) for m in run.matches(r"step \d+/16 .*\| loss ([\d.]+) ")]
+    assert len(losses) == 16 and all(math.isfinite(v) for v in losses), losses
+    if task == "causal-lm":
+        assert sum(losses[-4:]) < sum(losses[:4]), losses
+    manifest = json.loads((tmp_path / "ckpt/tests/packed/step-000000016/manifest.json").read_text())
+    state = manifest["meta"]["state"]
+    assert state["tokens_seen"] <= 16 * 512 and state["tokens_seen"] > 16 * 512 * 0.8  # packed to the real-token budget
+    assert math.isfinite(state["last_eval"]["eval_loss"])

@@ -5,7 +5,8 @@
 - "reduce-overhead": the same, and the whole step (forward, backward, clipping, AdamW) is replayed as
   one CUDA graph per batch shape (`graphs.StepGraphs`). One graph per shape, so widths are rounded up
   to a multiple of 8 (cap/16 for long caps) and batches are filled to maxSamplesPerBatch rows (see
-  batching.BatchShapes). One GPU, no gradient accumulation, bf16 or fp32; otherwise "default".
+  batching.BatchShapes; packed rows: packing.PackedShapes). One GPU, no gradient accumulation, bf16 or
+  fp32; otherwise "default".
 Evaluation and checkpoints use the uncompiled module, which shares the parameters.
 """
 
@@ -18,13 +19,16 @@ import torch
 from kubetrain.api import DataSpec
 
 from .batching import BatchShapes
+from .packing import PackedShapes
 
 log = logging.getLogger("kubetrain.compile")
 
 
-def batch_shapes(mode: str, data: DataSpec) -> BatchShapes | None:
+def batch_shapes(mode: str, data: DataSpec) -> BatchShapes | PackedShapes | None:
     if mode == "off":
         return None
+    if data.packing:  # dynamic shapes take any row; graphs want few row lengths and a fixed sample count
+        return PackedShapes(samples=data.max_samples_per_batch or 0, max_segment=data.max_length) if mode == "reduce-overhead" else None
     width_multiple = max(8, data.max_length // 16)
     if mode == "default":
         return BatchShapes(width_multiple=width_multiple)

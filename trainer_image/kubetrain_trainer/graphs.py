@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import numpy as np
 import torch
@@ -148,6 +148,14 @@ class StepGraphs:
                             v.copy_(before[k]) if k in before else v.zero_()  # absent before: a fresh state is zeros
             torch.set_rng_state(rng[0])
             torch.cuda.set_rng_state(rng[1], self.device)
+
+
+def one_batch_per_shape(shape: Callable[[list[int]], Hashable], batches: list[list[int]]) -> list[list[int]]:
+    """The first of `batches` (e.g. an epoch's plan) with each shape: captured up front, none is met later."""
+    first: dict[Hashable, list[int]] = {}
+    for batch in batches:
+        first.setdefault(shape(batch), batch)
+    return list(first.values())
 
 
 def one_sample_per_shape(batcher: DeviceBatcher, width: Callable[[int], int]) -> list[list[int]]:

@@ -26,11 +26,12 @@ from .checkpoint_store import CheckpointStore
 from .compile import compile_for_training, shapes_of, unwrapped, wants_step_graphs
 from .distributed import Runtime, configure_determinism, init_distributed, seed_everything
 from .evaluate import evaluate
-from .graphs import StepGraphs, one_sample_per_shape
+from .graphs import StepGraphs, one_batch_per_shape, one_sample_per_shape
 from .losses import summed_loss
 from .metrics import TrainerMetrics
 from .model import build_model, load_tokenizer
 from .optim import build_optimizer, build_scheduler
+from .packing import PackedBatcher, PackedModel, position_offset
 from .preemption import StopSignal, write_exit_marker
 from .progress import EarlyStopping, ProgressLog
 from .storage import open_storage
@@ -106,15 +107,21 @@ def train(job: TrainingJob, opts: RunOptions) -> int:
     if restored:
         log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", restored.info.uri, state.step, state.epoch, state.cursor)
 
-    ddp = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.world_size > 1 else model
+    # training runs through `ddp` (packed wrapper, DDP, compile as configured); `model` is what is saved and evaluated
+    trained = PackedModel(model, task, max_segment=spec.data.max_length) if spec.data.packing else model
+    ddp = DistributedDataParallel(trained, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.world_size > 1 else trained
     ddp = compile_for_training(ddp, t.compile, spec.data, world_size=rt.world_size, grad_accum=t.gradient_accumulation,
                                device=rt.device, precision=t.precision)
+    if spec.data.packing:
+        batcher = PackedBatcher(train_set, tokenizer.pad_token_id, rt.device, task, position_offset(model), shapes_of(ddp))
+    else:
+        batcher = device_batcher(train_set, tokenizer.pad_token_id, rt.device, shapes_of(ddp))
     graphs = None
     if wants_step_graphs(ddp):  # capture every batch shape now, not as stalls mid-training
         graphs = StepGraphs(ddp, optimizer, task=task, autocast_dtype=AUTOCAST_DTYPES[t.precision],
                             max_grad_norm=t.max_grad_norm, device=rt.device)
-        batcher = device_batcher(train_set, tokenizer.pad_token_id, rt.device, shapes_of(ddp))
-        graphs.prepare(batcher, one_sample_per_shape(batcher, shapes_of(ddp).width))
+        graphs.prepare(batcher, one_batch_per_shape(batcher.shape, schedule.plan(state.epoch)) if spec.data.packing
+                       else one_sample_per_shape(batcher, shapes_of(ddp).width))
     stop = StopSignal().install()
     early = EarlyStopping(t.early_stopping, state)
     progress = ProgressLog(rt, metrics, total_steps, state, model=model)
@@ -145,8 +152,8 @@ def train(job: TrainingJob, opts: RunOptions) -> int:
             continue
         batches = schedule.step(state.epoch, state.cursor, rt.rank)
         started = time.perf_counter()
-        loss_sum, grad_norm = train_step(ddp, optimizer, scaler, train_set, batches, task=task, rt=rt, autocast=autocast,
-                                         max_grad_norm=t.max_grad_norm, pad_id=tokenizer.pad_token_id, graphs=graphs)
+        loss_sum, grad_norm = train_step(ddp, optimizer, scaler, batcher, batches, task=task, rt=rt, autocast=autocast,
+                                         max_grad_norm=t.max_grad_norm, graphs=graphs)
         scheduler.step()
         state.step += 1
         state.cursor += schedule.micro_per_step
@@ -186,17 +193,17 @@ def train(job: TrainingJob, opts: RunOptions) -> int:
     return 0
 
 
-def train_step(ddp, optimizer, scaler, train_set: D.Encoded, batches: D.StepBatches, *, task: str, rt: Runtime,
-               autocast, max_grad_norm: float | None, pad_id: int, graphs: StepGraphs | None = None
+def train_step(ddp, optimizer, scaler, to_device, batches: D.StepBatches, *, task: str, rt: Runtime,
+               autocast, max_grad_norm: float | None, graphs: StepGraphs | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's micro-batches; returns (local loss sum, grad norm) as tensors.
 
     Each micro-batch's summed loss is scaled by world_size / (global targets of the step), so after
     DDP's gradient averaging the update is the exact per-sample (or per-token) mean over the whole
-    step, however unevenly the token budget split the samples.
+    step, however unevenly the token budget split the samples. `to_device` turns a micro-batch's sample
+    indices into the model's inputs (padded or packed).
     """
     scale = rt.world_size / batches.global_targets
-    to_device = device_batcher(train_set, pad_id, rt.device, shapes_of(ddp))
     if graphs is not None and len(batches.micro_batches) == 1:
         return graphs.step(to_device(batches.micro_batches[0]), scale)
     loss_total = torch.zeros((), device=rt.device)

@@ -1,0 +1,121 @@
+"""Packed batches (spec.data.packing) compute what padded batches compute, with no padding fed.
+
+On CPU the packed attention is the block-diagonal mask path; the flash varlen path is checked on a GPU by
+bench/packing_check.py (run from test_step_graphs' CUDA test when a GPU exists).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, RobertaConfig,
+                          RobertaForSequenceClassification)
+
+from kubetrain_trainer.data import CLASSIFICATION, Encoded, collate, pack_by_budget, plan_epoch
+from kubetrain_trainer.losses import summed_loss
+from kubetrain_trainer.packing import PackedBatcher, PackedModel, PackedShapes, PackingError, position_offset
+
+CPU = torch.device("cpu")
+LM = "causal-lm"
+SMALL = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def encoded(task: str, with_types: bool = False) -> Encoded:
+    g = torch.Generator().manual_seed(0)
+    lengths = [3, 17, 9, 2, 30, 12]
+    ids = [torch.randint(5, 90, (n,), generator=g).tolist() for n in lengths]
+    types = [[0] * (n // 2) + [1] * (n - n // 2) for n in lengths] if with_types else None
+    labels = [i % 3 for i in range(len(lengths))] if task == CLASSIFICATION else None
+    return Encoded(ids, types, labels)
+
+
+def models():
+    torch.manual_seed(0)
+    yield "bert", CLASSIFICATION, BertForSequenceClassification(BertConfig(num_labels=3, max_position_embeddings=64, **SMALL)), True
+    yield "roberta", CLASSIFICATION, RobertaForSequenceClassification(
+        RobertaConfig(num_labels=3, max_position_embeddings=66, pad_token_id=1, **SMALL)), False
+    yield "gpt2", LM, GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)), False
+
+
+@pytest.mark.parametrize("shapes", [None, PackedShapes(samples=6, max_segment=32, min_step=16)], ids=["exact", "shaped"])
+@pytest.mark.parametrize("name", ["bert", "roberta", "gpt2"])
+def test_packed_loss_and_gradients_equal_padded(name, shapes):
+    _, task, model, with_types = next(m for m in models() if m[0] == name)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    enc = encoded(task, with_types)
+    indices = [4, 0, 2, 5]
+
+    padded = collate(enc, indices, pad_id=pad)
+    labels = padded.pop("labels", None)
+    want, want_count = summed_loss(model(**padded).logits, padded, labels, task)
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    packed_model = PackedModel(model, task, max_segment=32)
+    batch = PackedBatcher(enc, pad, CPU, task, position_offset(model), shapes)(indices)
+    assert int(batch["input_ids"].ne(pad).sum()) == sum(len(enc.input_ids[i]) for i in indices)  # no pad among samples
+    labels = batch.pop("labels")
+    got, got_count = summed_loss(packed_model(**batch).logits, batch, labels, task)
+    got.backward()
+
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if task != CLASSIFICATION:
+        assert int(got_count) == int(want_count) == sum(len(enc.input_ids[i]) - 1 for i in indices)
+    for n, p in model.named_parameters():
+        if n in want_grads:
+            torch.testing.assert_close(p.grad, want_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_packed_row_layout():
+    enc = encoded(CLASSIFICATION)
+    shapes = PackedShapes(samples=4, max_segment=8, min_step=16)
+    batch = PackedBatcher(enc, 0, CPU, CLASSIFICATION, position_offset=2, shapes=shapes)([0, 2])  # 3 + 9 tokens
+    used = 3 + 9 + 2  # two one-token fillers
+    total = shapes.row_length(used)
+    assert total % 16 == 0 and total > used
+    assert batch["input_ids"].shape == batch["position_ids"].shape == (1, total)
+    cu = batch["cu_seqlens"].tolist()
+    assert cu[:5] == [0, 3, 12, 13, 14] and cu[-1] == total
+    assert len(cu) == 5 + shapes.tail_segments(total) and max(np.diff(cu)) <= 9  # tail pieces at most max_segment
+    assert batch["sample_starts"].tolist() == [0, 3, 12, 13]
+    assert batch["position_ids"][0, :14].tolist() == [2, 3, 4] + list(range(2, 11)) + [2, 2]
+    assert batch["labels"].tolist() == [0, 2, -100, -100]
+    assert batch["cu_seqlens"].dtype == torch.int32
+
+
+def test_row_lengths_are_few_and_segment_count_fixed_per_length():
+    shapes = PackedShapes(samples=256, max_segment=128)
+    lengths = {shapes.row_length(t) for t in range(10_000, 15_000)}
+    assert len(lengths) <= 12 and all(r > 10_000 for r in lengths)
+    assert all(shapes.row_length(t) - t <= max(shapes.min_step, shapes.row_length(t) // 16) for t in range(1, 20_000, 7))
+
+
+def test_lm_targets_stay_inside_each_sample():
+    enc = encoded(LM)
+    batch = PackedBatcher(enc, 0, CPU, LM, position_offset=0)([1, 3])  # 17 + 2 tokens
+    ids, targets = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    assert targets[:16] == ids[1:17] and targets[16] == -100  # no target across the boundary
+    assert targets[17] == ids[18] and targets[18:] == [-100] * (len(targets) - 18)
+
+
+def test_packed_plan_counts_real_tokens():
+    lengths = np.array([10, 50, 20, 40, 30] * 20)
+    batches = pack_by_budget(range(100), lengths, max_tokens=100, max_samples=None, packed=True)
+    assert all(sum(lengths[b]) <= 100 for b in batches)
+    assert sorted(i for b in batches for i in b) == list(range(100))
+    assert [list(b) for b in batches[:2]] == [[0, 1, 2], [3, 4, 5]]  # 80, then 40+30+10
+    plan = plan_epoch(lengths, 100, None, seed=1, epoch=0, packed=True)
+    assert plan == plan_epoch(lengths, 100, None, seed=1, epoch=0, packed=True)
+    assert sorted(i for b in plan for i in b) == list(range(100)) and all(sum(lengths[b]) <= 100 for b in plan)
+
+
+def test_unsupported_model_is_refused():
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32))
+    with pytest.raises(PackingError, match="distilbert"):
+        PackedModel(model, CLASSIFICATION, max_segment=32)
