@@ -7,7 +7,9 @@ token. Labels are learnable from marker words, so eval loss means something. Sid
 - `hf-best`: Trainer, bf16, group_by_length, DataCollatorWithPadding, 2 loader workers, with and
   without torch_compile (both reported; the faster is "best");
 - `kubetrain`: the real training loop (`kubetrain_trainer.loop.train` on a generated TrainingJob),
-  with compile off and with `--kubetrain-compile` (default reduce-overhead).
+  with compile off and with `--kubetrain-compile` (default reduce-overhead);
+- `kubetrain-packed`: the same with `spec.data.packing` (samples end to end, varlen flash attention),
+  compiled as `--kubetrain-compile` (off with --tiny).
 Fairness: every side starts from the same weights (same seed, same constructor), uses fused AdamW,
 lr warmup then linear decay, clip 1.0, and takes `--warmup + --steps` optimizer steps of `--batch`
 samples. kubetrain batches by token budget, so its job sets maxSamplesPerBatch = batch and
@@ -255,7 +257,8 @@ def kubetrain_job(b: Bench, side: str, compile: str, train: Path, evals: Path) -
     a = b.args
     doc = tiny.job_doc(side, train, evals, b.work / "tok", str(b.work / side / "ckpt"))
     doc["spec"]["model"]["config"] = b.model_config
-    doc["spec"]["data"].update(maxLength=a.max_length, maxTokensPerBatch=a.batch * a.max_length, maxSamplesPerBatch=a.batch)
+    doc["spec"]["data"].update(maxLength=a.max_length, maxTokensPerBatch=a.batch * a.max_length, maxSamplesPerBatch=a.batch,
+                               packing=side.endswith("-packed"))
     doc["spec"]["training"].update(maxSteps=b.total_steps, learningRate=LEARNING_RATE, warmupSteps=a.warmup,
                                    schedule="linear", weightDecay=0.0, maxGradNorm=1.0, seed=a.seed,
                                    precision="bf16" if b.device.type == "cuda" else "fp32", logEverySteps=a.warmup,
@@ -397,8 +400,10 @@ def main(argv: list[str] | None = None) -> dict:
         "hf-best-compiled": lambda: run_hf(b, "hf-best-compiled", best=True, compile=True),
         "kubetrain": lambda: run_kubetrain(b, "kubetrain", "off", train_file, eval_file),
         "kubetrain-compiled": lambda: run_kubetrain(b, "kubetrain-compiled", args.kubetrain_compile, train_file, eval_file),
+        "kubetrain-packed": lambda: run_kubetrain(b, "kubetrain-packed", "off" if args.tiny else args.kubetrain_compile,
+                                                  train_file, eval_file),
     }
-    sides = args.sides or ("hf-default,hf-best,kubetrain" if args.tiny else ",".join(runs))
+    sides = args.sides or ("hf-default,hf-best,kubetrain,kubetrain-packed" if args.tiny else ",".join(runs))
     rows = {side: run_side(side, runs[side]) for side in sides.split(",")}
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

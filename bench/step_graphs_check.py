@@ -7,9 +7,11 @@ Runs kubetrain's real training loop in this process on a tiny BERT, bf16, and ch
    run to run: a second uninterrupted run is the control), a run preempted (SIGTERM) mid-way and
    resumed from its emergency checkpoint ends with weights bitwise equal to an uninterrupted run;
 3. graphs were used: the trainer logged its captures.
+With `--packing` every run uses `spec.data.packing`, and a fourth check compares the packed model (varlen
+flash attention) with the padded one (SDPA) on the same samples: loss and gradients, bf16, RoBERTa and GPT-2.
 Prints one JSON line; exits 1 if a check fails. `tests/test_step_graphs.py` runs it where CUDA exists.
 
-    python bench/step_graphs_check.py [--work /tmp/step-graphs] [--steps 24]
+    python bench/step_graphs_check.py [--work /tmp/step-graphs] [--steps 24] [--packing]
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class Lines(logging.Handler):
 
 
 def run(work: Path, name: str, compile: str, steps: int, *, dropout: bool, stop_after: int | None = None,
-        fresh: bool = True, deterministic: bool = False) -> tuple[int, list[str], Path]:
+        fresh: bool = True, deterministic: bool = False, packing: bool = False) -> tuple[int, list[str], Path]:
     """One in-process training run; with stop_after, SIGTERM to ourselves after that many steps."""
     from kubetrain.api import TrainingJob
     from kubetrain_trainer import loop
@@ -55,7 +57,7 @@ def run(work: Path, name: str, compile: str, steps: int, *, dropout: bool, stop_
     doc = tiny.job_doc(name, work / "train.jsonl", work / "eval.jsonl", work / "tok", str(ckpt),
                        model__config=config, data__maxSamplesPerBatch=16, data__maxTokensPerBatch=16 * 64,
                        training__maxSteps=steps, training__precision="bf16", training__compile=compile,
-                       training__evalEverySteps=10**6, training__deterministic=deterministic,
+                       data__packing=packing, training__evalEverySteps=10**6, training__deterministic=deterministic,
                        checkpoint__everySteps=10**6)
     job = TrainingJob.model_validate(doc)
     lines = Lines()
@@ -90,10 +92,58 @@ def final_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(final, map_location="cpu", weights_only=True)
 
 
+def packed_matches_padded() -> dict:
+    """Loss and gradients of one batch, packed (flash varlen) against padded (SDPA), bf16 autocast, no dropout."""
+    from transformers import GPT2Config, GPT2LMHeadModel, RobertaConfig, RobertaForSequenceClassification
+
+    from kubetrain_trainer.data import CLASSIFICATION, Encoded, collate
+    from kubetrain_trainer.losses import summed_loss
+    from kubetrain_trainer.packing import PackedBatcher, PackedModel, position_offset
+
+    cuda, out = torch.device("cuda"), {}
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(2, 129, (24,), generator=g).tolist()
+    ids = [torch.randint(5, 1000, (n,), generator=g).tolist() for n in lengths]
+    torch.manual_seed(0)
+    cases = {
+        "roberta": (CLASSIFICATION, RobertaForSequenceClassification(RobertaConfig(
+            vocab_size=1000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
+            max_position_embeddings=130, pad_token_id=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            num_labels=3))),
+        "gpt2": ("causal-lm", GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_embd=256, n_layer=2, n_head=4, n_positions=128,
+                                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0))),
+    }
+    for name, (task, model) in cases.items():
+        model = model.to(cuda)
+        pad = model.config.pad_token_id
+        enc = Encoded(ids, None, [i % 3 for i in range(len(ids))] if task == CLASSIFICATION else None)
+
+        def loss_and_grads(module, batch):
+            labels = batch.pop("labels", None)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = module(**batch).logits
+            loss, _ = summed_loss(logits, batch, labels, task)
+            loss.backward()
+            grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+            model.zero_grad(set_to_none=True)
+            return float(loss), grads
+
+        want, want_grads = loss_and_grads(model, {k: v.to(cuda) for k, v in collate(enc, range(len(ids)), pad).items()})
+        packed = PackedModel(model, task, max_segment=128)
+        got, got_grads = loss_and_grads(packed, PackedBatcher(enc, pad, cuda, task, position_offset(model))(range(len(ids))))
+        # over all gradients at once: some are exactly zero in exact arithmetic (attention key biases), pure bf16 noise
+        difference = torch.cat([(got_grads[n] - want_grads[n]).flatten() for n in want_grads]).norm()
+        relative = float(difference / torch.cat([g.flatten() for g in want_grads.values()]).norm())
+        out[name] = {"loss_padded": want, "loss_packed": got, "relative_grad_difference": relative,
+                     "ok": abs(got - want) <= 0.01 * abs(want) and relative < 0.02}
+    return {"ok": all(c["ok"] for c in out.values()), **out}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=Path("/tmp/step-graphs"))
     p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--packing", action="store_true", help="packed batches (varlen flash attention) in every run")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("step_graphs_check needs CUDA")
@@ -103,9 +153,12 @@ def main(argv: list[str] | None = None) -> dict:
     tiny.write_corpus(work, n_train=600, n_eval=40)
     tiny.train_tokenizer(work / "tok", work / "train.jsonl")
     checks: dict[str, dict] = {}
+    if args.packing:
+        checks["flash_packed_matches_padded"] = packed_matches_padded()
+    packing = {"packing": args.packing}
 
-    code_a, plain, ckpt_a = run(work, "plain", "default", steps, dropout=False)
-    code_b, graphed, ckpt_b = run(work, "graphed", "reduce-overhead", steps, dropout=False)
+    code_a, plain, ckpt_a = run(work, "plain", "default", steps, dropout=False, **packing)
+    code_b, graphed, ckpt_b = run(work, "graphed", "reduce-overhead", steps, dropout=False, **packing)
     la, lb = losses(plain), losses(graphed)
     wa, wb = final_weights(ckpt_a), final_weights(ckpt_b)
     worst = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
@@ -118,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     checks["graphs_used"] = {"ok": bool(captured) and not any("new batch shape" in line for line in graphed),
                              "log": captured}
 
-    exact = dict(dropout=True, deterministic=True)
+    exact = dict(dropout=True, deterministic=True, **packing)
     code_s, straight, ckpt_s = run(work, "straight", "reduce-overhead", steps, **exact)
     code_c, _, ckpt_c = run(work, "straight-again", "reduce-overhead", steps, **exact)
     control = [k for k, v in final_weights(ckpt_c).items() if not torch.equal(v, final_weights(ckpt_s)[k])]
@@ -134,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         and all(l2[s] == ls[s] for s in l2),
         "exits": [code_s, code_1, code_2], "resumed_at": resumed, "tensors_different": different[:10],
         "losses_after_resume_equal": all(l2[s] == ls[s] for s in l2)}
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": steps,
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": steps, "packing": args.packing,
               "ok": all(c["ok"] for c in checks.values()), "checks": checks}
     print(json.dumps(result))
     return result

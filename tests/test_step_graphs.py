@@ -41,8 +41,9 @@ def test_step_graphs_are_chosen_on_one_gpu_with_fixed_batch_shapes():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device: see BENCHMARKS.md)")
-def test_step_graphs_train_like_plain_compile_and_resume_bitwise(tmp_path):
-    out = subprocess.run([sys.executable, str(REPO / "bench" / "step_graphs_check.py"), "--work", str(tmp_path)],
-                         capture_output=True, text=True, timeout=900)
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_step_graphs_train_like_plain_compile_and_resume_bitwise(tmp_path, packing):
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "step_graphs_check.py"), "--work", str(tmp_path)]
+                         + (["--packing"] if packing else []), capture_output=True, text=True, timeout=900)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["ok"], json.dumps(result["checks"], indent=1)[:4000]
