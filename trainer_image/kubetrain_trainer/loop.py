@@ -109,6 +109,9 @@ def train(job: TrainingJob, opts: RunOptions) -> int:
 
     # training runs through `ddp` (packed wrapper, DDP, compile as configured); `model` is what is saved and evaluated
     trained = PackedModel(model, task, max_segment=spec.data.max_length) if spec.data.packing else model
+    if spec.data.packing and rt.device.type == "cuda" and t.precision == "fp32":
+        log.warning("packing with precision fp32 attends through a dense block mask (memory grows with the row length "
+                    "squared); flash attention needs bf16 or fp16")
     ddp = DistributedDataParallel(trained, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.world_size > 1 else trained
     ddp = compile_for_training(ddp, t.compile, spec.data, world_size=rt.world_size, grad_accum=t.gradient_accumulation,
                                device=rt.device, precision=t.precision)
