@@ -87,6 +87,14 @@ def test_packed_row_layout():
     assert batch["cu_seqlens"].dtype == torch.int32
 
 
+def test_without_a_sample_cap_sample_counts_round_to_multiples():
+    enc = encoded(CLASSIFICATION)
+    batcher = PackedBatcher(enc, 0, CPU, CLASSIFICATION, position_offset=0, shapes=PackedShapes(samples=0, max_segment=32))
+    assert batcher.shape([0, 1, 2])[1] == batcher.shape([0, 1, 2, 3, 4])[1] == 8
+    batch = batcher([0, 1, 2])
+    assert batch["sample_starts"].shape == batch["labels"].shape == (8,) and batch["labels"].tolist()[3:] == [-100] * 5
+
+
 def test_row_lengths_are_few_and_segment_count_fixed_per_length():
     shapes = PackedShapes(samples=256, max_segment=128)
     lengths = {shapes.row_length(t) for t in range(10_000, 15_000)}

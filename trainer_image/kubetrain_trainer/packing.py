@@ -145,14 +145,19 @@ class _Output:
 @dataclass(frozen=True)
 class PackedShapes:
     """Few row shapes for a compiled model: the row is rounded up to a power-of-two step near 1/16 of its
-    length (so about 3 % is tail), and filled to `samples` segments with one-token fillers. The tail is
-    split into segments of at most `max_segment` tokens, their count fixed by the row length (trailing ones
-    may be empty), so flash attention's longest segment stays the data's cap."""
+    length (so about 3 % is tail), and filled with one-token filler samples to `samples` (more samples:
+    to a multiple of `samples_multiple`). The tail is split into segments of at most `max_segment` tokens,
+    their count fixed by the row length (trailing ones may be empty), so flash attention's longest
+    segment stays the data's cap."""
 
     samples: int
     max_segment: int
     fraction: int = 16
     min_step: int = 128
+    samples_multiple: int = 8
+
+    def sample_count(self, samples: int) -> int:
+        return self.samples if samples <= self.samples else -(-samples // self.samples_multiple) * self.samples_multiple
 
     def row_length(self, tokens: int) -> int:
         need = tokens + 1  # at least one tail token
@@ -179,20 +184,21 @@ class PackedBatcher:
                       if encoded.token_type_ids else None)
         self.labels = np.asarray(encoded.labels, dtype=np.int64) if encoded.labels is not None else None
 
-    def shape(self, indices: Sequence[int]) -> int:
-        """The row length a batch gets (what a captured graph is keyed by, with the segment count)."""
-        used = int(self.lengths[np.asarray(indices, dtype=np.int64)].sum()) + self._fillers(len(indices))
-        return self.shapes.row_length(used) if self.shapes else used
+    def shape(self, indices: Sequence[int]) -> tuple[int, int]:
+        """(row length, samples with fillers) of a batch: what its tensors' shapes follow from."""
+        samples = len(indices) + self._fillers(len(indices))
+        used = int(self.lengths[np.asarray(indices, dtype=np.int64)].sum()) + samples - len(indices)
+        return (self.shapes.row_length(used) if self.shapes else used), samples
 
     def _fillers(self, samples: int) -> int:
-        return max(0, self.shapes.samples - samples) if self.shapes else 0
+        return self.shapes.sample_count(samples) - samples if self.shapes else 0
 
     def __call__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         idx = np.asarray(indices, dtype=np.int64)
         fillers = self._fillers(len(idx))
         lengths = np.concatenate([self.lengths[idx], np.ones(fillers, dtype=np.int64)])
         used = int(lengths.sum())
-        total = self.shape(indices)
+        total, _ = self.shape(indices)
         tail = []
         if self.shapes:  # pads after the samples, as segments of at most max_segment tokens (trailing ones empty)
             pieces = self.shapes.tail_segments(total)
