@@ -26,10 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .batching import to_device
+from .batching import IGNORE_LABEL, to_device
 from .data import CLASSIFICATION, Encoded
 
-IGNORE_LABEL = -100
 ATTENTION = "kubetrain_packed"
 # classification heads that read the first token: the encoder's attribute, and how the head is applied
 ROBERTA_STYLE = {"roberta", "xlm-roberta", "camembert"}
@@ -198,7 +197,7 @@ class PackedBatcher:
         fillers = self._fillers(len(idx))
         lengths = np.concatenate([self.lengths[idx], np.ones(fillers, dtype=np.int64)])
         used = int(lengths.sum())
-        total, _ = self.shape(indices)
+        total = self.shapes.row_length(used) if self.shapes else used
         tail = []
         if self.shapes:  # pads after the samples, as segments of at most max_segment tokens (trailing ones empty)
             pieces = self.shapes.tail_segments(total)
