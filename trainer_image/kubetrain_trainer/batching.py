@@ -87,15 +87,3 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
-
-
-_BATCHERS: dict[tuple, tuple[Encoded, DeviceBatcher]] = {}
-
-
-def device_batcher(encoded: Encoded, pad_id: int, device: torch.device, shapes: BatchShapes | None) -> DeviceBatcher:
-    """The split's batcher, built once (padding a split costs about a second per million samples)."""
-    key = (id(encoded), pad_id, str(device), shapes)
-    if key not in _BATCHERS or _BATCHERS[key][0] is not encoded:
-        _BATCHERS.clear()  # one split trains at a time; do not keep old arrays alive
-        _BATCHERS[key] = (encoded, DeviceBatcher(encoded, pad_id, device, shapes))
-    return _BATCHERS[key][1]

@@ -20,7 +20,7 @@ from kubetrain.api import EXIT_PREEMPTED, TrainingJob
 from kubetrain.report import TrainerReport, write_report
 
 from . import data as D
-from .batching import device_batcher
+from .batching import DeviceBatcher
 from .checkpoint import Checkpointer, TrainState, reserve_pinned_memory
 from .checkpoint_store import CheckpointStore
 from .compile import compile_for_training, shapes_of, unwrapped, wants_step_graphs
@@ -118,7 +118,7 @@ def train(job: TrainingJob, opts: RunOptions) -> int:
     if spec.data.packing:
         batcher = PackedBatcher(train_set, tokenizer.pad_token_id, rt.device, task, position_offset(model), shapes_of(ddp))
     else:
-        batcher = device_batcher(train_set, tokenizer.pad_token_id, rt.device, shapes_of(ddp))
+        batcher = DeviceBatcher(train_set, tokenizer.pad_token_id, rt.device, shapes_of(ddp))
     graphs = None
     if wants_step_graphs(ddp):  # capture every batch shape now, not as stalls mid-training
         graphs = StepGraphs(ddp, optimizer, task=task, autocast_dtype=AUTOCAST_DTYPES[t.precision],
