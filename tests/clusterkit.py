@@ -13,7 +13,7 @@ from pathlib import Path
 import polling
 from prometheus import scrape
 import tiny
-from kubetrain.devcluster.cluster import BUCKET, S3_SECRET, DevCluster
+from kubetrain_devcluster.cluster import BUCKET, S3_SECRET, DevCluster
 
 REPO = Path(__file__).resolve().parents[1]
 NS = "default"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetrain.devcluster.s3 import S3Server
+from kubetrain_devcluster.s3 import S3Server
 
 sys.path.insert(0, str(Path(__file__).parent))  # so tests can `import tiny`
 

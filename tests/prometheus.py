@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from kubetrain.devcluster.cluster import ManagedProcess
-from kubetrain.local import free_port
+from kubetrain_devcluster.cluster import ManagedProcess
+from kubetrain.ports import free_port
 
 SETUP_HINT = "install it with scripts/setup-system (Debian's prometheus package)"
 

@@ -1,4 +1,4 @@
-"""The dev-cluster API server (kubetrain.devcluster.apiserver) over real HTTP.
+"""The dev-cluster API server (kubetrain_devcluster.apiserver) over real HTTP.
 
 One server subprocess serves the module (as the dev cluster runs it); the kubernetes client, kubectl
 and a real kopf operator talk to it. Each test works in its own namespace.
@@ -32,8 +32,8 @@ import yaml
 from kubernetes import client, config, watch
 from kubernetes.client import ApiException
 
-from kubetrain.devcluster.apiserver import serve, write_kubeconfig
-from kubetrain.local import free_port
+from kubetrain_devcluster.apiserver import serve, write_kubeconfig
+from kubetrain.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD_FILE = ROOT / "crds" / "trainingjob.yaml"
@@ -53,7 +53,7 @@ def start_server(tmp: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
     """Start the CLI on a free port and wait for its one ready line."""
     port = free_port()
     stderr = (tmp / f"apiserver-{port}.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "kubetrain.devcluster.apiserver", "--port", str(port), *extra],
+    proc = subprocess.Popen([sys.executable, "-m", "kubetrain_devcluster.apiserver", "--port", str(port), *extra],
                             stdout=subprocess.PIPE, stderr=stderr, text=True)
     ready, _, _ = select.select([proc.stdout], [], [], 20)
     assert ready, "the API server did not start within 20 s"

@@ -1,4 +1,4 @@
-"""The local pod executor (kubetrain.devcluster.executor).
+"""The local pod executor (kubetrain_devcluster.executor).
 
 Unit tests for its pure helpers, then end-to-end tests over real HTTP with real processes: the dev API
 server and the executor run as subprocesses, pods are created with the kubernetes client, and the
@@ -26,30 +26,16 @@ import pytest
 
 import polling
 
-from kubetrain.devcluster.executor import (
-    ConfigError,
-    DnsPending,
-    ExecutorOptions,
-    IpAllocator,
-    LaunchContext,
-    PathRewriter,
-    PodExecutor,
-    PodFacts,
-    build_launch,
-    dns_table,
-    exit_code_and_signal,
-    expand_vars,
-    materialize_volumes,
-    merge_conditions,
-    mount_paths,
-    parse_pod_dns_name,
-    parse_quantity,
-    pod_fits_node,
-    resolve_env,
-    substitute_dns,
-    termination_message,
-)
-from kubetrain.local import free_port
+from kubetrain_devcluster.dns import DnsPending, dns_table, parse_pod_dns_name, substitute_dns
+from kubetrain_devcluster.executor import ExecutorOptions, PodExecutor
+from kubetrain_devcluster.ipam import IpAllocator
+from kubetrain_devcluster.launch import LaunchContext, build_launch
+from kubetrain_devcluster.machine import parse_quantity
+from kubetrain_devcluster.podenv import ConfigError, PodFacts, expand_vars, resolve_env
+from kubetrain_devcluster.podstatus import exit_code_and_signal, merge_conditions, termination_message
+from kubetrain_devcluster.scheduling import pod_fits_node
+from kubetrain_devcluster.volumes import PathRewriter, materialize_volumes, mount_paths
+from kubetrain.ports import free_port
 
 # ==================================================================================================
 # pure helpers
@@ -367,7 +353,7 @@ class Cluster:
         self.core = client.CoreV1Api(self.api_client)
 
     def executor_cmd(self, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "kubetrain.devcluster.executor", "--kubeconfig", str(self.kubeconfig),
+        return [sys.executable, "-m", "kubetrain_devcluster.executor", "--kubeconfig", str(self.kubeconfig),
                 "--state-dir", str(self.state_dir), "--log-dir", str(self.log_dir), "--shutdown-grace", "2", *extra]
 
     # ---- reading
@@ -477,12 +463,12 @@ def process_alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """The dev API server and an executor with 3 nodes (label pool=cpu), as subprocesses."""
-    from kubetrain.devcluster.apiserver import write_kubeconfig
+    from kubetrain_devcluster.apiserver import write_kubeconfig
 
     root = tmp_path_factory.mktemp("devcluster")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    api = _start([sys.executable, "-m", "kubetrain.devcluster.apiserver", "--port", str(port), "--log-dir", str(root / "logs")],
+    api = _start([sys.executable, "-m", "kubetrain_devcluster.apiserver", "--port", str(port), "--log-dir", str(root / "logs")],
                  root / "apiserver.out", f"listening on {url}")
     kubeconfig = root / "kubeconfig"
     write_kubeconfig(kubeconfig, url)

@@ -35,7 +35,7 @@ from kubernetes.client.exceptions import ApiException
 from clusterkit import (NS, REPO, assert_operator_calls_granted, create, events, kubectl, make_corpus, newest_step,
                         operator_metrics, patch_spec, pod_logs, pods, rank0_logs, rank0_pod, s3_manifests, status,
                         tiny_job, wait_for, wait_phase)
-from kubetrain.devcluster.cluster import BUCKET, DevCluster
+from kubetrain_devcluster.cluster import BUCKET, DevCluster
 from prometheus import scrape
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.faults]

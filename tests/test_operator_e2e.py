@@ -16,7 +16,7 @@ import pytest
 
 from clusterkit import (NS, REPO, assert_operator_calls_granted, create, events, kubectl, make_corpus, pod_logs, pods,
                         s3_manifests, tiny_job, wait_phase)
-from kubetrain.devcluster.cluster import BUCKET, DevCluster
+from kubetrain_devcluster.cluster import BUCKET, DevCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 

@@ -11,8 +11,8 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from kubetrain.devcluster.s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Server
-from kubetrain.devcluster.s3faults import S3FaultProxy
+from kubetrain_devcluster.s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Server
+from kubetrain_devcluster.s3faults import S3FaultProxy
 
 MiB = 1024 * 1024
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from kubetrain.devcluster.s3 import S3Server
+from kubetrain_devcluster.s3 import S3Server
 
 import tiny
 from prometheus import scrape
-from kubetrain.local import free_port
+from kubetrain.ports import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -47,9 +47,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_dev_cluster(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .devcluster.cluster import run_dev_cluster  # needs the dev extra (kmock, moto, kopf)
+    from kubetrain_devcluster.cluster import run_dev_cluster
 
-    return run_dev_cluster(Path(args.state_dir), args.nodes)
+    return run_dev_cluster(Path(args.state_dir), args.nodes, args.image_root)
 
 
 def cmd_crd(_args: argparse.Namespace) -> int:
@@ -75,9 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     crd = sub.add_parser("crd", help="print the TrainingJob CRD")
     crd.set_defaults(func=cmd_crd)
     dev = sub.add_parser("dev-cluster", help="run an API server, pod executor, operator and S3 on this machine")
-    dev.add_argument("--state-dir", default=".runs/dev-cluster", help="kubeconfig, logs and pod directories")
-    dev.add_argument("--nodes", type=int, default=2, help="simulated nodes")
-    dev.set_defaults(func=cmd_dev_cluster)
+    try:  # a separate distribution (devcluster/), installed by scripts/setup-venv
+        from kubetrain_devcluster.cluster import add_arguments
+    except ImportError:
+        dev.set_defaults(func=lambda _args: sys.exit("kubetrain dev-cluster needs the kubetrain-devcluster package: "
+                                                     "pip install -e devcluster/ (scripts/setup-venv does)"))
+    else:
+        add_arguments(dev)
+        dev.set_defaults(func=cmd_dev_cluster)
     return p
 
 

@@ -9,19 +9,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from .api import EXIT_PREEMPTED, TrainingJob
+from .ports import free_port
 from .torchrun import torchrun_options
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def node_commands(job: TrainingJob, config: Path, trainer_args: list[str], port: int) -> list[list[str]]:

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from ..local import free_port
+from kubetrain.ports import free_port
 
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"

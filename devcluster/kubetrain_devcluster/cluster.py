@@ -21,15 +21,25 @@ import sys
 import time
 from pathlib import Path
 
-from ..local import free_port
+from kubetrain.ports import free_port
+
 from .s3 import ACCESS_KEY, SECRET_KEY, S3Server
 from .s3faults import CONTROL_PATH, S3FaultProxy
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
 IMAGE_ROOT = "/opt/kubetrain"
 BUCKET = "kubetrain"
 S3_SECRET = "s3-creds"
 CHECKPOINT_URI = f"s3://{BUCKET}/checkpoints"
+
+
+def default_image_root(image_root: Path | None = None) -> Path:
+    """What pods see as the trainer image's /opt/kubetrain: a directory holding `examples/` (the given
+    one, else the current directory, e.g. a checkout)."""
+    root = Path(image_root or Path.cwd()).resolve()
+    if not (root / "examples").is_dir():
+        raise SystemExit(f"dev cluster: {root} has no examples/ directory; pass --image-root (the trainer image's "
+                         f"{IMAGE_ROOT}: a kubetrain checkout)")
+    return root
 
 
 class ManagedProcess:
@@ -91,10 +101,10 @@ class ManagedProcess:
 class DevCluster:
     """Start with `with DevCluster(state_dir) as cluster:`; `cluster.kubeconfig` is what kubectl needs."""
 
-    def __init__(self, state_dir: Path, *, nodes: int = 2, image_root: Path = REPO_ROOT,
+    def __init__(self, state_dir: Path, *, nodes: int = 2, image_root: Path | None = None,
                  pod_env: dict[str, str] | None = None, namespace: str = "default"):
         self.state_dir = Path(state_dir).resolve()
-        self.nodes, self.image_root, self.namespace = nodes, image_root, namespace
+        self.nodes, self.image_root, self.namespace = nodes, default_image_root(image_root), namespace
         self.pod_env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                         "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, nodes))), **(pod_env or {})}
         self.kubeconfig = self.state_dir / "kubeconfig"
@@ -149,7 +159,8 @@ class DevCluster:
         self.s3_proxy = S3FaultProxy(self.s3.endpoint).start()
 
     def _start_api(self) -> None:
-        from ..crd import crd_yaml
+        from kubetrain.crd import crd_yaml
+
         from .apiserver import write_kubeconfig
 
         crd = self.state_dir / "trainingjob-crd.yaml"
@@ -157,7 +168,7 @@ class DevCluster:
         port = free_port()
         self.api = ManagedProcess(
             "apiserver",
-            [sys.executable, "-m", "kubetrain.devcluster.apiserver", "--port", str(port),
+            [sys.executable, "-m", "kubetrain_devcluster.apiserver", "--port", str(port),
              "--log-dir", str(self.logs / "pods"), "--crd", str(crd), "--audit-log", str(self.audit_log)],
             self.logs / "apiserver.log", "kubetrain apiserver listening on").start()
         self.api_url = f"http://127.0.0.1:{port}"
@@ -173,7 +184,7 @@ class DevCluster:
             "type": "Opaque"})
 
     def _start_executor(self) -> None:
-        argv = [sys.executable, "-m", "kubetrain.devcluster.executor", "--kubeconfig", str(self.component_kubeconfig("executor")),
+        argv = [sys.executable, "-m", "kubetrain_devcluster.executor", "--kubeconfig", str(self.component_kubeconfig("executor")),
                 "--state-dir", str(self.state_dir / "executor"), "--nodes", str(self.nodes),
                 "--image-root", f"{IMAGE_ROOT}={self.image_root}", "--log-dir", str(self.logs / "pods")]
         for key, value in self.pod_env.items():
@@ -237,7 +248,7 @@ class DevCluster:
         return kubernetes.client.CustomObjectsApi(self.api_client())
 
 
-def run_dev_cluster(state_dir: Path, nodes: int) -> int:
+def run_dev_cluster(state_dir: Path, nodes: int, image_root: Path | None = None) -> int:
     """Foreground: start everything, print how to use it, stop on Ctrl-C / SIGTERM."""
     stop = False
 
@@ -246,7 +257,7 @@ def run_dev_cluster(state_dir: Path, nodes: int) -> int:
         stop = True
 
     kubectl = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or "kubectl"
-    with DevCluster(state_dir, nodes=nodes) as cluster:
+    with DevCluster(state_dir, nodes=nodes, image_root=image_root) as cluster:
         print(f"""kubetrain dev cluster is up ({nodes} nodes). In another shell:
 
   export KUBECONFIG={cluster.kubeconfig}
@@ -270,3 +281,18 @@ Ctrl-C stops everything.""", flush=True)
                     return 1
             time.sleep(0.5)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="kubetrain dev-cluster", description="an API server, pod executor, operator and S3 on this machine")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    return run_dev_cluster(Path(args.state_dir), args.nodes, args.image_root)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--state-dir", default=".runs/dev-cluster", help="kubeconfig, logs and pod directories")
+    p.add_argument("--nodes", type=int, default=2, help="simulated nodes")
+    p.add_argument("--image-root", type=Path, help=f"what pods see as {IMAGE_ROOT} (default: the current directory)")

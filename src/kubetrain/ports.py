@@ -1,0 +1,11 @@
+"""A free TCP port, for local rendezvous and for servers that tests and the dev cluster start."""
+
+from __future__ import annotations
+
+import socket
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
