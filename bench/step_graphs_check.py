@@ -47,6 +47,7 @@ def run(work: Path, name: str, compile: str, steps: int, *, dropout: bool, stop_
     """One in-process training run; with stop_after, SIGTERM to ourselves after that many steps."""
     from kubetrain.api import TrainingJob
     from kubetrain_trainer import loop
+    from kubetrain_trainer.build import RunOptions, build_run
 
     config = dict(tiny.TINY_BERT, hidden_size=64, intermediate_size=128)
     if not dropout:
@@ -75,8 +76,8 @@ def run(work: Path, name: str, compile: str, steps: int, *, dropout: bool, stop_
 
     loop.train_step = train_step
     try:
-        code = loop.train(job, loop.RunOptions(work_dir=work / name / "w", checkpoint_prefix_uri=str(ckpt / "run"),
-                                               metrics_port=None))
+        code = loop.train(build_run(job, RunOptions(work_dir=work / name / "w", checkpoint_prefix_uri=str(ckpt / "run"),
+                                                    metrics_port=None)))
     finally:
         loop.train_step = original
         logger.removeHandler(lines)
@@ -96,9 +97,9 @@ def packed_matches_padded() -> dict:
     """Loss and gradients of one batch, packed (flash varlen) against padded (SDPA), bf16 autocast, no dropout."""
     from transformers import GPT2Config, GPT2LMHeadModel, RobertaConfig, RobertaForSequenceClassification
 
-    from kubetrain_trainer.data import CLASSIFICATION, Encoded, collate
-    from kubetrain_trainer.losses import summed_loss
+    from kubetrain_trainer.data import Encoded, collate
     from kubetrain_trainer.packing import PackedBatcher, PackedModel, position_offset
+    from kubetrain_trainer.tasks import task_for
 
     cuda, out = torch.device("cuda"), {}
     g = torch.Generator().manual_seed(1)
@@ -106,23 +107,23 @@ def packed_matches_padded() -> dict:
     ids = [torch.randint(5, 1000, (n,), generator=g).tolist() for n in lengths]
     torch.manual_seed(0)
     cases = {
-        "roberta": (CLASSIFICATION, RobertaForSequenceClassification(RobertaConfig(
+        "roberta": (task_for("sequence-classification"), RobertaForSequenceClassification(RobertaConfig(
             vocab_size=1000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
             max_position_embeddings=130, pad_token_id=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
             num_labels=3))),
-        "gpt2": ("causal-lm", GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_embd=256, n_layer=2, n_head=4, n_positions=128,
+        "gpt2": (task_for("causal-lm"), GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_embd=256, n_layer=2, n_head=4, n_positions=128,
                                                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0))),
     }
     for name, (task, model) in cases.items():
         model = model.to(cuda)
         pad = model.config.pad_token_id
-        enc = Encoded(ids, None, [i % 3 for i in range(len(ids))] if task == CLASSIFICATION else None)
+        enc = Encoded(ids, None, [i % 3 for i in range(len(ids))] if name == "roberta" else None)
 
         def loss_and_grads(module, batch):
             labels = batch.pop("labels", None)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 logits = module(**batch).logits
-            loss, _ = summed_loss(logits, batch, labels, task)
+            loss, _ = task.summed_loss(logits, batch, labels)
             loss.backward()
             grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
             model.zero_grad(set_to_none=True)

@@ -7,7 +7,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from kubetrain_trainer.batching import BatchShapes, DeviceBatcher
 from kubetrain_trainer.data import Encoded, collate
-from kubetrain_trainer.losses import summed_loss
+from kubetrain_trainer.tasks import task_for
 
 CPU = torch.device("cpu")
 
@@ -52,7 +52,7 @@ def test_filler_rows_add_nothing_to_loss_or_gradients():
         model.zero_grad(set_to_none=True)
         batch = DeviceBatcher(enc, pad_id=0, device=CPU, shapes=shapes)([1, 2, 4])
         labels = batch.pop("labels")
-        loss, _ = summed_loss(model(**batch).logits, batch, labels, "sequence-classification")
+        loss, _ = task_for("sequence-classification").summed_loss(model(**batch).logits, batch, labels)
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 

@@ -14,15 +14,16 @@ from kubetrain_trainer.data import (
     Encoded,
     TrainSchedule,
     collate,
-    label_vocabulary,
     pack_by_budget,
     plan_epoch,
     plan_eval,
     read_rows,
 )
-from kubetrain_trainer.evaluate import classification_metrics
-from kubetrain_trainer.losses import summed_loss
+from kubetrain_trainer.tasks import task_for
+from kubetrain_trainer.tasks.classification import classification_metrics, label_vocabulary
 from kubetrain_trainer.optim import lr_factor
+
+CLASSIFICATION = task_for("sequence-classification")
 
 
 def skewed_lengths(n: int = 2000, seed: int = 0, cap: int = 128) -> np.ndarray:
@@ -72,7 +73,7 @@ def spec(**kw) -> DataSpec:
 def test_schedule_splits_each_step_between_ranks_without_overlap():
     enc = encoded(skewed_lengths(400))
     world, accum = 2, 3
-    schedules = [TrainSchedule(enc, spec(), "sequence-classification", 0, world, accum) for _ in range(world)]
+    schedules = [TrainSchedule(enc, spec(), CLASSIFICATION, 0, world, accum) for _ in range(world)]
     steps = schedules[0].steps_in_epoch(0)
     seen: list[int] = []
     for s in range(steps):
@@ -91,8 +92,8 @@ def test_schedule_splits_each_step_between_ranks_without_overlap():
 def test_data_position_is_world_size_independent():
     """The cursor counts micro-batches, so a restart with another world size continues the same order."""
     enc = encoded(skewed_lengths(400))
-    two = TrainSchedule(enc, spec(), "sequence-classification", 0, 2, 1)
-    four = TrainSchedule(enc, spec(), "sequence-classification", 0, 4, 1)
+    two = TrainSchedule(enc, spec(), CLASSIFICATION, 0, 2, 1)
+    four = TrainSchedule(enc, spec(), CLASSIFICATION, 0, 4, 1)
     order_two = [b for s in range(4) for r in range(2) for b in two.step(0, s * 2, r).micro_batches]
     order_four = [b for s in range(2) for r in range(4) for b in four.step(0, s * 4, r).micro_batches]
     assert order_two == order_four
@@ -100,14 +101,14 @@ def test_data_position_is_world_size_independent():
 
 def test_lm_targets_are_next_tokens():
     enc = Encoded([[1, 2, 3], [4, 5]], None, None)
-    sched = TrainSchedule(enc, spec(budget=128), "causal-lm", 0, 1, 1)
+    sched = TrainSchedule(enc, spec(budget=128), task_for("causal-lm"), 0, 1, 1)
     step = sched.step(0, 0, 0)
     assert (step.global_tokens, step.global_targets) == (5, 3)
 
 
 def test_total_steps_for_fractional_epochs_and_max_steps():
     enc = encoded(skewed_lengths(400))
-    sched = TrainSchedule(enc, spec(), "sequence-classification", 0, 1, 1)
+    sched = TrainSchedule(enc, spec(), CLASSIFICATION, 0, 1, 1)
     per_epoch = [sched.steps_in_epoch(e) for e in range(3)]
     assert sched.total_steps(2, None) == per_epoch[0] + per_epoch[1]
     assert sched.total_steps(2.5, None) == per_epoch[0] + per_epoch[1] + per_epoch[2] // 2
@@ -142,7 +143,7 @@ def test_scaled_micro_batch_sums_equal_the_full_batch_mean_gradient():
     full = model.weight.grad.clone()
     model.zero_grad()
     for part in (slice(0, 7), slice(7, 10)):  # uneven, like token-budget batches
-        loss, _ = summed_loss(model(x[part]), {}, y[part], "sequence-classification")
+        loss, _ = CLASSIFICATION.summed_loss(model(x[part]), {}, y[part])
         (loss / 10).backward()
     assert torch.allclose(model.weight.grad, full, atol=1e-6)
 

@@ -12,17 +12,18 @@ import torch
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, RobertaConfig,
                           RobertaForSequenceClassification)
 
-from kubetrain_trainer.data import CLASSIFICATION, Encoded, collate, pack_by_budget, plan_epoch
-from kubetrain_trainer.losses import summed_loss
+from kubetrain_trainer.data import Encoded, collate, pack_by_budget, plan_epoch
 from kubetrain_trainer.packing import PackedBatcher, PackedModel, PackedShapes, PackingError, position_offset
+from kubetrain_trainer.tasks import task_for
 
 CPU = torch.device("cpu")
-LM = "causal-lm"
+CLASSIFICATION = task_for("sequence-classification")
+LM = task_for("causal-lm")
 SMALL = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
-def encoded(task: str, with_types: bool = False) -> Encoded:
+def encoded(task, with_types: bool = False) -> Encoded:
     g = torch.Generator().manual_seed(0)
     lengths = [3, 17, 9, 2, 30, 12]
     ids = [torch.randint(5, 90, (n,), generator=g).tolist() for n in lengths]
@@ -50,7 +51,7 @@ def test_packed_loss_and_gradients_equal_padded(name, shapes):
 
     padded = collate(enc, indices, pad_id=pad)
     labels = padded.pop("labels", None)
-    want, want_count = summed_loss(model(**padded).logits, padded, labels, task)
+    want, want_count = task.summed_loss(model(**padded).logits, padded, labels)
     want.backward()
     want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -59,7 +60,7 @@ def test_packed_loss_and_gradients_equal_padded(name, shapes):
     batch = PackedBatcher(enc, pad, CPU, task, position_offset(model), shapes)(indices)
     assert int(batch["input_ids"].ne(pad).sum()) == sum(len(enc.input_ids[i]) for i in indices)  # no pad among samples
     labels = batch.pop("labels")
-    got, got_count = summed_loss(packed_model(**batch).logits, batch, labels, task)
+    got, got_count = task.summed_loss(packed_model(**batch).logits, batch, labels)
     got.backward()
 
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -23,7 +23,6 @@ from kubetrain.api import DataSpec
 
 from .storage import read_uri_bytes
 
-CLASSIFICATION = "sequence-classification"
 
 
 class DataError(ValueError):
@@ -32,7 +31,7 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Encoded:
-    """A tokenized split: one entry per sample; labels only for classification."""
+    """A tokenized split: one entry per sample; labels where the task has them (classification)."""
 
     input_ids: list[list[int]]
     token_type_ids: list[list[int]] | None
@@ -67,41 +66,14 @@ def read_rows(uri: str, fmt: str = "auto", *, endpoint: str | None = None, regio
     return rows
 
 
-def label_vocabulary(rows: Sequence[dict], field: str, num_labels: int, uri: str) -> dict[str, int]:
-    """Map raw labels to class ids: integers are taken as ids, strings are numbered in sorted order."""
-    raw = sorted({str(r[field]) for r in rows if field in r})
-    if all(v.lstrip("-").isdigit() for v in raw):
-        ids = {v: int(v) for v in raw}
-    else:
-        ids = {v: i for i, v in enumerate(raw)}
-    bad = [v for v, i in ids.items() if not 0 <= i < num_labels]
-    if bad:
-        raise DataError(f"{uri}: labels {bad[:5]} are outside 0..{num_labels - 1} (spec.model.numLabels={num_labels})")
-    return ids
-
-
-def encode(rows: Sequence[dict], tokenizer, spec: DataSpec, task: str, uri: str, label_ids: dict[str, int] | None) -> Encoded:
-    """Tokenize every row once, truncated to maxLength."""
+def require_fields(rows: Sequence[dict], fields: Sequence[str | None], uri: str) -> None:
+    """Every row has every named field (None: not configured)."""
     if not rows:
         raise DataError(f"{uri}: no rows")
     for n, row in enumerate(rows, start=1):
-        for field in (spec.text_field, spec.text_pair_field, spec.label_field if task == CLASSIFICATION else None):
+        for field in fields:
             if field and field not in row:
                 raise DataError(f"{uri}: row {n}: missing field {field!r} (spec.data)")
-    texts = [str(r[spec.text_field]) for r in rows]
-    pairs = [str(r[spec.text_pair_field]) for r in rows] if spec.text_pair_field else None
-    if task == CLASSIFICATION:
-        out = tokenizer(texts, pairs, truncation=True, max_length=spec.max_length)
-        assert label_ids is not None
-        try:
-            labels = [label_ids[str(r[spec.label_field])] for r in rows]
-        except KeyError as err:
-            raise DataError(f"{uri}: label {err.args[0]!r} not seen in the training data") from None
-        return Encoded(out["input_ids"], out.get("token_type_ids"), labels)
-    # Causal LM: end every document with EOS so the model learns to stop; truncate after adding it.
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids = [(t + eos)[: spec.max_length] for t in tokenizer(texts, add_special_tokens=True)["input_ids"]]
-    return Encoded(ids, None, None)
 
 
 def pack_by_budget(order: Sequence[int], lengths: np.ndarray, max_tokens: int, max_samples: int | None,
@@ -160,7 +132,7 @@ class StepBatches:
     micro_batches: list[list[int]]
     global_samples: int
     global_tokens: int  # real (non-pad) tokens
-    global_targets: int  # loss denominator: samples (classification) or predicted tokens (LM)
+    global_targets: int  # loss denominator (Task.targets): samples, or predicted tokens
     global_padded: int  # tokens fed to the model, pads included
     fingerprint: str = ""  # of the whole step's sample indices in order: data order is auditable from logs
 
@@ -173,7 +145,7 @@ def fingerprint(group: Sequence[Sequence[int]]) -> str:
 class TrainSchedule:
     """Maps a global optimizer step to micro-batches; the checkpointed position is (epoch, cursor)."""
 
-    def __init__(self, encoded: Encoded, spec: DataSpec, task: str, seed: int, world_size: int, grad_accum: int):
+    def __init__(self, encoded: Encoded, spec: DataSpec, task, seed: int, world_size: int, grad_accum: int):
         self.lengths = encoded.lengths
         self.spec, self.task, self.seed = spec, task, seed
         self.world_size, self.grad_accum = world_size, grad_accum
@@ -211,7 +183,7 @@ class TrainSchedule:
         group = self.plan(epoch)[cursor : cursor + self.micro_per_step]
         samples = sum(len(b) for b in group)
         tokens = int(sum(self.lengths[i] for b in group for i in b))
-        targets = samples if self.task == CLASSIFICATION else tokens - samples
+        targets = self.task.targets(samples, tokens)
         padded = tokens if self.spec.packing else sum(len(b) * int(self.lengths[b].max()) for b in group)
         mine = group[rank * self.grad_accum : (rank + 1) * self.grad_accum]
         return StepBatches(mine, samples, tokens, max(1, targets), padded, fingerprint(group))

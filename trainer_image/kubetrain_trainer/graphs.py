@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .batching import DeviceBatcher
-from .losses import summed_loss
+from .tasks import Task
 
 log = logging.getLogger("kubetrain.graphs")
 
@@ -38,7 +38,7 @@ class StepGraphs:
 
     WARMUP_STEPS = 2  # eager runs of a new shape before capture: compile, cuBLAS/autograd lazy init
 
-    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, *, task: str, autocast_dtype,
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, *, task: Task, autocast_dtype,
                  max_grad_norm: float | None, device: torch.device):
         self.module, self.optimizer, self.task, self.device = module, optimizer, task, device
         self.autocast_dtype = autocast_dtype  # None: fp32
@@ -95,7 +95,7 @@ class StepGraphs:
         with torch.autocast("cuda", dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None,
                             cache_enabled=False):  # autocast's weight cache must not outlive a capture
             logits = self.module(**batch).logits
-        loss, _ = summed_loss(logits, batch, labels, self.task)
+        loss, _ = self.task.summed_loss(logits, batch, labels)
         (loss * self.scale).backward()
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()

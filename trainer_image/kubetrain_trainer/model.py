@@ -7,14 +7,14 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from kubetrain.api import ModelSpec
 
 from .storage import open_storage
+from .tasks import Task
 
 log = logging.getLogger("kubetrain.model")
-CLASSIFICATION = "sequence-classification"
 
 
 class ModelSourceError(ValueError):
@@ -55,10 +55,10 @@ def load_tokenizer(spec: ModelSpec, cache_dir: Path, **s3):
     return tokenizer
 
 
-def build_model(spec: ModelSpec, tokenizer, cache_dir: Path, **s3) -> torch.nn.Module:
+def build_model(spec: ModelSpec, task: Task, tokenizer, cache_dir: Path, **s3) -> torch.nn.Module:
     """The model in fp32 (AMP keeps fp32 master weights), with LoRA adapters if asked for."""
-    task_kwargs = {"num_labels": spec.num_labels} if spec.task == CLASSIFICATION else {}
-    auto = AutoModelForSequenceClassification if spec.task == CLASSIFICATION else AutoModelForCausalLM
+    task_kwargs = task.config_kwargs(spec)
+    auto = task.auto_model()
     overrides = dict(spec.config or {})
     if spec.name is not None:
         source = resolve_source(spec.name, cache_dir, **s3)
@@ -73,16 +73,15 @@ def build_model(spec: ModelSpec, tokenizer, cache_dir: Path, **s3) -> torch.nn.M
         config.pad_token_id = tokenizer.pad_token_id
         model = auto.from_config(config, dtype=torch.float32)
     if spec.lora is not None:
-        model = add_lora(model, spec)
+        model = add_lora(model, spec, task)
     return model
 
 
-def add_lora(model: torch.nn.Module, spec: ModelSpec) -> torch.nn.Module:
-    from peft import LoraConfig, TaskType, get_peft_model
+def add_lora(model: torch.nn.Module, spec: ModelSpec, task: Task) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
 
-    task_type = TaskType.SEQ_CLS if spec.task == CLASSIFICATION else TaskType.CAUSAL_LM
     config = LoraConfig(
-        task_type=task_type,  # SEQ_CLS also trains the new classifier head (modules_to_save)
+        task_type=task.peft_task_type,
         r=spec.lora.r,
         lora_alpha=spec.lora.alpha,
         lora_dropout=spec.lora.dropout,

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .batching import IGNORE_LABEL, to_device
-from .data import CLASSIFICATION, Encoded
+from .batching import to_device
+from .data import Encoded
 
 ATTENTION = "kubetrain_packed"
 # classification heads that read the first token: the encoder's attribute, and how the head is applied
@@ -85,15 +85,12 @@ def hf_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def check_packable(model: torch.nn.Module, task: str) -> None:
+def check_packable(model: torch.nn.Module, task) -> None:
     inner = hf_model(model)
-    kind = inner.config.model_type
-    if task == CLASSIFICATION and kind not in ROBERTA_STYLE | BERT_STYLE:
-        raise PackingError(f"spec.data.packing: sequence classification packs {sorted(ROBERTA_STYLE | BERT_STYLE)} "
-                           f"models, not {kind!r}; set packing: false")
+    task.check_packable(inner.config.model_type)
     if not getattr(type(inner), "_supports_attention_backend", False):
-        raise PackingError(f"spec.data.packing: {kind!r} does not use transformers' attention interface; "
-                           "set packing: false")
+        raise PackingError(f"spec.data.packing: {inner.config.model_type!r} does not use transformers' attention "
+                           "interface; set packing: false")
 
 
 def position_offset(model: torch.nn.Module) -> int:
@@ -103,13 +100,13 @@ def position_offset(model: torch.nn.Module) -> int:
 
 
 class PackedModel(torch.nn.Module):
-    """Forward over a packed row; returns an object with `.logits` like a transformers model.
+    """Forward over a packed row through the task (`Task.packed_forward`); returns an object with `.logits`.
 
     Classification: logits [samples + filler, labels] from each segment's first token. Causal LM:
     logits [1, T, vocab]. The parameters are the wrapped model's (checkpoints and evaluation use it).
     """
 
-    def __init__(self, model: torch.nn.Module, task: str, max_segment: int):
+    def __init__(self, model: torch.nn.Module, task, max_segment: int):
         super().__init__()
         check_packable(model, task)
         _register_attention()
@@ -120,21 +117,11 @@ class PackedModel(torch.nn.Module):
         varlen = {"cu_seq_lens_q": cu_seqlens, "max_length_q": self.max_segment}
         if token_type_ids is not None:
             varlen["token_type_ids"] = token_type_ids
-        if self.task != CLASSIFICATION:
-            return self.model(input_ids=input_ids, position_ids=position_ids, **varlen)
-        inner = hf_model(self.model)
-        encoder = getattr(inner, inner.base_model_prefix)
-        hidden = encoder(input_ids=input_ids, position_ids=position_ids, **varlen).last_hidden_state
-        first = hidden[0].index_select(0, sample_starts)[:, None, :]  # [samples and fillers, 1, hidden]
-        if inner.config.model_type in ROBERTA_STYLE:
-            logits = inner.classifier(first)
-        else:
-            logits = inner.classifier(inner.dropout(encoder.pooler(first)))
-        return _Output(logits)
+        return self.task.packed_forward(self.model, input_ids, position_ids, sample_starts, varlen)
 
 
 @dataclass
-class _Output:
+class PackedOutput:
     logits: torch.Tensor
 
 
@@ -171,7 +158,7 @@ class PackedShapes:
 class PackedBatcher:
     """Turns a micro-batch's sample indices into one packed row on `device` (see the module docstring)."""
 
-    def __init__(self, encoded: Encoded, pad_id: int, device: torch.device, task: str, position_offset: int,
+    def __init__(self, encoded: Encoded, pad_id: int, device: torch.device, task, position_offset: int,
                  shapes: PackedShapes | None = None):
         self.device, self.pad_id, self.task, self.offset = device, pad_id, task, position_offset
         self.shapes = shapes
@@ -214,11 +201,6 @@ class PackedBatcher:
             types = np.zeros(total, dtype=np.int64)
             types[: len(gather)] = self.types[gather]
             host["token_type_ids"] = types[None]
-        if self.task == CLASSIFICATION:
-            host["labels"] = np.concatenate([self.labels[idx], np.full(fillers, IGNORE_LABEL, dtype=np.int64)])
-        else:  # the next token inside the same sample; none after a sample's last token, fillers or the tail
-            targets = np.full(total, IGNORE_LABEL, dtype=np.int64)
-            targets[: len(gather) - 1] = ids[1 : len(gather)]
-            targets[cu[1 : len(idx) + 1] - 1] = IGNORE_LABEL
-            host["labels"] = targets[None]
+        sample_labels = self.labels[idx] if self.labels is not None else None
+        host["labels"] = self.task.packed_labels(ids, sample_labels, cu, len(idx), fillers, used)
         return {k: to_device(v, self.device) for k, v in host.items()}
