@@ -17,7 +17,7 @@ maxTokensPerBatch = batch x max_length: every micro-batch holds `batch` samples 
 each length-sorting window (so its mean is a hair under), and it reports its actual samples/s.
 Timed: the `--steps` steps after `--warmup` (compilation, CUDA-graph capture), bracketed by device
 syncs. Real tokens are non-pad tokens. MFU = 6N x real tokens/s / the GPU's bf16 peak (N and peak
-from kubetrain_trainer.progress). Eval loss: per-sample mean cross-entropy on the same held-out set,
+from kubetrain_trainer.step_log). Eval loss: per-sample mean cross-entropy on the same held-out set,
 computed by the same function for every side (kubetrain's from its final checkpoint).
 
     python bench/hf_compare.py [--batch 32] [--max-length 128] [--steps 300] [--warmup 100] [--out r.json]
@@ -150,14 +150,15 @@ class Bench:
         from kubetrain.api import ModelSpec
         from kubetrain_trainer.distributed import seed_everything
         from kubetrain_trainer.model import build_model
+        from kubetrain_trainer.tasks import task_for
 
         seed_everything(self.args.seed)
         spec = ModelSpec.model_validate({"config": self.model_config, "tokenizer": str(self.work / "tok"),
                                          "task": "sequence-classification", "numLabels": 2})
-        return build_model(spec, self.tokenizer, self.work / "cache")
+        return build_model(spec, task_for(spec.task), self.tokenizer, self.work / "cache")
 
     def result(self, side: str, *, tokens: float, samples: float, seconds: float, model, peak_gib, extra=None) -> dict:
-        from kubetrain_trainer.progress import model_flops_per_token, peak_flops
+        from kubetrain_trainer.step_log import model_flops_per_token, peak_flops
 
         tokens_s = tokens / seconds
         peak = peak_flops(self.device)
@@ -318,7 +319,8 @@ def profiled_steps(b: Bench, side: str, count: int = 20):
 
 def run_kubetrain(b: Bench, side: str, compile: str, train: Path, evals: Path) -> dict:
     from kubetrain.api import TrainingJob
-    from kubetrain_trainer.loop import RunOptions, train as train_loop
+    from kubetrain_trainer.build import RunOptions, build_run
+    from kubetrain_trainer.loop import train as train_loop
 
     fresh_side(b, side)
     job = TrainingJob.model_validate(kubetrain_job(b, side, compile, train, evals))
@@ -328,8 +330,8 @@ def run_kubetrain(b: Bench, side: str, compile: str, train: Path, evals: Path) -
     trainer_log.setLevel(logging.INFO)
     try:
         with profiled_steps(b, side):
-            code = train_loop(job, RunOptions(work_dir=b.work / side / "w", checkpoint_prefix_uri=str(b.work / side / "ckpt" / "run"),
-                                              metrics_port=None))
+            code = train_loop(build_run(job, RunOptions(work_dir=b.work / side / "w",
+                                                        checkpoint_prefix_uri=str(b.work / side / "ckpt" / "run"), metrics_port=None)))
     finally:
         trainer_log.removeHandler(steps)
     peak = peak_memory_gib(b.device)

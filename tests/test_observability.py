@@ -199,7 +199,7 @@ def test_model_flops_per_token_counts_matmul_weights_six_n_and_about_four_n_with
     import peft
     import transformers
 
-    from kubetrain_trainer.progress import model_flops_per_token
+    from kubetrain_trainer.step_log import model_flops_per_token
 
     bert = transformers.BertForSequenceClassification(transformers.BertConfig(
         vocab_size=300, num_labels=2, **{k: v for k, v in tiny.TINY_BERT.items() if k != "model_type"}))
@@ -218,36 +218,36 @@ def test_model_flops_per_token_counts_matmul_weights_six_n_and_about_four_n_with
 
 
 def test_peak_flops_knows_a100_h100_h200_and_nothing_else(monkeypatch):
-    from kubetrain_trainer import progress
+    from kubetrain_trainer import step_log
 
     cuda = torch.device("cuda", 0)
     cases = {"NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA H100 80GB HBM3": 989.5e12, "NVIDIA H100 PCIe": 756.5e12,
              "NVIDIA H100 NVL": 835.5e12, "NVIDIA H200": 989.5e12, "NVIDIA H200 NVL": 835.5e12,
              "Tesla T4": None, "NVIDIA GeForce RTX 4090": None}
-    monkeypatch.delenv(progress.PEAK_TFLOPS_ENV, raising=False)
+    monkeypatch.delenv(step_log.PEAK_TFLOPS_ENV, raising=False)
     for name, peak in cases.items():
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda _d, name=name: name)
-        assert progress.peak_flops(cuda) == ((name, peak) if peak else None), name
-    assert progress.peak_flops(torch.device("cpu")) is None
-    monkeypatch.setenv(progress.PEAK_TFLOPS_ENV, "2.5")
-    assert progress.peak_flops(torch.device("cpu")) == ("cpu", 2.5e12)
+        assert step_log.peak_flops(cuda) == ((name, peak) if peak else None), name
+    assert step_log.peak_flops(torch.device("cpu")) is None
+    monkeypatch.setenv(step_log.PEAK_TFLOPS_ENV, "2.5")
+    assert step_log.peak_flops(torch.device("cpu")) == ("cpu", 2.5e12)
 
 
 @pytest.mark.parametrize("peak", [None, "0.5"])
 def test_progress_sets_model_flops_and_mfu_only_where_the_peak_is_known(peak, monkeypatch):
-    from kubetrain_trainer import progress
-    from kubetrain_trainer.checkpoint import TrainState
+    from kubetrain_trainer import step_log
+    from kubetrain_trainer.checkpoint_state import TrainState
     from kubetrain_trainer.data import StepBatches
     from kubetrain_trainer.distributed import Runtime
     from kubetrain_trainer.metrics import TrainerMetrics
 
     if peak:
-        monkeypatch.setenv(progress.PEAK_TFLOPS_ENV, peak)
+        monkeypatch.setenv(step_log.PEAK_TFLOPS_ENV, peak)
     else:
-        monkeypatch.delenv(progress.PEAK_TFLOPS_ENV, raising=False)
+        monkeypatch.delenv(step_log.PEAK_TFLOPS_ENV, raising=False)
     model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 3))  # 15 matmul parameters
     metrics = TrainerMetrics()
-    log = progress.ProgressLog(Runtime(0, 0, 2, torch.device("cpu")), metrics, total_steps=10, state=TrainState(),
+    log = step_log.StepLog(Runtime(0, 0, 2, torch.device("cpu")), metrics, total_steps=10, state=TrainState(),
                                model=model)
     batches = StepBatches([[0]], global_samples=4, global_tokens=1000, global_targets=4, global_padded=1200)
     log.record(batches, torch.tensor(2.0), torch.tensor(1.0), 0.1)
@@ -346,8 +346,8 @@ def wait_for(what: str, probe, timeout: float, stack: Stack | None = None):
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    from kubetrain.devcluster.cluster import DevCluster
-    from kubetrain.local import free_port
+    from kubetrain_devcluster.cluster import DevCluster
+    from kubetrain.ports import free_port
 
     work = tmp_path_factory.mktemp("observability")
     train, evals = tiny.write_corpus(work, n_train=200, n_eval=40)

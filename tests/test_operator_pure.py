@@ -11,11 +11,12 @@ import pytest
 import yaml
 
 from kubetrain.api import EXIT_PREEMPTED, SpecError, parse_training_job
-from kubetrain.report import TrainerReport
+from kubetrain.termination import TrainerReport
 from kubetrain_operator import builders
 from kubetrain_operator.builders import ClusterDefaults
 from kubetrain_operator.names import LABEL_ATTEMPT, LABEL_JOB, LABEL_RANK
-from kubetrain_operator.reconcile import Observed, plan
+from kubetrain_operator.reconcile import plan
+from kubetrain_operator.records import Observed
 from kubetrain_operator.recovery import classify
 
 T0 = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kubetrain.api import DataSpec
-from kubetrain_trainer.compile import compile_for_training, shapes_of, wants_step_graphs
+from kubetrain_trainer.compile import compile_for_training
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = DataSpec.model_validate({"train": "x.jsonl", "maxLength": 128, "maxSamplesPerBatch": 32})
@@ -26,18 +26,18 @@ DATA = DataSpec.model_validate({"train": "x.jsonl", "maxLength": 128, "maxSample
 def test_step_graphs_fall_back_to_plain_compile_where_they_cannot_apply(device, world_size, grad_accum, precision):
     compiled = compile_for_training(torch.nn.Linear(2, 2), "reduce-overhead", DATA, world_size=world_size,
                                     grad_accum=grad_accum, device=torch.device(device), precision=precision)
-    assert not wants_step_graphs(compiled)
-    assert shapes_of(compiled).rows == 1, "plain compile: batches keep their own row count"
+    assert not compiled.step_graphs
+    assert compiled.shapes.rows == 1, "plain compile: batches keep their own row count"
 
 
 def test_step_graphs_are_chosen_on_one_gpu_with_fixed_batch_shapes():
     compiled = compile_for_training(torch.nn.Linear(2, 2), "reduce-overhead", DATA, world_size=1, grad_accum=1,
                                     device=torch.device("cuda"), precision="bf16")
-    assert wants_step_graphs(compiled)
-    shapes = shapes_of(compiled)
+    assert compiled.step_graphs
+    shapes = compiled.shapes
     assert (shapes.rows, shapes.width_multiple) == (32, 8) and shapes.width(41) == 48
     assert compile_for_training(torch.nn.Linear(2, 2), "off", DATA, world_size=1, grad_accum=1,
-                                device=torch.device("cuda"), precision="bf16").__class__ is torch.nn.Linear
+                                device=torch.device("cuda"), precision="bf16").module.__class__ is torch.nn.Linear
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device: see BENCHMARKS.md)")

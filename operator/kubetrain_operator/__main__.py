@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # kopf logs every handler run at INFO; our own log and Events say what matters
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    from . import handlers  # noqa: F401  (registers the kopf handlers)
+    from .handlers import JobRegistry  # importing the module registers the kopf handlers
 
     try:
         kubernetes.config.load_incluster_config()
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics.serve(args.metrics_port, args.metrics_addr)
     ports = tuple(int(x) for x in args.rendezvous_port_range.split("-")) if args.rendezvous_port_range else None
     defaults = ClusterDefaults(args.default_checkpoint_uri, args.default_s3_secret, args.default_s3_endpoint, ports)
-    memo = kopf.Memo(kube=Kube(), metrics=metrics, defaults=defaults)
+    memo = kopf.Memo(kube=Kube(), metrics=metrics, defaults=defaults, jobs=JobRegistry())
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
     asyncio.run(kopf.operator(
         standalone=True,  # one replica (the chart's Deployment uses strategy Recreate)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import yaml
 
 from kubetrain.api import API_VERSION, KIND, SpecError, TrainingJob, parse_training_job
-from kubetrain.report import TERMINATION_MESSAGE_ENV
+from kubetrain.termination import TERMINATION_MESSAGE_ENV
 from kubetrain.torchrun import RDZV_PORT, torchrun_options
 
 from . import names as N

@@ -1,7 +1,8 @@
 """kopf glue: every trigger -- the job changed, one of its pods changed, a timer -- runs one reconcile.
 
-The decision is `reconcile.plan` (pure); `kube.Kube` reads and writes. Reconciles of one job are
-serialized by a lock, so a pod event and the timer never act on the same job at once.
+The decision is `reconcile.plan` (pure); `kube.Kube` reads and writes. Per-job state lives in the
+operator's kopf memo (`JobRegistry`): a lock per job, so a pod event and the timer never act on the
+same job at once, and the trainer reports seen on pod watch events.
 """
 
 from __future__ import annotations
@@ -10,34 +11,47 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import kopf
 from kubernetes.client.exceptions import ApiException
 
 from kubetrain.api import GROUP, PLURAL, VERSION, SpecError, checkpoint_prefix
-from kubetrain.report import TrainerReport
+from kubetrain.termination import TrainerReport
 
-from . import progress
+from . import live_progress
 from .builders import ClusterDefaults, job_from_object
 from .kube import Conflict, Kube
 from .metrics import OperatorMetrics
 from .names import LABEL_ATTEMPT, LABEL_JOB
-from .reconcile import RECHECK_SECONDS, Observed, Plan, Progress, plan
+from .reconcile import RECHECK_SECONDS, plan
+from .records import Observed, Plan, Progress
 from .recovery import trainer_report
 
 log = logging.getLogger("kubetrain.operator")
-_locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
 CONFLICT_RETRIES = 5
-# The trainer reports of terminated pods, from watch events, by job and pod uid (see Observed.reports).
-_reports: defaultdict[tuple[str, str], dict[str, TrainerReport]] = defaultdict(dict)
+JobKey = tuple[str, str]  # (namespace, name)
+
+
+@dataclass
+class JobRegistry:
+    """The operator's per-job state, kept in its kopf memo (`memo.jobs`), dropped when the job is deleted."""
+
+    locks: defaultdict[JobKey, threading.Lock] = field(default_factory=lambda: defaultdict(threading.Lock))
+    # The trainer reports of terminated pods, from watch events, by job and pod uid (see Observed.reports).
+    reports: defaultdict[JobKey, dict[str, TrainerReport]] = field(default_factory=lambda: defaultdict(dict))
+
+    def forget(self, key: JobKey) -> None:
+        self.reports.pop(key, None)  # the lock stays: a reconcile of the deleted job may still hold it
 
 
 def reconcile(memo: kopf.Memo, namespace: str, name: str, scrape: bool = False) -> Plan | None:
     """Read, plan, apply; again on a write conflict. Returns the applied plan (None: job gone)."""
     kube: Kube = memo.kube
     metrics: OperatorMetrics = memo.metrics
-    with _locks[(namespace, name)], metrics.reconcile_seconds.time():
+    jobs: JobRegistry = memo.jobs
+    with jobs.locks[(namespace, name)], metrics.reconcile_seconds.time():
         for _ in range(CONFLICT_RETRIES):
             job = kube.get_job(namespace, name)
             if job is None:
@@ -45,7 +59,7 @@ def reconcile(memo: kopf.Memo, namespace: str, name: str, scrape: bool = False) 
                 return None
             now = datetime.now(UTC)
             observed = kube.observe(job, now)
-            observed.reports = list(_reports.get((namespace, name), {}).values())
+            observed.reports = list(jobs.reports.get((namespace, name), {}).values())
             if scrape:
                 observed.live = _scrape(observed, memo.defaults)
             decided = plan(observed, memo.defaults)
@@ -72,7 +86,7 @@ def _scrape(observed: Observed, defaults: ClusterDefaults) -> Progress | None:
     ips = [p["status"]["podIP"] for p in observed.pods
            if p["metadata"].get("labels", {}).get(LABEL_ATTEMPT) == attempt and p.get("status", {}).get("podIP")]
     prefix = checkpoint_prefix(job.spec.checkpoint.uri, meta.namespace, meta.name)
-    return progress.scrape(ips, job.spec.metrics.port, prefix)
+    return live_progress.scrape(ips, job.spec.metrics.port, prefix)
 
 
 def _count(metrics: OperatorMetrics, job: dict, decided: Plan) -> None:
@@ -126,7 +140,7 @@ def job_changed(memo: kopf.Memo, namespace: str, name: str, **_) -> None:
 def pod_changed(memo: kopf.Memo, namespace: str, labels: dict, body: kopf.Body, **_) -> None:
     report = trainer_report(dict(body))
     if report:  # kept until the job is deleted: one small record per pod that ever terminated with one
-        _reports[(namespace, labels[LABEL_JOB])][body["metadata"]["uid"]] = report
+        memo.jobs.reports[(namespace, labels[LABEL_JOB])][body["metadata"]["uid"]] = report
     _guarded(memo, namespace, labels[LABEL_JOB])
 
 
@@ -140,5 +154,5 @@ def recheck(memo: kopf.Memo, namespace: str, name: str, **_) -> None:
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
 def job_deleted(memo: kopf.Memo, namespace: str, name: str, **_) -> None:
-    _reports.pop((namespace, name), None)
+    memo.jobs.forget((namespace, name))
     memo.metrics.observe_phase(namespace, name, None)

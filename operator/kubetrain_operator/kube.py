@@ -14,9 +14,10 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 from kubetrain.api import GROUP, KIND, PLURAL, VERSION, API_VERSION
+from kubetrain.contracts import timestamp
 
 from .names import job_selector
-from .reconcile import Observed, Plan, timestamp
+from .records import Observed, Plan
 
 log = logging.getLogger("kubetrain.operator")
 

@@ -6,8 +6,11 @@ import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from kubetrain.contracts import OperatorMetric as M
+from kubetrain.contracts import Phase
+
 ERROR_KINDS = ("conflict", "api", "internal")
-PHASES = ("Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
+PHASES = tuple(Phase)
 RESTART_REASONS = ("preemption", "failure")
 
 
@@ -15,13 +18,13 @@ class OperatorMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.jobs = Gauge("kubetrain_operator_jobs", "TrainingJobs by phase", ["phase"], registry=r)
-        self.restarts = Counter("kubetrain_operator_restarts_total", "Group restarts, by cause", ["reason"], registry=r)
-        self.preemptions = Counter("kubetrain_operator_preemptions_total", "Group restarts caused by a preemption", registry=r)
-        self.reconcile_seconds = Histogram("kubetrain_operator_reconcile_duration_seconds", "Time per reconcile",
+        self.jobs = Gauge(M.JOBS, "TrainingJobs by phase", ["phase"], registry=r)
+        self.restarts = Counter(M.RESTARTS, "Group restarts, by cause", ["reason"], registry=r)
+        self.preemptions = Counter(M.PREEMPTIONS, "Group restarts caused by a preemption", registry=r)
+        self.reconcile_seconds = Histogram(M.RECONCILE_DURATION, "Time per reconcile",
                                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
-        self.errors = Counter("kubetrain_operator_reconcile_errors_total", "Reconciles that raised", ["kind"], registry=r)
-        self.transitions = Counter("kubetrain_operator_phase_transitions_total", "Phase transitions", ["phase"], registry=r)
+        self.errors = Counter(M.RECONCILE_ERRORS, "Reconciles that raised", ["kind"], registry=r)
+        self.transitions = Counter(M.PHASE_TRANSITIONS, "Phase transitions", ["phase"], registry=r)
         self._phases: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
         # Every known label value exported from the start, at 0: increase()/rate() then see the first

@@ -12,67 +12,20 @@ which resumes from the newest checkpoint. Preemptions are free; failures count a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from pydantic import ValidationError
 
 from kubetrain.api import CheckpointRef, SpecError, TrainingJob, TrainingJobStatus
-from kubetrain.report import TrainerReport
+from kubetrain.contracts import TERMINAL_PHASES, Phase, Reason, parse_timestamp, timestamp
 
 from . import builders
 from .builders import ClusterDefaults
 from .names import LABEL_ATTEMPT, LABEL_RANK, pod_name
+from .records import Event, Observed, Plan, Progress
 from .recovery import PodOutcome, classify, disruption, trainer_report
 
-TERMINAL = ("Succeeded", "Failed")
 RECHECK_SECONDS = 5.0
-
-
-@dataclass(frozen=True)
-class Progress:
-    """What the trainer says about itself (termination message or a /metrics scrape)."""
-
-    step: int | None = None
-    checkpoint: CheckpointRef | None = None
-
-
-@dataclass
-class Observed:
-    job: dict  # the TrainingJob as the API returns it
-    pods: list[dict]  # every pod labelled with the job's name
-    has_service: bool
-    now: datetime
-    live: Progress | None = None  # scraped from rank 0's /metrics while running
-    # Trainer reports seen on pod watch events: a pod deleted right after it terminated (suspend, restart)
-    # may be gone before a reconcile lists it, and its report is the newest checkpoint.
-    reports: list[TrainerReport] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Event:
-    type: str  # Normal | Warning
-    reason: str
-    message: str
-
-
-@dataclass
-class Plan:
-    create: list[dict] = field(default_factory=list)  # in order: ConfigMap, Service, Pods
-    replace_config: dict | None = None  # a new attempt runs the current spec
-    delete_pods: list[dict] = field(default_factory=list)  # pods (uid preconditions) to delete gracefully
-    status: dict | None = None  # the full new status, or None if unchanged
-    events: list[Event] = field(default_factory=list)
-    delete_job: bool = False  # ttlSecondsAfterFinished passed
-    requeue_after: float | None = None
-
-
-def timestamp(now: datetime) -> str:
-    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(value: str | None) -> datetime | None:
-    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC) if value else None
 
 
 def current_status(job: dict) -> TrainingJobStatus:
@@ -96,8 +49,8 @@ def pod_rank(pod: dict) -> int:
         return -1
 
 
-class _Builder:
-    """Accumulates the new status and the plan for one reconcile."""
+class Decision:
+    """What one reconcile decides, accumulated: the new status (conditions, Events) and the plan."""
 
     def __init__(self, obs: Observed, defaults: ClusterDefaults):
         self.obs = obs
@@ -138,9 +91,9 @@ class _Builder:
         if self.status["phase"] == phase and self.status["message"] == message:
             return
         self.set(phase=phase, message=message)
-        if phase in ("Running", "Restarting", "Succeeded", "Failed", "Suspended"):
+        if phase in (Phase.RUNNING, Phase.RESTARTING, Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED):
             self.condition(phase, "True", reason, message)
-        for other in ("Running", "Restarting", "Suspended"):
+        for other in (Phase.RUNNING, Phase.RESTARTING, Phase.SUSPENDED):
             if other != phase:
                 self._clear(other, reason)
         self.event(event_type, reason, message)
@@ -156,7 +109,7 @@ class _Builder:
         return self.plan
 
 
-def _progress(b: _Builder, pods: list[dict]) -> None:
+def _progress(b: Decision, pods: list[dict]) -> None:
     """Newest step and checkpoint: from terminated pods' reports and the live scrape, never backwards."""
     reports = [*filter(None, map(trainer_report, pods)), *b.obs.reports]
     sources = [Progress(r.step, CheckpointRef(step=r.checkpoint_step, uri=r.checkpoint_uri, time=r.checkpoint_time)
@@ -172,7 +125,7 @@ def _progress(b: _Builder, pods: list[dict]) -> None:
             b.set(last_checkpoint=p.checkpoint.model_dump())
 
 
-def _start_group(b: _Builder, job: TrainingJob, attempt: int, ranks: list[int] | None = None) -> None:
+def _start_group(b: Decision, job: TrainingJob, attempt: int, ranks: list[int] | None = None) -> None:
     """The ConfigMap, the Service if it is missing, and the pods of `ranks` (default: all) of an attempt."""
     owner = builders.owner_reference(b.obs.job)
     config, pods = builders.group(job, owner, attempt, b.rdzv_port)
@@ -183,18 +136,18 @@ def _start_group(b: _Builder, job: TrainingJob, attempt: int, ranks: list[int] |
     b.set(attempt=attempt)
 
 
-def _delete_all(b: _Builder, pods: list[dict]) -> None:
+def _delete_all(b: Decision, pods: list[dict]) -> None:
     b.plan.delete_pods.extend(p for p in pods if not p["metadata"].get("deletionTimestamp"))
 
 
-def _fail(b: _Builder, reason: str, message: str, pods: list[dict]) -> None:
-    b.enter("Failed", reason, message, "Warning")
+def _fail(b: Decision, reason: str, message: str, pods: list[dict]) -> None:
+    b.enter(Phase.FAILED, reason, message, "Warning")
     b.set(completion_time=b.status["completion_time"] or timestamp(b.obs.now))
     _delete_all(b, [p for p in pods if classify(p).kind in ("running", "pending")])
 
 
 def plan(obs: Observed, defaults: ClusterDefaults = ClusterDefaults()) -> Plan:
-    b = _Builder(obs, defaults)
+    b = Decision(obs, defaults)
     phase = b.status["phase"]
     pods = obs.pods
     if obs.job["metadata"].get("deletionTimestamp"):
@@ -203,52 +156,52 @@ def plan(obs: Observed, defaults: ClusterDefaults = ClusterDefaults()) -> Plan:
     try:
         job = builders.job_from_object(obs.job, defaults)
     except SpecError as err:
-        if phase != "Failed":
-            b.enter("Failed", "InvalidSpec", f"invalid TrainingJob: {err}".replace("\n", "; "), "Warning")
+        if phase != Phase.FAILED:
+            b.enter(Phase.FAILED, Reason.INVALID_SPEC, f"invalid TrainingJob: {err}".replace("\n", "; "), "Warning")
             b.set(completion_time=timestamp(obs.now))
             _delete_all(b, pods)
         return b.finish()
     policy = job.spec.run_policy
 
-    if phase in TERMINAL:
+    if phase in TERMINAL_PHASES:
         return _finished(b, job, pods)
     if policy.suspend:
         return _suspend(b, pods)
-    if phase == "Suspended":
+    if phase == Phase.SUSPENDED:
         return _resume(b, job, pods)
 
     deadline = policy.active_deadline_seconds
-    started = parse_time(b.status["start_time"])
+    started = parse_timestamp(b.status["start_time"])
     if deadline and started and obs.now - started >= timedelta(seconds=deadline):
-        _fail(b, "DeadlineExceeded", f"the job ran longer than activeDeadlineSeconds ({deadline}s)", pods)
+        _fail(b, Reason.DEADLINE_EXCEEDED, f"the job ran longer than activeDeadlineSeconds ({deadline}s)", pods)
         return b.finish()
     if deadline and started:
         b.plan.requeue_after = max(0.5, (started + timedelta(seconds=deadline) - obs.now).total_seconds())
 
-    if phase is None or (phase == "Pending" and b.status["attempt"] == 0):
+    if phase is None or (phase == Phase.PENDING and b.status["attempt"] == 0):
         _start_group(b, job, 1)
-        b.set(start_time=timestamp(obs.now), phase="Pending")
-        b.condition("Created", "True", "GroupCreated", f"created {job.spec.nodes} pods (attempt 1)")
-        b.event("Normal", "Created", f"created service and {job.spec.nodes} pods (attempt 1)")
+        b.set(start_time=timestamp(obs.now), phase=Phase.PENDING)
+        b.condition("Created", "True", Reason.GROUP_CREATED, f"created {job.spec.nodes} pods (attempt 1)")
+        b.event("Normal", Reason.CREATED, f"created service and {job.spec.nodes} pods (attempt 1)")
         return b.finish()
-    if phase == "Restarting":
+    if phase == Phase.RESTARTING:
         return _restarting(b, job, pods)
     return _watch_group(b, job, pods)
 
 
-def _watch_group(b: _Builder, job: TrainingJob, pods: list[dict]) -> Plan:
+def _watch_group(b: Decision, job: TrainingJob, pods: list[dict]) -> Plan:
     """Pending/Running: the current attempt's pods decide."""
     attempt = b.status["attempt"]
     mine = {pod_rank(p): p for p in pods if pod_attempt(p) == attempt}
     stale = [p for p in pods if pod_attempt(p) != attempt]
     _delete_all(b, stale)
     _progress(b, list(mine.values()))
-    running_before = b.status["phase"] == "Running"
+    running_before = b.status["phase"] == Phase.RUNNING
     outcomes: dict[int, PodOutcome] = {rank: classify(p) for rank, p in mine.items()}
     missing = [r for r in range(job.spec.nodes) if r not in mine]
     if missing and running_before:
         for r in missing:
-            outcomes[r] = PodOutcome("preempted", "Preempted", f"pod {pod_name(job.metadata.name, r)} disappeared")
+            outcomes[r] = PodOutcome("preempted", Reason.PREEMPTED, f"pod {pod_name(job.metadata.name, r)} disappeared")
     elif missing:  # still starting (or the operator stopped mid-creation): create what is missing
         _start_group(b, job, attempt, missing)
 
@@ -256,91 +209,91 @@ def _watch_group(b: _Builder, job: TrainingJob, pods: list[dict]) -> Plan:
     first = lambda kind: next(o for o in outcomes.values() if o.kind == kind)  # noqa: E731
     if "preempted" in kinds:
         o = first("preempted")
-        b.enter("Restarting", "Preempted", o.message, "Warning")
+        b.enter(Phase.RESTARTING, Reason.PREEMPTED, o.message, "Warning")
         _delete_all(b, list(mine.values()))
     elif "invalid" in kinds:
-        _fail(b, "InvalidSpec", first("invalid").message, list(mine.values()))
+        _fail(b, Reason.INVALID_SPEC, first("invalid").message, list(mine.values()))
     elif "failed" in kinds:
         o = first("failed")
-        b.enter("Restarting", "PodFailed", o.message, "Warning")
+        b.enter(Phase.RESTARTING, Reason.POD_FAILED, o.message, "Warning")
         _delete_all(b, list(mine.values()))
     elif not missing and kinds == {"succeeded"}:
         step = b.status["step"]
         ckpt = b.status["last_checkpoint"]
         msg = f"training finished at step {step}" + (f"; last checkpoint {ckpt['uri']}" if ckpt else "")
-        b.enter("Succeeded", "JobSucceeded", msg)
+        b.enter(Phase.SUCCEEDED, Reason.JOB_SUCCEEDED, msg)
         b.set(completion_time=timestamp(b.obs.now))
         return _finished(b, job, pods)
     elif not missing and kinds <= {"running", "succeeded"}:
-        b.enter("Running", "GroupRunning", f"all {job.spec.nodes} pods running (attempt {attempt})")
-    elif b.status["phase"] != "Pending" and not running_before:
-        b.set(phase="Pending")
-    if b.plan.requeue_after is None and b.status["phase"] in ("Pending", "Running"):
+        b.enter(Phase.RUNNING, Reason.GROUP_RUNNING, f"all {job.spec.nodes} pods running (attempt {attempt})")
+    elif b.status["phase"] != Phase.PENDING and not running_before:
+        b.set(phase=Phase.PENDING)
+    if b.plan.requeue_after is None and b.status["phase"] in (Phase.PENDING, Phase.RUNNING):
         b.plan.requeue_after = RECHECK_SECONDS
     return b.finish()
 
 
-def _restarting(b: _Builder, job: TrainingJob, pods: list[dict]) -> Plan:
+def _restarting(b: Decision, job: TrainingJob, pods: list[dict]) -> Plan:
     """Wait until the old group is gone, then decide: a new attempt, or Failed past backoffLimit."""
-    reason, message = b.condition_reason("Restarting")
-    if reason == "PodFailed":  # a preemption seen late (e.g. node loss) still wins over the failure it caused
+    reason, message = b.condition_reason(Phase.RESTARTING)
+    if reason == Reason.POD_FAILED:  # a preemption seen late (e.g. node loss) still wins over the failure it caused
         evidence = next((f"pod {p['metadata']['name']}: {e}" for p in pods if (e := disruption(p))), None)
         if evidence:
-            reason, message = "Preempted", evidence
-            b.condition("Restarting", "True", reason, message)
+            reason, message = Reason.PREEMPTED, evidence
+            b.condition(Phase.RESTARTING, "True", reason, message)
             b.set(message=message)
     _progress(b, pods)
     if pods:
         _delete_all(b, pods)
         b.plan.requeue_after = 1.0
         return b.finish()
-    if reason == "Preempted":
+    if reason == Reason.PREEMPTED:
         b.set(preemptions=b.status["preemptions"] + 1)
     else:
         failures = b.status["failures"] + 1
         b.set(failures=failures)
         limit = job.spec.run_policy.backoff_limit
         if failures > limit:
-            _fail(b, "BackoffLimitExceeded", f"failed {failures} times (backoffLimit {limit}); last: {message}", [])
+            _fail(b, Reason.BACKOFF_LIMIT_EXCEEDED, f"failed {failures} times (backoffLimit {limit}); last: {message}", [])
             return b.finish()
     attempt = b.status["attempt"] + 1
     b.set(restarts=b.status["restarts"] + 1)
     _start_group(b, job, attempt)
-    b.set(phase="Pending")
-    b.event("Normal", "Restarted", f"recreated the group (attempt {attempt}) after {reason}: {message}")
+    b.set(phase=Phase.PENDING)
+    b.event("Normal", Reason.RESTARTED, f"recreated the group (attempt {attempt}) after {reason}: {message}")
     return b.finish()
 
 
-def _suspend(b: _Builder, pods: list[dict]) -> Plan:
+def _suspend(b: Decision, pods: list[dict]) -> Plan:
     """Suspended at once; reason Suspending while pods save their checkpoint, JobSuspended once none is left
     (then step and lastCheckpoint are final: what a resume starts from)."""
     _progress(b, pods)
     _delete_all(b, pods)
     if pods:
-        b.enter("Suspended", "Suspending", f"runPolicy.suspend is true: stopping {len(pods)} pod(s), each saves "
+        b.enter(Phase.SUSPENDED, Reason.SUSPENDING, f"runPolicy.suspend is true: stopping {len(pods)} pod(s), each saves "
                 "a checkpoint first")
         b.plan.requeue_after = 1.0
     else:
         ckpt = b.status["last_checkpoint"]
-        b.enter("Suspended", "JobSuspended", f"suspended at step {b.status['step'] or 0}: no pod left; resumes from "
+        b.enter(Phase.SUSPENDED, Reason.JOB_SUSPENDED, f"suspended at step {b.status['step'] or 0}: no pod left; resumes from "
                 + (ckpt["uri"] if ckpt else "scratch (no checkpoint yet)"))
     return b.finish()
 
 
-def _resume(b: _Builder, job: TrainingJob, pods: list[dict]) -> Plan:
+def _resume(b: Decision, job: TrainingJob, pods: list[dict]) -> Plan:
     if pods:  # the suspended group is still saving its checkpoint
         _delete_all(b, pods)
         b.plan.requeue_after = 1.0
         return b.finish()
     attempt = b.status["attempt"] + 1
     _start_group(b, job, attempt)
-    b.set(phase="Pending", message=f"resumed (attempt {attempt})", start_time=timestamp(b.obs.now))
-    b.condition("Suspended", "False", "JobResumed", f"resumed (attempt {attempt})")
-    b.event("Normal", "Resumed", f"resumed: created {job.spec.nodes} pods (attempt {attempt})")
+    b.set(phase=Phase.PENDING, message=f"resumed (attempt {attempt})", start_time=timestamp(b.obs.now))
+    b.condition(Phase.SUSPENDED, "False", Reason.JOB_RESUMED, f"resumed (attempt {attempt})")
+    b.event("Normal", Reason.RESUMED, f"resumed: created {job.spec.nodes} pods (attempt {attempt})")
     return b.finish()
 
 
-def _finished(b: _Builder, job: TrainingJob, pods: list[dict]) -> Plan:
+def _finished(b: Decision, job: TrainingJob, pods: list[dict]) -> Plan:
     """Clean up per cleanPodPolicy; delete the job itself ttlSecondsAfterFinished after completion."""
     policy = job.spec.run_policy
     if policy.clean_pod_policy == "All":
@@ -348,7 +301,7 @@ def _finished(b: _Builder, job: TrainingJob, pods: list[dict]) -> Plan:
     elif policy.clean_pod_policy == "Running":
         _delete_all(b, [p for p in pods if classify(p).kind in ("running", "pending")])
     ttl = policy.ttl_seconds_after_finished
-    done = parse_time(b.status["completion_time"])
+    done = parse_timestamp(b.status["completion_time"])
     if ttl is not None and done:
         remaining = (done + timedelta(seconds=ttl) - b.obs.now).total_seconds()
         if remaining <= 0:

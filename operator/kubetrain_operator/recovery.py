@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kubetrain.api import EXIT_INVALID_SPEC, EXIT_PREEMPTED
-from kubetrain.report import TrainerReport, decode_report
+from kubetrain.contracts import Reason
+from kubetrain.termination import TrainerReport, decode_report
 
 from .names import CONTAINER
 
@@ -66,9 +67,9 @@ def classify(pod: dict) -> PodOutcome:
     name = pod["metadata"]["name"]
     evidence = disruption(pod)
     if evidence:
-        return PodOutcome("preempted", "Preempted", f"pod {name}: {evidence}")
+        return PodOutcome("preempted", Reason.PREEMPTED, f"pod {name}: {evidence}")
     if pod["metadata"].get("deletionTimestamp"):
-        return PodOutcome("preempted", "Preempted", f"pod {name} was deleted")
+        return PodOutcome("preempted", Reason.PREEMPTED, f"pod {name} was deleted")
     phase = pod.get("status", {}).get("phase") or "Pending"
     if phase == "Succeeded":
         return PodOutcome("succeeded")
@@ -79,11 +80,11 @@ def classify(pod: dict) -> PodOutcome:
     terminated = terminated_state(pod) or {}
     code = terminated.get("exitCode")
     if code == EXIT_PREEMPTED:
-        return PodOutcome("preempted", "Preempted", f"pod {name}: trainer saved an emergency checkpoint and exited {code}")
+        return PodOutcome("preempted", Reason.PREEMPTED, f"pod {name}: trainer saved an emergency checkpoint and exited {code}")
     detail = _tail(terminated.get("message") or pod.get("status", {}).get("message") or "")
     why = f"pod {name} failed: exit code {code}" if code is not None else f"pod {name} failed: {pod['status'].get('reason') or 'unknown reason'}"
     if detail:
         why += f": {detail}"
     if code == EXIT_INVALID_SPEC:
-        return PodOutcome("invalid", "InvalidSpec", why)
-    return PodOutcome("failed", terminated.get("reason") or "PodFailed", why)
+        return PodOutcome("invalid", Reason.INVALID_SPEC, why)
+    return PodOutcome("failed", terminated.get("reason") or Reason.POD_FAILED, why)

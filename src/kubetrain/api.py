@@ -13,6 +13,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from . import contracts
+
 GROUP = "kubetrain.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -262,7 +264,7 @@ class TrainingJobSpec(_Model):
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
 
 
-Phase = Literal["Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended"]
+Phase = Literal[tuple(p.value for p in contracts.Phase)]  # the wire type of contracts.Phase
 ConditionType = Literal["Created", "Running", "Restarting", "Succeeded", "Failed", "Suspended"]
 
 

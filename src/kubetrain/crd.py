@@ -30,6 +30,7 @@ from kubetrain.api import (
     TrainingJobSpec,
     TrainingJobStatus,
 )
+from kubetrain.generated import write_or_check
 
 DEFAULT_PATH = "crds/trainingjob.yaml"
 HEADER = (
@@ -182,20 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("path", nargs="?", default=DEFAULT_PATH, help=f"default: {DEFAULT_PATH}")
     parser.add_argument("--check", action="store_true", help="fail if PATH is out of date; write nothing")
     args = parser.parse_args(argv)
-    path, text = Path(args.path), crd_yaml()
-    if args.check:
-        current = path.read_text(encoding="utf-8") if path.is_file() else None
-        if current != text:
-            state = "is missing" if current is None else "is out of date with src/kubetrain/api.py"
-            print(f"{path} {state}; regenerate: python -m kubetrain.crd {path}", file=sys.stderr)
-            return 1
-        print(f"{path} is up to date")
-        return 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    print(f"wrote {path}")
-    return 0
-
+    return write_or_check({Path(args.path): crd_yaml()}, check=args.check, source=" with src/kubetrain/api.py",
+                          regenerate=f"python -m kubetrain.crd {args.path}")
 
 if __name__ == "__main__":
     sys.exit(main())

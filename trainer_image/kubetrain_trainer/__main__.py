@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     uri = args.checkpoint_uri or job.spec.checkpoint.uri
     port = job.spec.metrics.port if args.metrics_port is None else args.metrics_port
 
-    from .loop import RunOptions, train  # torch and transformers load only for a valid job
+    from .build import RunOptions, build_run  # torch and transformers load only for a valid job
+    from .loop import train
 
     opts = RunOptions(
         work_dir=Path(args.work_dir) / job.metadata.namespace / job.metadata.name,
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics_addr=os.environ.get("KUBETRAIN_METRICS_ADDR", "0.0.0.0"),
     )
     try:
-        return train(job, opts)
+        return train(build_run(job, opts))
     finally:
         from .distributed import shutdown
 

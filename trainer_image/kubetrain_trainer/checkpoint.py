@@ -1,8 +1,8 @@
-"""What a checkpoint holds and how the trainer saves and restores it (the store decides how it lands).
+"""How the trainer saves and restores checkpoints (what they hold: `checkpoint_state`; how they land: the store).
 
-A checkpoint is the complete state for exact resume: trained weights, optimizer, LR scheduler, grad
-scaler, every rank's RNG streams, and the TrainState (step, data position, early stopping, goodput
-clock). Rank 0 writes the files locally and hands them to the store, which uploads them in the
+A checkpoint is the complete state for exact resume: the registered components of
+`checkpoint_state.CheckpointContent` (trained weights, optimizer, LR scheduler, grad scaler, every
+rank's RNG streams, the TrainState). Rank 0 writes the files locally and hands them to the store, which uploads them in the
 background with the manifest last; periodic saves return at once, final and emergency saves wait.
 When storage is slower than the checkpoint interval (an S3 outage), a snapshot still waiting to be
 written is dropped for the newer one: host memory holds at most two snapshots, and the newest state
@@ -11,48 +11,23 @@ is the one that lands once storage is back.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import shutil
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .checkpoint_state import CheckpointContent, TrainState
 from .checkpoint_store import CheckpointInfo, CheckpointStore
-from .distributed import Runtime, barrier, broadcast_object, gather_objects, rng_state, set_rng_state
+from .distributed import Runtime, barrier, broadcast_object
 from .metrics import TrainerMetrics
-from .model import load_trainable_state, trainable_state_dict
+from .model import trainable_state_dict
 
 log = logging.getLogger("kubetrain.checkpoint")
-
-
-@dataclass
-class TrainState:
-    """Loop position and bookkeeping that must survive a restart."""
-
-    step: int = 0
-    epoch: int = 0
-    cursor: int = 0  # micro-batches of `epoch` already consumed
-    samples_seen: int = 0
-    tokens_seen: int = 0
-    productive_seconds: float = 0.0  # time inside training steps, over all restarts
-    first_start_time: float = dataclasses.field(default_factory=time.time)
-    best_metric: float | None = None
-    evals_without_improvement: int = 0
-    last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
-
-
-@dataclass
-class Restored:
-    info: CheckpointInfo
-    state: TrainState
-    world_size: int
 
 
 def snapshot_to_cpu(obj):
@@ -134,56 +109,53 @@ class LatestWinsWriter:
 
 
 class Checkpointer:
-    def __init__(self, store: CheckpointStore, work_dir: Path, rt: Runtime, metrics: TrainerMetrics | None, lora: bool):
-        self.store, self.work_dir, self.rt, self.metrics, self.lora = store, work_dir, rt, metrics, lora
+    """Saves and restores the registered `content`; `state` (the TrainState, registered too) gives the step."""
+
+    def __init__(self, store: CheckpointStore, work_dir: Path, rt: Runtime, metrics: TrainerMetrics | None,
+                 content: CheckpointContent, state: TrainState):
+        self.store, self.work_dir, self.rt, self.metrics = store, work_dir, rt, metrics
+        self.content, self.state = content, state
         self.submitted_step: int | None = None
         self.pending: Future | None = None  # the newest submitted save, done once accounted (rank 0)
         self.latest: CheckpointInfo | None = None  # the newest complete checkpoint known (rank 0)
         # one writer thread: snapshots land in the order they were taken, a waiting one replaced by a newer one
         self._writer = LatestWinsWriter("kubetrain-ckpt-write")
 
-    def save(self, *, model, optimizer, scheduler, scaler, state: TrainState, reason: str, wait: bool) -> None:
-        """Collective: every rank must call it (RNG states are gathered to rank 0).
+    def save(self, reason: str, wait: bool) -> None:
+        """Collective: every rank must call it (components may gather, e.g. the RNG states).
 
         A step already submitted (a periodic save, then SIGTERM at the same step) is not saved
         again: `wait` then only waits for that save to land.
         """
-        if state.step != self.submitted_step:
-            self._submit(model, optimizer, scheduler, scaler, state, reason)
+        if self.state.step != self.submitted_step:
+            self._submit(reason)
         if wait:
             if self.rt.is_main:
                 # This save's own outcome: an earlier periodic failure was already logged and counted.
                 self.pending.result()
             barrier()  # no rank exits (or reports the checkpoint) before it is complete in the store
 
-    def _submit(self, model, optimizer, scheduler, scaler, state: TrainState, reason: str) -> None:
-        """Training stalls only for a CPU snapshot; torch.save and the upload run in the background."""
-        rngs = gather_objects(rng_state())
-        self.submitted_step = state.step
+    def _submit(self, reason: str) -> None:
+        """Training stalls only for a CPU snapshot; serialization and the upload run in the background."""
+        started = time.perf_counter()
+        live = self.content.state_dicts()  # every rank: components may run collectives
+        self.submitted_step = step = self.state.step  # `state` moves on while the writer works
         if self.rt.is_main:
-            started = time.perf_counter()
-            snapshot = snapshot_to_cpu({
-                "model.pt": trainable_state_dict(model, self.lora),
-                "optimizer.pt": optimizer.state_dict(),
-                "training.pt": {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs},
-            })
-            train_state = dataclasses.asdict(state)
+            snapshot = snapshot_to_cpu(live)
             stall = time.perf_counter() - started
-            staging = self.work_dir / "staging" / f"step-{state.step:09d}-{reason}"
-            meta = {"reason": reason, "world_size": self.rt.world_size, "state": train_state, "stall_seconds": stall}
+            staging = self.work_dir / "staging" / f"step-{step:09d}-{reason}"
+            meta = {"reason": reason, "world_size": self.rt.world_size, "state": self.state.state_dict(), "stall_seconds": stall}
             landed = self.pending = Future()  # done after _landed: a waiter sees the metrics updated
-            step = state.step  # `state` moves on while the writer works
-            upload = self._writer.submit(lambda: self._write_and_upload(step, staging, snapshot, train_state, meta))
+            upload = self._writer.submit(lambda: self._write_and_upload(step, staging, snapshot, meta))
             upload.add_done_callback(lambda f: self._landed(f, step, staging, reason, stall, landed))
 
-    def _write_and_upload(self, step: int, staging: Path, snapshot: dict, train_state: dict, meta: dict):
+    def _write_and_upload(self, step: int, staging: Path, snapshot: dict, meta: dict):
         """Background: serialize the snapshot, then upload it (manifest last) through the store."""
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        files = {name: staging / name for name in (*snapshot, "state.json")}
-        for name, obj in snapshot.items():
-            torch.save(obj, files[name])
-        files["state.json"].write_text(json.dumps(train_state, indent=1))
+        files = {name: staging / name for name in snapshot}
+        for name, state in snapshot.items():
+            self.content.write(name, state, files[name])
         return self.store.save(step, files, meta)
 
     def _landed(self, future: Future, step: int, staging: Path, reason: str, stall: float, landed: Future) -> None:
@@ -223,8 +195,8 @@ class Checkpointer:
             m.last_checkpoint_step.set(result.info.step)
             m.last_checkpoint_timestamp.set(time.time())
 
-    def restore(self, *, model, optimizer, scheduler, scaler) -> Restored | None:
-        """Load the newest complete checkpoint on every rank; rank 0 chooses it (with fallback)."""
+    def restore(self) -> CheckpointInfo | None:
+        """Load the newest complete checkpoint into every component on every rank; rank 0 chooses it (with fallback)."""
         dest = self.work_dir / "restore" / f"rank-{self.rt.rank}"
         shutil.rmtree(dest, ignore_errors=True)
         chosen = None
@@ -235,17 +207,6 @@ class Checkpointer:
         self.latest = chosen
         if chosen is None:
             return None
-        paths = found[1] if self.rt.is_main else self.store.download(chosen, dest)
-        load_trainable_state(model, torch.load(paths["model.pt"], map_location="cpu", weights_only=True), self.lora)
-        optimizer.load_state_dict(torch.load(paths["optimizer.pt"], map_location="cpu", weights_only=True))
-        training = torch.load(paths["training.pt"], map_location="cpu", weights_only=True)
-        scheduler.load_state_dict(training["scheduler"])
-        scaler.load_state_dict(training["scaler"])
-        saved_world = len(training["rng"])
-        if saved_world == self.rt.world_size:
-            set_rng_state(training["rng"][self.rt.rank])
-        else:
-            log.warning("world size changed %d -> %d: RNG streams reseeded, data position kept", saved_world, self.rt.world_size)
-        state = TrainState(**json.loads(paths["state.json"].read_text()))
+        self.content.load(found[1] if self.rt.is_main else self.store.download(chosen, dest))
         shutil.rmtree(dest, ignore_errors=True)
-        return Restored(chosen, state, saved_world)
+        return chosen

@@ -26,11 +26,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 from kubetrain.api import step_dir_name
+from kubetrain.contracts import timestamp
 
 from .storage import Storage, join_key
 
@@ -83,10 +83,6 @@ def _check_file_name(name: str) -> None:
     p = PurePosixPath(name)
     if not name or p.is_absolute() or ".." in p.parts or name != p.as_posix() or name == MANIFEST:
         raise ValueError(f"invalid checkpoint file name: {name!r}")
-
-
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class CheckpointStore:
@@ -234,7 +230,7 @@ class CheckpointStore:
             key = join_key(step_key, name)
             self._retry(step, f"upload to {self.storage.uri(key)}",
                         lambda: self.storage.put_file(Path(path), key))
-        info = CheckpointInfo(step, self.storage.uri(step_key), entries, meta, _utc_now())
+        info = CheckpointInfo(step, self.storage.uri(step_key), entries, meta, timestamp())
         manifest = json.dumps(
             {"format": FORMAT, "step": step, "created": info.created, "files": entries, "meta": meta},
             indent=2,

@@ -13,6 +13,7 @@ Evaluation and checkpoints use the uncompiled module, which shares the parameter
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -36,32 +37,28 @@ def batch_shapes(mode: str, data: DataSpec) -> BatchShapes | PackedShapes | None
     return BatchShapes(width_multiple=width_multiple, rows=rows, rows_multiple=8)
 
 
-def compile_for_training(module: torch.nn.Module, mode: str, data: DataSpec, *, world_size: int, grad_accum: int,
-                         device: torch.device, precision: str):
-    """The module to train with: `module` itself when mode is off, else a compiled wrapper of it.
+@dataclass(frozen=True)
+class Compiled:
+    """The module to train with and how to feed it: `shapes` for its batches (None: any), and whether
+    the whole step is captured as CUDA graphs (`graphs.StepGraphs`)."""
 
-    The wrapper carries `kubetrain_shapes` (how to shape its batches) and `kubetrain_step_graphs`
-    (whether `train_step` should capture whole steps) for the loop.
-    """
+    module: torch.nn.Module
+    shapes: BatchShapes | PackedShapes | None = None
+    step_graphs: bool = False
+
+
+def compile_for_training(module: torch.nn.Module, mode: str, data: DataSpec, *, world_size: int, grad_accum: int,
+                         device: torch.device, precision: str) -> Compiled:
+    """`module` itself when mode is off, else a compiled wrapper of it, with its batch shapes."""
     if mode == "off":
-        return module
+        return Compiled(module)
     if mode == "reduce-overhead" and (world_size > 1 or grad_accum > 1 or device.type != "cuda" or precision == "fp16"):
         log.warning("compile: reduce-overhead (CUDA graphs of the whole step) needs one GPU, gradientAccumulation 1 "
                     "and bf16 or fp32; using default")
         mode = "default"
-    compiled = torch.compile(module, dynamic=True)
-    compiled.kubetrain_shapes = batch_shapes(mode, data)
-    compiled.kubetrain_step_graphs = mode == "reduce-overhead"
-    log.info("compile: torch.compile (%s), batch shapes %s", mode, compiled.kubetrain_shapes)
+    compiled = Compiled(torch.compile(module, dynamic=True), batch_shapes(mode, data), step_graphs=mode == "reduce-overhead")
+    log.info("compile: torch.compile (%s), batch shapes %s", mode, compiled.shapes)
     return compiled
-
-
-def shapes_of(module: torch.nn.Module) -> BatchShapes | None:
-    return getattr(module, "kubetrain_shapes", None)
-
-
-def wants_step_graphs(module: torch.nn.Module) -> bool:
-    return getattr(module, "kubetrain_step_graphs", False)
 
 
 def unwrapped(module: torch.nn.Module) -> torch.nn.Module:

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from kubetrain.api import EXIT_PREEMPTED
-from kubetrain.report import write_termination_message
+from kubetrain.termination import write_termination_message
 
 from .preemption import EXIT_DIR_ENV
 

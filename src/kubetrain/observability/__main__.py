@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..generated import write_or_check
+
 DEFAULT_CHART = "charts/kubetrain"
 
 
@@ -33,28 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="fail if the files are out of date; write nothing")
     args = parser.parse_args(argv)
     chart = Path(args.chart)
-    files = generated_files()
-    if args.check:
-        problems = []
-        for rel, text in files.items():
-            path = chart / rel
-            current = path.read_text(encoding="utf-8") if path.is_file() else None
-            if current != text:
-                problems.append(f"{path} {'is missing' if current is None else 'is out of date'}")
-        extra = sorted(p for p in (chart / DASHBOARD_DIR).glob("*.json") if f"{DASHBOARD_DIR}/{p.name}" not in files)
-        problems += [f"{p} is not generated (a dashboard that no longer exists?)" for p in extra]
-        if problems:
-            print("\n".join(problems) + f"\nregenerate: python -m kubetrain.observability {chart}", file=sys.stderr)
-            return 1
-        print(f"{len(files)} generated files under {chart} are up to date")
-        return 0
-    for rel, text in files.items():
-        path = chart / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-        print(f"wrote {path}")
-    return 0
-
+    files = {chart / rel: text for rel, text in generated_files().items()}
+    stale = sorted(p for p in (chart / DASHBOARD_DIR).glob("*.json") if p not in files)
+    return write_or_check(files, check=args.check, stale=stale, regenerate=f"python -m kubetrain.observability {chart}")
 
 if __name__ == "__main__":
     sys.exit(main())

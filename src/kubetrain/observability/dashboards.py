@@ -23,6 +23,10 @@ from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models import dashboard as dm
 from grafana_foundation_sdk.models import prometheus as pm
 
+from kubetrain.contracts import OperatorMetric as O
+from kubetrain.contracts import TrainerMetric as M
+from kubetrain.contracts import total
+
 from . import JOB_LABEL
 
 DASHBOARD_DIR = "dashboards"  # under the chart directory
@@ -40,7 +44,7 @@ def per_job(metric: str, extra_by: str = "", sel: str = SEL) -> str:
 
 def checkpoint_age(sel: str = SEL) -> str:
     """Seconds since the newest complete checkpoint (0 means none yet in this attempt: no series)."""
-    return f"time() - max by ({BY_JOB}) (kubetrain_last_checkpoint_timestamp_seconds{sel} > 0)"
+    return f"time() - max by ({BY_JOB}) ({M.LAST_CHECKPOINT_TIMESTAMP}{sel} > 0)"
 
 
 @dataclass(frozen=True)
@@ -133,8 +137,8 @@ class DashboardSpec:
 def _variables(spec: DashboardSpec) -> list:
     out = [gd.DatasourceVariable("datasource").label("Data source").type("prometheus")]
     if spec.job_variables:
-        for name, query in (("namespace", "label_values(kubetrain_train_step, namespace)"),
-                            (JOB_LABEL, f'label_values(kubetrain_train_step{{namespace=~"$namespace"}}, {JOB_LABEL})')):
+        for name, query in (("namespace", f"label_values({M.STEP}, namespace)"),
+                            (JOB_LABEL, f'label_values({M.STEP}{{namespace=~"$namespace"}}, {JOB_LABEL})')):
             out.append(gd.QueryVariable(name).label(name.capitalize() if name == "namespace" else "TrainingJob")
                        .datasource(DATASOURCE).query(query).multi(True).include_all(True).all_value(".*")
                        .current(dm.VariableOption(selected=True, text="All", value="$__all"))
@@ -160,7 +164,7 @@ def build(spec: DashboardSpec) -> dm.Dashboard:
 
 # ------------------------------------------------------------------------------------------ training
 
-_ckpt_bucket = f"kubetrain_checkpoint_duration_seconds_bucket{SEL}"
+_ckpt_bucket = f"{M.CHECKPOINT_DURATION}_bucket{SEL}"
 
 TRAINING = DashboardSpec(
     name="kubetrain-training",
@@ -170,51 +174,51 @@ TRAINING = DashboardSpec(
     rows=(
         ("Progress", (
             st("Progress", "Optimizer steps done / steps the run will take.",
-               Query(f"{per_job('kubetrain_train_step')} / {per_job('kubetrain_train_total_steps')}"),
+               Query(f"{per_job(M.STEP)} / {per_job(M.TOTAL_STEPS)}"),
                unit="percentunit", options={"min": 0, "max": 1}),
-            st("Step", "Optimizer steps completed.", Query(per_job("kubetrain_train_step"))),
+            st("Step", "Optimizer steps completed.", Query(per_job(M.STEP))),
             st("ETA", "Estimated time to the last step, from the last logging window's step time.",
-               Query(per_job("kubetrain_eta_seconds")), unit="s"),
-            st("Epoch", "Current epoch (0-based, fractional).", Query(per_job("kubetrain_train_epoch")),
+               Query(per_job(M.ETA_SECONDS)), unit="s"),
+            st("Epoch", "Current epoch (0-based, fractional).", Query(per_job(M.EPOCH)),
                options={"decimals": 2}),
             st("World size", "Training processes in the group (nodes x procsPerNode).",
-               Query(per_job("kubetrain_world_size"))),
+               Query(per_job(M.WORLD_SIZE))),
             st("Resumed from step", "Step this attempt resumed from (0: a fresh start).",
-               Query(per_job("kubetrain_resumed_from_step"))),
+               Query(per_job(M.RESUMED_FROM_STEP))),
             ts("Training loss", "Mean training loss over the last logging window, all ranks.",
-               Query(per_job("kubetrain_train_loss"))),
+               Query(per_job(M.LOSS))),
             ts("Eval metrics", "Latest evaluation metrics (eval_loss, eval_f1, perplexity, ...).",
-               Query(per_job("kubetrain_eval_metric", "metric"), legend=f"{LEGEND} {{{{metric}}}}")),
-            ts("Learning rate", "Learning rate of the last step.", Query(per_job("kubetrain_learning_rate")),
+               Query(per_job(M.EVAL_METRIC, "metric"), legend=f"{LEGEND} {{{{metric}}}}")),
+            ts("Learning rate", "Learning rate of the last step.", Query(per_job(M.LEARNING_RATE)),
                unit="sci"),
-            ts("Step progress", "Optimizer steps completed over time.", Query(per_job("kubetrain_train_step")),
+            ts("Step progress", "Optimizer steps completed over time.", Query(per_job(M.STEP)),
                width=12),
-            ts("Gradient norm", "Global gradient L2 norm before clipping.", Query(per_job("kubetrain_grad_norm")),
+            ts("Gradient norm", "Global gradient L2 norm before clipping.", Query(per_job(M.GRAD_NORM)),
                width=12),
         )),
         ("Throughput", (
-            ts("Samples/s", "Training samples per second, all ranks.", Query(per_job("kubetrain_samples_per_second"))),
+            ts("Samples/s", "Training samples per second, all ranks.", Query(per_job(M.SAMPLES_PER_SECOND))),
             ts("Real tokens/s", "Non-pad training tokens per second, all ranks (the gauge: last logging window; "
                "rate: over the interval).",
-               Query(per_job("kubetrain_tokens_per_second")),
-               Query(f"sum by ({BY_JOB}) (rate(kubetrain_train_tokens_total{SEL}[{RATE}]))",
+               Query(per_job(M.TOKENS_PER_SECOND)),
+               Query(f"sum by ({BY_JOB}) (rate({total(M.TOKENS)}{SEL}[{RATE}]))",
                      legend=f"{LEGEND} (rate)")),
             ts("Padding", "Pad tokens / tokens fed to the model: the cost of batching.",
-               Query(per_job("kubetrain_padding_ratio")), unit="percentunit", options={"min": 0, "max": 1}),
+               Query(per_job(M.PADDING_RATIO)), unit="percentunit", options={"min": 0, "max": 1}),
             ts("Model FLOP/s", "Training FLOP/s of the model: FLOPs per real token (6N, about 4N with LoRA, "
-               "N = matmul parameters) x real tokens/s.", Query(per_job("kubetrain_model_flops_per_second")),
+               "N = matmul parameters) x real tokens/s.", Query(per_job(M.MODEL_FLOPS)),
                unit="flops", width=12),
             ts("MFU", "Model FLOPs utilisation against the device's dense bf16 peak x world size; only where the "
                "GPU's peak is known (A100, H100, H200) or set with KUBETRAIN_PEAK_TFLOPS.",
-               Query(per_job("kubetrain_mfu_ratio", "device"), legend=f"{LEGEND} {{{{device}}}}"),
+               Query(per_job(M.MFU, "device"), legend=f"{LEGEND} {{{{device}}}}"),
                unit="percentunit", width=12, options={"min": 0}),
         )),
         ("Goodput", (
             st("Goodput", "Productive training time / wall time since the job first started (over restarts).",
-               Query(per_job("kubetrain_goodput_ratio")), unit="percentunit", width=6, height=8,
+               Query(per_job(M.GOODPUT)), unit="percentunit", width=6, height=8,
                options={"min": 0, "max": 1}),
             ts("Goodput over time", "Productive training time / wall time since the job first started.",
-               Query(per_job("kubetrain_goodput_ratio")), unit="percentunit", width=18,
+               Query(per_job(M.GOODPUT)), unit="percentunit", width=18,
                options={"min": 0, "max": 1}),
         )),
         ("Checkpoints", (
@@ -222,31 +226,31 @@ TRAINING = DashboardSpec(
                Query(checkpoint_age()),
                unit="s", width=6),
             st("Last checkpoint step", "Step of the newest complete checkpoint.",
-               Query(per_job("kubetrain_last_checkpoint_step")), width=6),
+               Query(per_job(M.LAST_CHECKPOINT_STEP)), width=6),
             st("Checkpoint size", "Size of the newest complete checkpoint.",
-               Query(per_job("kubetrain_checkpoint_bytes")), unit="bytes", width=6),
+               Query(per_job(M.CHECKPOINT_BYTES)), unit="bytes", width=6),
             st("Checkpoint failures", "Checkpoint saves that failed after retries, over the interval.",
-               Query(f"sum by ({BY_JOB}) (increase(kubetrain_checkpoint_failures_total{SEL}[$__range]))"),
+               Query(f"sum by ({BY_JOB}) (increase({total(M.CHECKPOINT_FAILURES)}{SEL}[$__range]))"),
                width=6),
             ts("Checkpoint duration", "Time per checkpoint by phase: stall (training blocked while the state is "
                "written locally) and upload (in the background); p95 and mean over the interval.",
                Query(f"histogram_quantile(0.95, sum by ({BY_JOB}, phase, le) (rate({_ckpt_bucket}[{RATE}])))",
                      legend=f"{LEGEND} {{{{phase}}}} p95"),
-               Query(f"sum by ({BY_JOB}, phase) (rate(kubetrain_checkpoint_duration_seconds_sum{SEL}[{RATE}])) / "
-                     f"sum by ({BY_JOB}, phase) (rate(kubetrain_checkpoint_duration_seconds_count{SEL}[{RATE}]))",
+               Query(f"sum by ({BY_JOB}, phase) (rate({M.CHECKPOINT_DURATION}_sum{SEL}[{RATE}])) / "
+                     f"sum by ({BY_JOB}, phase) (rate({M.CHECKPOINT_DURATION}_count{SEL}[{RATE}]))",
                      legend=f"{LEGEND} {{{{phase}}}} mean"),
                unit="s", width=12),
             ts("Checkpoints by reason", "Completed checkpoints per interval: periodic, final, preemption.",
-               Query(f"sum by ({BY_JOB}, reason) (increase(kubetrain_checkpoints_total{SEL}[{RATE}]))",
+               Query(f"sum by ({BY_JOB}, reason) (increase({total(M.CHECKPOINTS)}{SEL}[{RATE}]))",
                      legend=f"{LEGEND} {{{{reason}}}}"), width=6),
             ts("Checkpoint storage trouble over time", "Per interval: saves that failed after retries, storage "
                "requests retried (storage refusing or down), and snapshots skipped for a newer one (storage slower "
                "than the checkpoint interval).",
-               Query(f"sum by ({BY_JOB}) (increase(kubetrain_checkpoint_failures_total{SEL}[{RATE}]))",
+               Query(f"sum by ({BY_JOB}) (increase({total(M.CHECKPOINT_FAILURES)}{SEL}[{RATE}]))",
                      legend=f"{LEGEND} failed"),
-               Query(f"sum by ({BY_JOB}) (increase(kubetrain_checkpoint_retries_total{SEL}[{RATE}]))",
+               Query(f"sum by ({BY_JOB}) (increase({total(M.CHECKPOINT_RETRIES)}{SEL}[{RATE}]))",
                      legend=f"{LEGEND} retried"),
-               Query(f"sum by ({BY_JOB}) (increase(kubetrain_checkpoints_superseded_total{SEL}[{RATE}]))",
+               Query(f"sum by ({BY_JOB}) (increase({total(M.CHECKPOINTS_SUPERSEDED)}{SEL}[{RATE}]))",
                      legend=f"{LEGEND} skipped"), width=6),
         )),
     ),
@@ -264,51 +268,51 @@ FLEET = DashboardSpec(
     rows=(
         ("Jobs", (
             st("Jobs by phase", "TrainingJobs the operator tracks, by phase.",
-               Query("sum by (phase) (kubetrain_operator_jobs)", legend="{{phase}}"), width=12),
+               Query(f"sum by (phase) ({O.JOBS})", legend="{{phase}}"), width=12),
             st("Restarts", "Group restarts over the dashboard's time range, by cause.",
-               Query("sum by (reason) (increase(kubetrain_operator_restarts_total[$__range]))", legend="{{reason}}"),
+               Query(f"sum by (reason) (increase({O.RESTARTS}[$__range]))", legend="{{reason}}"),
                width=6),
             st("Preemptions", "Group restarts caused by a preemption (eviction, node loss, deleted pod), over the range.",
-               Query("sum(increase(kubetrain_operator_preemptions_total[$__range]))", legend="preemptions"),
+               Query(f"sum(increase({O.PREEMPTIONS}[$__range]))", legend="preemptions"),
                width=6),
             ts("Jobs by phase over time", "TrainingJobs by phase.",
-               Query("sum by (phase) (kubetrain_operator_jobs)", legend="{{phase}}"), width=12,
+               Query(f"sum by (phase) ({O.JOBS})", legend="{{phase}}"), width=12,
                options={"stack": True}),
             ts("Phase transitions", "Jobs entering each phase, per interval.",
-               Query(f"sum by (phase) (increase(kubetrain_operator_phase_transitions_total[{RATE}]))",
+               Query(f"sum by (phase) (increase({O.PHASE_TRANSITIONS}[{RATE}]))",
                      legend="{{phase}}"), width=12),
         )),
         ("Restarts and preemptions", (
             ts("Group restarts by reason", "Group restarts per interval: failure (counts against backoffLimit) or "
                "preemption (does not).",
-               Query(f"sum by (reason) (increase(kubetrain_operator_restarts_total[{RATE}]))", legend="{{reason}}"),
+               Query(f"sum by (reason) (increase({O.RESTARTS}[{RATE}]))", legend="{{reason}}"),
                width=12),
             ts("Preemptions over time", "Preemptions per interval.",
-               Query(f"sum(increase(kubetrain_operator_preemptions_total[{RATE}]))", legend="preemptions"), width=12),
+               Query(f"sum(increase({O.PREEMPTIONS}[{RATE}]))", legend="preemptions"), width=12),
         )),
         ("Operator", (
             ts("Reconcile latency", "Time per reconcile (read, plan, apply).",
-               Query(f"histogram_quantile(0.5, sum by (le) (rate(kubetrain_operator_reconcile_duration_seconds_bucket[{RATE}])))",
+               Query(f"histogram_quantile(0.5, sum by (le) (rate({O.RECONCILE_DURATION}_bucket[{RATE}])))",
                      legend="p50"),
-               Query(f"histogram_quantile(0.99, sum by (le) (rate(kubetrain_operator_reconcile_duration_seconds_bucket[{RATE}])))",
+               Query(f"histogram_quantile(0.99, sum by (le) (rate({O.RECONCILE_DURATION}_bucket[{RATE}])))",
                      legend="p99"),
                unit="s", width=8),
             ts("Reconciles/s", "Reconciles per second (job and pod events, and a recheck every 5 s per job).",
-               Query(f"sum(rate(kubetrain_operator_reconcile_duration_seconds_count[{RATE}]))", legend="reconciles/s"),
+               Query(f"sum(rate({O.RECONCILE_DURATION}_count[{RATE}]))", legend="reconciles/s"),
                unit="reqps", width=8),
             ts("Reconcile errors", "Reconciles that raised, by kind (api: an API error, conflict: status kept changing, internal: a bug); "
                "each is retried.",
-               Query(f"sum by (kind) (rate(kubetrain_operator_reconcile_errors_total[{RATE}]))", legend="{{kind}}"),
+               Query(f"sum by (kind) (rate({O.RECONCILE_ERRORS}[{RATE}]))", legend="{{kind}}"),
                unit="reqps", width=8),
         )),
         ("Training jobs", (
             tbl("Training jobs", "Every TrainingJob whose trainer is scraped now.",
-                Query(per_job("kubetrain_train_step", sel=_ALL), legend="Step"),
-                Query(f"{per_job('kubetrain_train_step', sel=_ALL)} / {per_job('kubetrain_train_total_steps', sel=_ALL)}",
+                Query(per_job(M.STEP, sel=_ALL), legend="Step"),
+                Query(f"{per_job(M.STEP, sel=_ALL)} / {per_job(M.TOTAL_STEPS, sel=_ALL)}",
                       legend="Progress", unit="percentunit"),
-                Query(per_job("kubetrain_eta_seconds", sel=_ALL), legend="ETA", unit="s"),
-                Query(per_job("kubetrain_tokens_per_second", sel=_ALL), legend="Real tokens/s"),
-                Query(per_job("kubetrain_goodput_ratio", sel=_ALL), legend="Goodput", unit="percentunit"),
+                Query(per_job(M.ETA_SECONDS, sel=_ALL), legend="ETA", unit="s"),
+                Query(per_job(M.TOKENS_PER_SECOND, sel=_ALL), legend="Real tokens/s"),
+                Query(per_job(M.GOODPUT, sel=_ALL), legend="Goodput", unit="percentunit"),
                 Query(checkpoint_age(_ALL), legend="Last checkpoint age", unit="s"),
                 height=10),
         )),

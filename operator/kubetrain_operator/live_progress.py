@@ -7,13 +7,14 @@ answers. Best effort with a short timeout: a missed scrape only delays status.st
 from __future__ import annotations
 
 import urllib.request
-from datetime import UTC, datetime
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetrain.api import CheckpointRef, step_dir_name
+from kubetrain.contracts import TrainerMetric as M
+from kubetrain.contracts import timestamp
 
-from .reconcile import Progress
+from .records import Progress
 
 TIMEOUT_S = 1.0
 
@@ -25,14 +26,14 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 
 def progress_from_metrics(values: dict[str, float], checkpoint_prefix: str) -> Progress | None:
-    if "kubetrain_train_step" not in values:
+    if M.STEP not in values:
         return None
-    step = int(values["kubetrain_train_step"])
+    step = int(values[M.STEP])
     ckpt = None
-    ckpt_step = values.get("kubetrain_last_checkpoint_step")
-    ckpt_time = values.get("kubetrain_last_checkpoint_timestamp_seconds")
+    ckpt_step = values.get(M.LAST_CHECKPOINT_STEP)
+    ckpt_time = values.get(M.LAST_CHECKPOINT_TIMESTAMP)
     if ckpt_step and ckpt_time:
-        when = datetime.fromtimestamp(ckpt_time, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        when = timestamp(ckpt_time)
         ckpt = CheckpointRef(step=int(ckpt_step), uri=f"{checkpoint_prefix}/{step_dir_name(int(ckpt_step))}", time=when)
     return Progress(step, ckpt)
 

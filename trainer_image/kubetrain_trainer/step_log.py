@@ -1,4 +1,4 @@
-"""Progress reporting (log line + metrics) and early stopping, kept out of the loop body."""
+"""The step log (log line + metrics of each logging window) and early stopping, kept out of the loop body."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import torch
 
 from kubetrain.api import EarlyStoppingSpec
 
-from .checkpoint import TrainState
+from .checkpoint_state import TrainState
 from .data import StepBatches
 from .distributed import Runtime, all_reduce
 from .metrics import TrainerMetrics
 
-log = logging.getLogger("kubetrain.progress")
+log = logging.getLogger("kubetrain.progress")  # the name users grep for
 
 
 def format_duration(seconds: float) -> str:
@@ -72,7 +72,7 @@ def window_fingerprint(steps: list[str]) -> str:
     return steps[0] if len(steps) == 1 else hashlib.blake2s("".join(steps).encode(), digest_size=4).hexdigest()
 
 
-class ProgressLog:
+class StepLog:
     """Accumulates a logging window on device; one all-reduce per flush, none per step."""
 
     def __init__(self, rt: Runtime, metrics: TrainerMetrics | None, total_steps: int, state: TrainState,

@@ -1,0 +1,51 @@
+"""The records a reconcile reads and writes: what it observed, and the plan it decided on.
+
+`reconcile.plan` turns an `Observed` into a `Plan`; `kube.Kube` gathers the one and applies the other;
+`live_progress` and the trainer's termination reports supply `Progress`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from kubetrain.api import CheckpointRef
+from kubetrain.termination import TrainerReport
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the trainer says about itself (termination message or a /metrics scrape)."""
+
+    step: int | None = None
+    checkpoint: CheckpointRef | None = None
+
+
+@dataclass
+class Observed:
+    job: dict  # the TrainingJob as the API returns it
+    pods: list[dict]  # every pod labelled with the job's name
+    has_service: bool
+    now: datetime
+    live: Progress | None = None  # scraped from rank 0's /metrics while running
+    # Trainer reports seen on pod watch events: a pod deleted right after it terminated (suspend, restart)
+    # may be gone before a reconcile lists it, and its report is the newest checkpoint.
+    reports: list[TrainerReport] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    create: list[dict] = field(default_factory=list)  # in order: ConfigMap, Service, Pods
+    replace_config: dict | None = None  # a new attempt runs the current spec
+    delete_pods: list[dict] = field(default_factory=list)  # pods (uid preconditions) to delete gracefully
+    status: dict | None = None  # the full new status, or None if unchanged
+    events: list[Event] = field(default_factory=list)
+    delete_job: bool = False  # ttlSecondsAfterFinished passed
+    requeue_after: float | None = None

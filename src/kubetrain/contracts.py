@@ -1,0 +1,112 @@
+"""What the trainer, the operator and the dashboards agree on, defined once.
+
+Phases and condition reasons (status.phase, status.conditions[].reason, Event reasons), the
+timestamp format of status fields and manifests, and the names of the trainer's and the operator's
+Prometheus series (queried by the operator's live-progress scrape, the dashboards and the alerts).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+
+RFC3339 = "%Y-%m-%dT%H:%M:%SZ"  # Kubernetes' timestamps: UTC, whole seconds
+
+
+def timestamp(moment: datetime | float | None = None) -> str:
+    """RFC 3339 UTC with seconds, as Kubernetes writes them: now, a datetime or a Unix time."""
+    if moment is None:
+        moment = datetime.now(UTC)
+    elif isinstance(moment, int | float):
+        moment = datetime.fromtimestamp(moment, UTC)
+    return moment.astimezone(UTC).strftime(RFC3339)
+
+
+def parse_timestamp(value: str | None) -> datetime | None:
+    return datetime.strptime(value, RFC3339).replace(tzinfo=UTC) if value else None
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+TERMINAL_PHASES = (Phase.SUCCEEDED, Phase.FAILED)
+
+
+class Reason(StrEnum):
+    """Reasons of the TrainingJob's conditions and Events (what `kubectl describe tj` shows)."""
+
+    GROUP_CREATED = "GroupCreated"
+    CREATED = "Created"
+    GROUP_RUNNING = "GroupRunning"
+    JOB_SUCCEEDED = "JobSucceeded"
+    PREEMPTED = "Preempted"
+    POD_FAILED = "PodFailed"
+    INVALID_SPEC = "InvalidSpec"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+    RESTARTED = "Restarted"
+    SUSPENDING = "Suspending"
+    JOB_SUSPENDED = "JobSuspended"
+    JOB_RESUMED = "JobResumed"
+    RESUMED = "Resumed"
+
+
+class CheckpointReason(StrEnum):
+    """Why a checkpoint was taken (manifest `reason`, metric label `reason`)."""
+
+    PERIODIC = "periodic"
+    PREEMPTION = "preemption"
+    FINAL = "final"
+
+
+class TrainerMetric(StrEnum):
+    """Series the trainer's rank 0 exports (prometheus_client adds `_total` to counters, `_bucket` ... to histograms)."""
+
+    STEP = "kubetrain_train_step"
+    TOTAL_STEPS = "kubetrain_train_total_steps"
+    EPOCH = "kubetrain_train_epoch"
+    LOSS = "kubetrain_train_loss"
+    LEARNING_RATE = "kubetrain_learning_rate"
+    GRAD_NORM = "kubetrain_grad_norm"
+    SAMPLES_PER_SECOND = "kubetrain_samples_per_second"
+    TOKENS_PER_SECOND = "kubetrain_tokens_per_second"
+    PADDING_RATIO = "kubetrain_padding_ratio"
+    MODEL_FLOPS = "kubetrain_model_flops_per_second"
+    MFU = "kubetrain_mfu_ratio"
+    ETA_SECONDS = "kubetrain_eta_seconds"
+    GOODPUT = "kubetrain_goodput_ratio"
+    EVAL_METRIC = "kubetrain_eval_metric"
+    LAST_CHECKPOINT_STEP = "kubetrain_last_checkpoint_step"
+    LAST_CHECKPOINT_TIMESTAMP = "kubetrain_last_checkpoint_timestamp_seconds"
+    CHECKPOINT_BYTES = "kubetrain_checkpoint_bytes"
+    CHECKPOINT_DURATION = "kubetrain_checkpoint_duration_seconds"  # histogram
+    CHECKPOINTS = "kubetrain_checkpoints"  # counter
+    CHECKPOINT_FAILURES = "kubetrain_checkpoint_failures"  # counter
+    CHECKPOINT_RETRIES = "kubetrain_checkpoint_retries"  # counter
+    CHECKPOINTS_SUPERSEDED = "kubetrain_checkpoints_superseded"  # counter
+    SAMPLES = "kubetrain_train_samples"  # counter
+    TOKENS = "kubetrain_train_tokens"  # counter
+    RESUMED_FROM_STEP = "kubetrain_resumed_from_step"
+    WORLD_SIZE = "kubetrain_world_size"
+
+
+class OperatorMetric(StrEnum):
+    """Series the operator exports (fleet-wide, no per-job labels)."""
+
+    JOBS = "kubetrain_operator_jobs"
+    RESTARTS = "kubetrain_operator_restarts_total"
+    PREEMPTIONS = "kubetrain_operator_preemptions_total"
+    RECONCILE_DURATION = "kubetrain_operator_reconcile_duration_seconds"  # histogram
+    RECONCILE_ERRORS = "kubetrain_operator_reconcile_errors_total"
+    PHASE_TRANSITIONS = "kubetrain_operator_phase_transitions_total"
+
+
+def total(counter: str) -> str:
+    """The exported name of a counter (prometheus_client appends `_total`)."""
+    return counter if counter.endswith("_total") else f"{counter}_total"

@@ -1,0 +1,167 @@
+"""The composition root: every component of a run is built here, in one place, into a typed `Run`.
+
+`build_run` reads and tokenizes the data, builds the model, optimizer, scheduler, scaler, metrics
+and checkpointer, and restores the newest checkpoint into them. `prepare` then wraps the model for
+training (packing, DDP, torch.compile) and returns the module to train with, its batcher and its
+step graphs. `loop.train(run)` only runs the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from kubetrain.api import TrainingJob
+
+from . import data as D
+from .batching import DeviceBatcher
+from .checkpoint import Checkpointer, reserve_pinned_memory
+from .checkpoint_state import CheckpointContent, Group, ModelWeights, RankRNG, TrainState
+from .checkpoint_store import CheckpointInfo, CheckpointStore
+from .compile import compile_for_training
+from .distributed import Runtime, configure_determinism, init_distributed, seed_everything
+from .graphs import StepGraphs, one_batch_per_shape, one_sample_per_shape
+from .metrics import TrainerMetrics
+from .model import build_model, load_tokenizer
+from .optim import build_optimizer, build_scheduler
+from .packing import PackedBatcher, PackedModel, position_offset
+from .storage import open_storage
+from .tasks import Task, task_for
+
+log = logging.getLogger("kubetrain.build")
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Where this process puts things; the TrainingJob says what to train."""
+
+    work_dir: Path
+    checkpoint_prefix_uri: str  # <checkpoint.uri>/<namespace>/<job>
+    metrics_port: int | None
+    metrics_addr: str = "0.0.0.0"
+
+
+@dataclass
+class Run:
+    """Everything one worker trains with. `model` is the raw model: saved, evaluated, and wrapped by `prepare`."""
+
+    job: TrainingJob
+    opts: RunOptions
+    rt: Runtime
+    task: Task
+    tokenizer: object
+    train_set: D.Encoded
+    eval_set: D.Encoded | None
+    eval_batches: list[list[int]]  # this rank's share
+    schedule: D.TrainSchedule
+    total_steps: int
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    metrics: TrainerMetrics | None  # rank 0 only
+    checkpointer: Checkpointer
+    state: TrainState
+    resumed_from: CheckpointInfo | None
+
+
+@dataclass
+class Prepared:
+    """The module `train_step` runs (packed, DDP, compiled as configured), how batches reach it, and its graphs."""
+
+    module: torch.nn.Module
+    batcher: DeviceBatcher | PackedBatcher
+    graphs: StepGraphs | None
+
+
+def autocast_for(precision: str, device: torch.device):
+    dtype = AUTOCAST_DTYPES[precision]
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def build_run(job: TrainingJob, opts: RunOptions) -> Run:
+    spec, t = job.spec, job.spec.training
+    task = task_for(spec.model.task)
+    rt = init_distributed()
+    configure_determinism(t.deterministic)
+    s3 = {"endpoint": spec.checkpoint.endpoint, "region": spec.checkpoint.region}
+    cache_dir = opts.work_dir / "cache"
+
+    # data: every rank reads and tokenizes the same rows; the plan decides who trains on what
+    tokenizer = load_tokenizer(spec.model, cache_dir, **s3)
+    train_rows = D.read_rows(spec.data.train, spec.data.format, **s3)
+    labels = task.label_vocabulary(train_rows, spec.data, spec.model, spec.data.train)
+    train_set = task.encode(train_rows, tokenizer, spec.data, spec.data.train, labels)
+    eval_set = None
+    if spec.data.eval:
+        eval_set = task.encode(D.read_rows(spec.data.eval, spec.data.format, **s3), tokenizer, spec.data, spec.data.eval, labels)
+    schedule = D.TrainSchedule(train_set, spec.data, task, t.seed, rt.world_size, t.gradient_accumulation)
+    total_steps = schedule.total_steps(t.epochs, t.max_steps)
+    eval_batches = (D.plan_eval(eval_set.lengths, spec.data.max_tokens_per_batch, spec.data.max_samples_per_batch)
+                    [rt.rank :: rt.world_size] if eval_set else [])
+
+    # model and optimizer: same init on every rank, then per-rank dropout streams
+    seed_everything(t.seed)
+    model = build_model(spec.model, task, tokenizer, cache_dir, **s3).to(rt.device)
+    optimizer = build_optimizer(model, t, rt.device)
+    scheduler = build_scheduler(optimizer, t, total_steps)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=t.precision == "fp16")
+    seed_everything(t.seed + rt.rank)
+
+    # checkpoints: what they hold, where they go, and the newest one restored into it all
+    lora = spec.model.lora is not None
+    metrics = TrainerMetrics() if rt.is_main else None
+    state = TrainState()
+    content = CheckpointContent()
+    content.register("model.pt", ModelWeights(model, lora))
+    content.register("optimizer.pt", optimizer)
+    content.register("training.pt", Group(scheduler=scheduler, scaler=scaler, rng=RankRNG(rt)))
+    content.register("state.json", state)
+    storage, prefix = open_storage(opts.checkpoint_prefix_uri, **s3)
+    store = CheckpointStore(storage, prefix, keep=spec.checkpoint.keep, attempts=spec.checkpoint.upload_attempts,
+                            on_retry=metrics.checkpoint_retries.inc if metrics else None)
+    checkpointer = Checkpointer(store, opts.work_dir, rt, metrics, content, state)
+    if rt.is_main:  # only rank 0 snapshots; pay for fresh pinned memory now, not at the first checkpoint
+        reserve_pinned_memory(model, lora=lora)
+    resumed_from = checkpointer.restore()
+    if resumed_from:
+        log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", resumed_from.uri, state.step, state.epoch, state.cursor)
+
+    return Run(job, opts, rt, task, tokenizer, train_set, eval_set, eval_batches, schedule, total_steps, model, optimizer,
+               scheduler, scaler, autocast_for(t.precision, rt.device), metrics, checkpointer, state, resumed_from)
+
+
+def prepare(run: Run) -> Prepared:
+    """Wrap the model for training: packed rows, DDP, torch.compile; then the batcher and the step graphs."""
+    spec, t, rt = run.job.spec, run.job.spec.training, run.rt
+    module = PackedModel(run.model, run.task, max_segment=spec.data.max_length) if spec.data.packing else run.model
+    if spec.data.packing and rt.device.type == "cuda" and t.precision == "fp32":
+        log.warning("packing with precision fp32 attends through a dense block mask (memory grows with the row length "
+                    "squared); flash attention needs bf16 or fp16")
+    if rt.world_size > 1:
+        module = DistributedDataParallel(module, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    compiled = compile_for_training(module, t.compile, spec.data, world_size=rt.world_size, grad_accum=t.gradient_accumulation,
+                                    device=rt.device, precision=t.precision)
+    pad_id = run.tokenizer.pad_token_id
+    if spec.data.packing:
+        batcher = PackedBatcher(run.train_set, pad_id, rt.device, run.task, position_offset(run.model), compiled.shapes)
+    else:
+        batcher = DeviceBatcher(run.train_set, pad_id, rt.device, compiled.shapes)
+    graphs = None
+    if compiled.step_graphs:  # capture every batch shape now, not as stalls mid-training
+        graphs = StepGraphs(compiled.module, run.optimizer, task=run.task, autocast_dtype=AUTOCAST_DTYPES[t.precision],
+                            max_grad_norm=t.max_grad_norm, device=rt.device)
+        graphs.prepare(batcher, one_batch_per_shape(batcher.shape, run.schedule.plan(run.state.epoch)) if spec.data.packing
+                       else one_sample_per_shape(batcher, compiled.shapes.width))
+    return Prepared(compiled.module, batcher, graphs)

@@ -1,0 +1,134 @@
+"""What a checkpoint holds: a registry of Stateful components, one file each, built by the composition root.
+
+A component has `state_dict()` and `load_state_dict(state)` (torch's Stateful protocol, which
+torch.distributed.checkpoint also speaks). Every rank calls `state_dict()` at a save, so a
+component may run collectives there (the RNG streams are gathered to rank 0; sharded state will
+gather or write shards); rank 0 writes what it returns. A file name ending in `.json` is written as
+JSON, any other with torch.save and read back with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from .distributed import Runtime, gather_objects, rng_state, set_rng_state
+from .model import load_trainable_state, trainable_state_dict
+
+log = logging.getLogger("kubetrain.checkpoint")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Loop position and bookkeeping that must survive a restart."""
+
+    step: int = 0
+    epoch: int = 0
+    cursor: int = 0  # micro-batches of `epoch` already consumed
+    samples_seen: int = 0
+    tokens_seen: int = 0
+    productive_seconds: float = 0.0  # time inside training steps, over all restarts
+    first_start_time: float = dataclasses.field(default_factory=time.time)
+    best_metric: float | None = None
+    evals_without_improvement: int = 0
+    last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+
+
+class ModelWeights:
+    """The trained weights: all of them, or only what LoRA trains (the frozen base is rebuilt from spec.model)."""
+
+    def __init__(self, model: torch.nn.Module, lora: bool):
+        self.model, self.lora = model, lora
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return trainable_state_dict(self.model, self.lora)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_trainable_state(self.model, state, self.lora)
+
+
+class RankRNG:
+    """Every rank's RNG streams (dropout, data): gathered to rank 0 on save, each rank's own put back.
+
+    A checkpoint from another world size keeps the data position; the streams are then reseeded.
+    """
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+
+    def state_dict(self) -> list[dict] | None:
+        return gather_objects(rng_state())  # collective
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        if len(states) == self.rt.world_size:
+            set_rng_state(states[self.rt.rank])
+        else:
+            log.warning("world size changed %d -> %d: RNG streams reseeded, data position kept", len(states), self.rt.world_size)
+
+
+class Group:
+    """Several components in one file, under their names (e.g. scheduler, scaler and RNG in training.pt)."""
+
+    def __init__(self, **parts: Stateful):
+        self.parts = parts
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+
+
+class CheckpointContent:
+    """The registry: file name -> component. The composition root registers; the checkpointer saves and loads."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, Stateful] = {}
+
+    def register(self, file: str, component: Stateful) -> None:
+        if file in self._files:
+            raise ValueError(f"checkpoint file {file!r} registered twice")
+        self._files[file] = component
+
+    def __iter__(self) -> Iterator[tuple[str, Stateful]]:
+        return iter(self._files.items())
+
+    def state_dicts(self) -> dict[str, Any]:
+        """Collective: every rank must call it. The values reference live tensors (snapshot them before training on)."""
+        return {file: component.state_dict() for file, component in self}
+
+    @staticmethod
+    def write(file: str, state: Any, path: Path) -> None:
+        if file.endswith(".json"):
+            path.write_text(json.dumps(state, indent=1))
+        else:
+            torch.save(state, path)
+
+    def load(self, paths: dict[str, Path]) -> None:
+        """Load every registered component from its downloaded file, in registration order."""
+        for file, component in self:
+            if file.endswith(".json"):
+                component.load_state_dict(json.loads(paths[file].read_text()))
+            else:
+                component.load_state_dict(torch.load(paths[file], map_location="cpu", weights_only=True))
