@@ -15,8 +15,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-import tiny  # noqa: E402  (the tests' helpers: tokenizer training, job documents)
+from kubetrain_testkit import tiny  # tokenizer training, job documents
 
 ROBERTA_BASE = {"model_type": "roberta", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
                 "intermediate_size": 3072, "max_position_embeddings": 514, "type_vocab_size": 1}

@@ -9,7 +9,7 @@ Runs kubetrain's real training loop in this process on a tiny BERT, bf16, and ch
 3. graphs were used: the trainer logged its captures.
 With `--packing` every run uses `spec.data.packing`, and a fourth check compares the packed model (varlen
 flash attention) with the padded one (SDPA) on the same samples: loss and gradients, bf16, RoBERTa and GPT-2.
-Prints one JSON line; exits 1 if a check fails. `tests/test_step_graphs.py` runs it where CUDA exists.
+Prints one JSON line; exits 1 if a check fails. `tests/unit/test_step_graphs.py` runs it where CUDA exists.
 
     python bench/step_graphs_check.py [--work /tmp/step-graphs] [--steps 24] [--packing]
 """
@@ -29,8 +29,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-import tiny  # noqa: E402
+from kubetrain_testkit import tiny  # tokenizer training, job documents
 
 
 class Lines(logging.Handler):

@@ -1,17 +1,13 @@
-"""Shared fixtures."""
+"""Shared fixtures of every layer (unit, trainer, devcluster, operator, faults, packaging)."""
 
 from __future__ import annotations
 
-import sys
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from kubetrain_devcluster.s3 import S3Server
-
-sys.path.insert(0, str(Path(__file__).parent))  # so tests can `import tiny`
 
 
 @pytest.fixture(scope="session")

@@ -34,8 +34,9 @@ from kubernetes.client import ApiException
 
 from kubetrain_devcluster.apiserver import serve, write_kubeconfig
 from kubetrain.ports import free_port
+from kubetrain_testkit import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 CRD_FILE = ROOT / "crds" / "trainingjob.yaml"
 EXAMPLE = ROOT / "examples" / "trainingjob.yaml"
 GROUP, VERSION, PLURAL = "kubetrain.io", "v1alpha1", "trainingjobs"

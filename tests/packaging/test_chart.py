@@ -41,8 +41,8 @@ from kubetrain import crd
 from kubetrain.api import parse_training_job
 from kubetrain_operator import builders
 from kubetrain_operator.names import LABEL_JOB, LABEL_RANK
+from kubetrain_testkit import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "kubetrain"
 ALL_VALUES = CHART / "ci" / "all-enabled-values.yaml"
 TOOLS = REPO / ".venv" / "tools"

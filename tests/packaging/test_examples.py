@@ -10,8 +10,9 @@ import yaml
 
 from kubetrain.api import load_training_job
 from kubetrain_operator import builders
+from kubetrain_testkit import REPO
 
-EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 DEFAULTS = builders.ClusterDefaults("s3://cluster-default/ckpt", "s3-creds", None)
 
 

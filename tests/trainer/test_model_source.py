@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-import tiny
+from kubetrain_testkit import tiny
 from kubetrain_trainer.model import ModelSourceError, resolve_source
 
 

@@ -36,8 +36,8 @@ from kubetrain_operator import builders
 from kubetrain_operator.names import IMAGE_EXAMPLES_DIR
 
 from test_chart import CHART, run_checkov
+from kubetrain_testkit import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
 SRC_MOUNT = "/tmp/kubetrain-src"  # where the RUN --mount=type=bind puts the build context
 PIP_OPTIONS = {"--no-cache-dir"}  # all a Dockerfile pip install may add to the requirement specs

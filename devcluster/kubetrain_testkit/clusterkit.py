@@ -1,4 +1,4 @@
-"""Helpers for tests that drive a dev cluster (tests/test_operator_e2e.py, tests/test_faults.py):
+"""Helpers for tests that drive a dev cluster (tests/operator/test_operator_e2e.py, tests/faults/test_faults.py):
 jobs in, status, pods, Events, pod logs and S3 checkpoints out."""
 
 from __future__ import annotations
@@ -10,12 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import polling
-from prometheus import scrape
-import tiny
+from . import polling, tiny
+from .prometheus import scrape
 from kubetrain_devcluster.cluster import BUCKET, S3_SECRET, DevCluster
 
-REPO = Path(__file__).resolve().parents[1]
 NS = "default"
 KUBECTL = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
 

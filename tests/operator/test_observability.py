@@ -29,14 +29,14 @@ import pytest
 import torch
 import yaml
 
-import polling
-import tiny
+from kubetrain_testkit import polling
+from kubetrain_testkit import tiny
 from kubetrain.observability import JOB_LABEL, alerts, dashboards
 from kubetrain.observability.__main__ import generated_files
 from kubetrain.observability.__main__ import main as generate
-from prometheus import PrometheusServer, ScrapeJob, promtool
+from kubetrain_testkit.prometheus import PrometheusServer, ScrapeJob, promtool
+from kubetrain_testkit import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "kubetrain"
 RULES = CHART / alerts.RULE_FILE
 

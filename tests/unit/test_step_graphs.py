@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from kubetrain.api import DataSpec
 from kubetrain_trainer.compile import compile_for_training
+from kubetrain_testkit import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DATA = DataSpec.model_validate({"train": "x.jsonl", "maxLength": 128, "maxSamplesPerBatch": 32})
 
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 from kubetrain_devcluster.s3 import S3Server
 
-import tiny
-from prometheus import scrape
+from kubetrain_testkit import tiny
+from kubetrain_testkit.prometheus import scrape
 from kubetrain.ports import free_port
 
 pytestmark = pytest.mark.slow
@@ -251,7 +251,7 @@ def test_early_stopping_ends_the_job_and_a_rerun_trains_no_more(corpus, tmp_path
 def test_packed_batches_train_and_evaluate(task, corpus, tmp_path):
     """spec.data.packing through the real CLI: the budget counts real tokens, the LM's loss falls, eval runs padded.
 
-    That packed batches compute what padded ones do is tests/test_packing.py's job."""
+    That packed batches compute what padded ones do is tests/unit/test_packing.py's job."""
     # the LM with LoRA on one node; the classifier with LoRA (peft wraps the model) on 2 nodes (DDP over the packed model)
     extra = ({"model__lora": {"r": 4, "alpha": 8, "targetModules": ["c_attn"]}} if task == "causal-lm" else
              {"model__lora": {"r": 4, "alpha": 8, "targetModules": ["query", "value"]}, "nodes": 2})

@@ -11,12 +11,13 @@ from typing import Any
 import jsonschema
 import pytest
 
-from tiny import DELETE, set_path as _set
+from kubetrain_testkit.tiny import DELETE, set_path as _set
 
 from kubetrain import crd
 from kubetrain.api import SpecError, parse_training_job
+from kubetrain_testkit import REPO
 
-CRD_FILE = Path(__file__).resolve().parents[1] / "crds" / "trainingjob.yaml"
+CRD_FILE = REPO / "crds" / "trainingjob.yaml"
 REGENERATE = "python -m kubetrain.crd crds/trainingjob.yaml"
 
 

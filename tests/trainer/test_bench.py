@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
+from kubetrain_testkit import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_checkpoint_stall_benchmark_runs_and_reports_both_stalls(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from tiny import DELETE, set_path as _set
+from kubetrain_testkit.tiny import DELETE, set_path as _set
 
 from kubetrain.api import SpecError, TrainingJob, load_training_job, parse_training_job
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-import polling
+from kubetrain_testkit import polling
 
 from kubetrain_devcluster.dns import DnsPending, dns_table, parse_pod_dns_name, substitute_dns
 from kubetrain_devcluster.executor import ExecutorOptions, PodExecutor
@@ -36,6 +36,7 @@ from kubetrain_devcluster.podstatus import exit_code_and_signal, merge_condition
 from kubetrain_devcluster.scheduling import pod_fits_node
 from kubetrain_devcluster.volumes import PathRewriter, materialize_volumes, mount_paths
 from kubetrain.ports import free_port
+from kubetrain_testkit import REPO
 
 # ==================================================================================================
 # pure helpers
@@ -306,7 +307,6 @@ def test_ip_allocator_unique_loopback_never_host() -> None:
 # ==================================================================================================
 # end to end: API server + executor subprocesses, kubernetes client
 
-REPO = Path(__file__).resolve().parents[1]
 NODES = 3
 STARTUP_TIMEOUT = 30.0
 
