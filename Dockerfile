@@ -5,10 +5,11 @@
 #   docker build --target trainer  -t <registry>/kubetrain-trainer:0.1.0 .
 #
 # What gets installed is what the tests install. scripts/setup-venv runs
-#   pip install torch==2.13.0 -e '.[dev]'
-# and the dev extra includes the operator, trainer and examples extras of pyproject.toml; the pip
+#   pip install torch==2.13.0 -e '.[dev]' -e devcluster/
+# (devcluster/ is the dev cluster and test harness, never in an image) and the dev extra includes
+# the operator, trainer and examples extras of pyproject.toml; the pip
 # install lines below name only those extras and that torch pin, nothing else.
-# tests/test_dockerfile.py fails if they drift, and runs these exact pip commands (as --dry-run)
+# tests/packaging/test_dockerfile.py fails if they drift, and runs these exact pip commands (as --dry-run)
 # against the test environment: they must find every requirement already satisfied there.
 #
 # The source is bind-mounted for the install (read-write, discarded), so no source tree is left in

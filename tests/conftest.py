@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from kubetrain_devcluster.cluster import DevCluster
 from kubetrain_devcluster.s3 import S3Server
+from kubetrain_testkit.clusterkit import make_corpus
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +30,16 @@ def s3_bucket(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     return name
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, request) -> Iterator[DevCluster]:
+    """A 2-node dev cluster (API server, executor, operator, moto S3) for one test module."""
+    with DevCluster(tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2]), nodes=2) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    """The tiny sentiment corpus and tokenizer that the cluster tests' jobs train on."""
+    return make_corpus(tmp_path_factory.mktemp("corpus"))

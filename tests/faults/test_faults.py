@@ -32,12 +32,13 @@ import pytest
 import torch
 from kubernetes.client.exceptions import ApiException
 
-from kubetrain_testkit.clusterkit import (NS, assert_operator_calls_granted, create, events, kubectl, make_corpus, newest_step,
-                        operator_metrics, patch_spec, pod_logs, pods, rank0_logs, rank0_pod, s3_manifests, status,
-                        tiny_job, wait_for, wait_phase)
+from kubetrain.contracts import CheckpointReason
 from kubetrain_devcluster.cluster import BUCKET, DevCluster
-from kubetrain_testkit.prometheus import scrape
 from kubetrain_testkit import REPO
+from kubetrain_testkit.clusterkit import (NS, assert_operator_calls_granted, create, events, kubectl, newest_step,
+                                          operator_metrics, patch_spec, pod_logs, pods, rank0_logs, rank0_pod, s3_manifests,
+                                          status, tiny_job, wait_for, wait_phase)
+from kubetrain_testkit.prometheus import scrape
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.faults]
 
@@ -45,22 +46,11 @@ STEPS = 80  # every scenario's job, and the reference
 EVERY = 10  # checkpoint.everySteps
 S3_OUTAGE_SECONDS = 60
 # An emergency checkpoint's reason: "periodic" when the signal came at a save step (that save is the emergency one).
-EMERGENCY_REASONS = ("preemption", "periodic")
+EMERGENCY_REASONS = (CheckpointReason.PREEMPTION, CheckpointReason.PERIODIC)
 TABLE = REPO / "RELIABILITY.md"
 
 
 # ---------------------------------------------------------------- cluster, jobs, the reference
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with DevCluster(tmp_path_factory.mktemp("faults"), nodes=2) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict[str, Path]:
-    return make_corpus(tmp_path_factory.mktemp("corpus"))
-
 
 def job(cluster: DevCluster, corpus: dict, name: str, steps: int = STEPS, **overrides) -> dict:
     return tiny_job(cluster, corpus, name, training__maxSteps=steps, training__deterministic=True,

@@ -10,27 +10,15 @@ fault-injection suite, tests/faults/test_faults.py, with the same cluster set-up
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
-from kubetrain_testkit.clusterkit import (NS, assert_operator_calls_granted, create, events, kubectl, make_corpus, pod_logs, pods,
-                        s3_manifests, tiny_job, wait_phase)
-from kubetrain_devcluster.cluster import BUCKET, DevCluster
+from kubetrain_devcluster.cluster import BUCKET
 from kubetrain_testkit import REPO
+from kubetrain_testkit.clusterkit import (NS, assert_operator_calls_granted, create, events, kubectl, pod_logs, pods,
+                                          s3_manifests, tiny_job, wait_phase)
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with DevCluster(tmp_path_factory.mktemp("devcluster"), nodes=2) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict[str, Path]:
-    return make_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 # ---------------------------------------------------------------- the scenarios

@@ -29,8 +29,8 @@ def test_classification_counts_a_confusion_matrix_and_the_lm_nothing():
     logits, labels = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]]), torch.tensor([0, 1, 1])
     counts = cls.eval_counts(logits, labels, 2)
     assert counts.tolist() == [1.0, 0.0, 1.0, 1.0] and counts.numel() == cls.eval_count_size(2)
-    assert cls.eval_metrics(0.5, counts)["eval_accuracy"] == pytest.approx(2 / 3)
-    assert lm.eval_count_size(2) == 0 and set(lm.eval_metrics(0.0, torch.zeros(0))) == {"eval_loss", "eval_perplexity"}
+    assert cls.eval_metrics(0.5, counts, 2)["eval_accuracy"] == pytest.approx(2 / 3)
+    assert lm.eval_count_size(2) == 0 and set(lm.eval_metrics(0.0, torch.zeros(0), 2)) == {"eval_loss", "eval_perplexity"}
     assert (cls.targets(4, 40), lm.targets(4, 40)) == (4, 36)
 
 

@@ -36,4 +36,4 @@ def evaluate(model: torch.nn.Module, encoded: Encoded, batches: list[list[int]],
     totals = all_reduce(torch.cat([loss_sum.view(1), targets.view(1), counts]))  # one collective
     model.train(was_training)
     eval_loss = (totals[0] / totals[1].clamp(min=1)).item()
-    return task.eval_metrics(eval_loss, totals[2:])
+    return task.eval_metrics(eval_loss, totals[2:], num_labels)

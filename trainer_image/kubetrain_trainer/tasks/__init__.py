@@ -50,7 +50,7 @@ class Task(Protocol):
     def eval_counts(self, logits: torch.Tensor, labels: torch.Tensor | None, num_labels: int) -> torch.Tensor:
         """Counts this batch adds to the eval metrics: float64, `eval_count_size` of them."""
 
-    def eval_metrics(self, eval_loss: float, counts: torch.Tensor) -> dict[str, float]:
+    def eval_metrics(self, eval_loss: float, counts: torch.Tensor, num_labels: int) -> dict[str, float]:
         """The eval metrics from the loss and the counts summed over every batch and rank."""
 
     def check_packable(self, model_type: str) -> None:

@@ -61,7 +61,7 @@ class CausalLM:
     def eval_counts(self, logits, labels, num_labels: int) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.float64, device=logits.device)
 
-    def eval_metrics(self, eval_loss: float, counts: torch.Tensor) -> dict[str, float]:
+    def eval_metrics(self, eval_loss: float, counts: torch.Tensor, num_labels: int) -> dict[str, float]:
         return {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 700.0))}
 
     def check_packable(self, model_type: str) -> None:

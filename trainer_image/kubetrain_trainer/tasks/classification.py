@@ -58,9 +58,8 @@ class SequenceClassification:
         confusion.index_put_((labels, preds), torch.ones_like(preds, dtype=torch.float64), accumulate=True)
         return confusion.flatten()
 
-    def eval_metrics(self, eval_loss: float, counts: torch.Tensor) -> dict[str, float]:
-        labels = int(round(counts.numel() ** 0.5))
-        return {"eval_loss": eval_loss, **classification_metrics(counts.view(labels, labels).cpu())}
+    def eval_metrics(self, eval_loss: float, counts: torch.Tensor, num_labels: int) -> dict[str, float]:
+        return {"eval_loss": eval_loss, **classification_metrics(counts.view(num_labels, num_labels).cpu())}
 
     def check_packable(self, model_type: str) -> None:
         if model_type not in ROBERTA_STYLE | BERT_STYLE:
