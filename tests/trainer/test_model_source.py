@@ -39,3 +39,28 @@ def test_package_model_resolves_to_its_directory(tmp_path):
 def test_bad_package_location(location, message, tmp_path):
     with pytest.raises(ModelSourceError, match=message):
         resolve_source(location, tmp_path)
+
+
+@pytest.mark.parametrize("evil", ["../../outside.txt", "sub/../../outside.txt", "/abs/outside.txt", "a//b"])
+def test_an_s3_key_that_would_leave_the_cache_is_refused_and_nothing_is_written_outside(s3_server, s3_bucket, tmp_path, evil):
+    """A key under the prefix holding `..` (or absolute, or empty parts) must not write outside the download directory."""
+    client = s3_server.client()
+    client.put_object(Bucket=s3_bucket, Key="models/tok/config.json", Body=b"{}")
+    client.put_object(Bucket=s3_bucket, Key=f"models/tok/{evil}", Body=b"pwned")
+    cache = tmp_path / "deep" / "er" / "cache"
+    with pytest.raises(ModelSourceError, match="refusing object key"):
+        resolve_source(f"s3://{s3_bucket}/models/tok", cache)
+    assert [p for p in tmp_path.rglob("*.txt")] == []
+    assert not Path("/abs/outside.txt").exists()
+
+
+def test_path_inside_refuses_escapes_and_links(tmp_path):
+    from kubetrain_trainer.storage import path_inside
+
+    assert path_inside(tmp_path, "a/b.json") == tmp_path / "a" / "b.json"
+    for key in ("", "../x", "a/../../x", "/etc/passwd", "a/./b", "a\\\\b", "a//b"):
+        with pytest.raises(ValueError, match="invalid storage key"):
+            path_inside(tmp_path, key)
+    (tmp_path / "link").symlink_to(tmp_path.parent)
+    with pytest.raises(ValueError, match="leaves"):
+        path_inside(tmp_path, "link/x")

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from kubetrain.api import ModelSpec
 
-from .storage import open_storage
+from .storage import open_storage, path_inside
 from .tasks import Task
 
 log = logging.getLogger("kubetrain.model")
@@ -40,7 +40,14 @@ def resolve_source(location: str, cache_dir: Path, *, endpoint: str | None = Non
         if not keys:
             raise ModelSourceError(f"spec.model: {location}: no objects under this prefix")
         for key in keys:
-            target = dest / (key[len(base) + 1 :] if base else key)
+            relative = key[len(base) + 1 :] if base else key
+            if not relative or relative.endswith("/"):  # the prefix itself, or a "folder" marker
+                continue
+            try:
+                target = path_inside(dest, relative)
+            except ValueError:
+                raise ModelSourceError(f"spec.model: {location}: refusing object key {key!r}: it would be written "
+                                       f"outside the download directory") from None
             if not target.exists():
                 storage.get_file(key, target)
         return str(dest)

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote, urlparse
 
@@ -99,6 +99,21 @@ def _copy_from(src: Path) -> Any:
     return write
 
 
+def path_inside(root: Path, key: str) -> Path:
+    """Where `key` (a relative posix path) lands under `root`; refuses keys that would escape it.
+
+    A key from a listing is someone else's data: `..` parts, absolute keys, empty or `.` parts and
+    backslashes are refused, and the resolved path (links included) must stay inside `root`.
+    """
+    parts = key.split("/")
+    if not key or "\\" in key or "\x00" in key or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"invalid storage key: {key!r}")
+    path = root.joinpath(*parts)
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"invalid storage key: {key!r} leaves {root}")
+    return path
+
+
 class LocalStorage:
     """A directory as a key/value store (a PVC, a hostPath, or a temp dir in tests)."""
 
@@ -109,11 +124,7 @@ class LocalStorage:
         return f"LocalStorage({str(self.root)!r})"
 
     def _path(self, key: str) -> Path:
-        """Map a key to a path, refusing keys that would escape the root."""
-        parts = PurePosixPath(key).parts
-        if not key or PurePosixPath(key).is_absolute() or ".." in parts:
-            raise ValueError(f"invalid storage key: {key!r}")
-        return self.root.joinpath(*parts)
+        return path_inside(self.root, key)
 
     def put_file(self, local_path: Path, key: str) -> None:
         _atomic_write(self._path(key), _copy_from(Path(local_path)))
