@@ -103,9 +103,9 @@ def path_inside(root: Path, key: str) -> Path:
     """Where `key` (a relative posix path) lands under `root`; refuses keys that would escape it.
 
     A key from a listing is someone else's data: `..` parts, absolute keys, empty or `.` parts and
-    backslashes are refused, and the resolved path (links included) must stay inside `root`.
+    backslashes are refused (one trailing slash names a directory), and the resolved path (links included) must stay inside `root`.
     """
-    parts = key.split("/")
+    parts = key.removesuffix("/").split("/")  # "a/b/": the directory a/b
     if not key or "\\" in key or "\x00" in key or any(part in ("", ".", "..") for part in parts):
         raise ValueError(f"invalid storage key: {key!r}")
     path = root.joinpath(*parts)
