@@ -1,12 +1,16 @@
 """Live progress of a running group, read from rank 0's /metrics (the same endpoint Prometheus scrapes).
 
 Which pod hosts global rank 0 is decided by torchrun's rendezvous, so every pod IP is tried; only one
-answers. Best effort with a short timeout: a missed scrape only delays status.step.
+answers. Best effort and bounded, since a trainer pod is not trusted to answer well: each scrape has a
+total deadline, a body cap, and few run at once (the others skip), so a slow or huge /metrics cannot
+hold a reconcile or the operator's memory. A missed scrape only delays status.step.
 """
 
 from __future__ import annotations
 
-import urllib.request
+import socket
+import threading
+import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -16,7 +20,12 @@ from kubetrain.contracts import timestamp
 
 from .records import Progress
 
-TIMEOUT_S = 1.0
+TIMEOUT_S = 1.0  # to connect, and for each read
+DEADLINE_S = 2.0  # for the whole scrape of a group, every pod IP tried included
+MAX_BODY_BYTES = 1 << 20  # a trainer's /metrics is a few kB
+CHUNK_BYTES = 64 << 10
+CONCURRENT_SCRAPES = 4  # of the operator's reconcile workers, at most this many wait on trainers
+_slots = threading.BoundedSemaphore(CONCURRENT_SCRAPES)
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -38,13 +47,55 @@ def progress_from_metrics(values: dict[str, float], checkpoint_prefix: str) -> P
     return Progress(step, ckpt)
 
 
-def scrape(pod_ips: list[str], port: int, checkpoint_prefix: str) -> Progress | None:
-    for ip in pod_ips:
-        try:
-            with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=TIMEOUT_S) as resp:
-                found = progress_from_metrics(parse_metrics(resp.read().decode()), checkpoint_prefix)
-        except (OSError, ValueError):  # unreachable, or not the Prometheus text format
-            continue
-        if found:
-            return found
-    return None
+def scrape(pod_ips: list[str], port: int, checkpoint_prefix: str, deadline_s: float = DEADLINE_S) -> Progress | None:
+    if not _slots.acquire(timeout=0.1):
+        return None  # enough reconciles are waiting on trainers already: this one goes on without progress
+    try:
+        deadline = time.monotonic() + deadline_s
+        for ip in pod_ips:
+            body = fetch_metrics(ip, port, deadline)
+            if body is None:
+                continue
+            try:
+                found = progress_from_metrics(parse_metrics(body), checkpoint_prefix)
+            except ValueError:  # not the Prometheus text format
+                continue
+            if found:
+                return found
+        return None
+    finally:
+        _slots.release()
+
+
+def fetch_metrics(host: str, port: int, deadline: float) -> str | None:
+    """GET /metrics over HTTP/1.0 with a hard deadline (time.monotonic()) and a size cap; None on any failure.
+
+    A plain socket, not urllib: every wait is bounded by what is left of the deadline, headers included
+    (http.client would wait TIMEOUT_S per byte of a trickled header, without end).
+    """
+    received, size = [], 0
+    try:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        with socket.create_connection((host, port), timeout=min(TIMEOUT_S, left)) as sock:
+            sock.sendall(f"GET /metrics HTTP/1.0\r\nHost: {host}\r\nAccept: text/plain\r\n\r\n".encode())
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                sock.settimeout(min(TIMEOUT_S, left))
+                chunk = sock.recv(CHUNK_BYTES)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > MAX_BODY_BYTES + CHUNK_BYTES:  # the body cap, with room for the headers
+                    return None
+                received.append(chunk)
+    except OSError:
+        return None
+    head, _, body = b"".join(received).partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0].split()
+    if len(status) < 2 or status[1] != b"200" or len(body) > MAX_BODY_BYTES:
+        return None
+    return body.decode("utf-8", errors="replace")

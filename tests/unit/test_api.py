@@ -264,3 +264,22 @@ def test_yaml11_float_strings_are_numbers(tmp_path: Path) -> None:
     doc = minimal()
     doc["spec"]["training"] = {"learningRate": "fast"}
     assert any(line.startswith("spec.training.learningRate: ") for line in error_lines(doc))
+
+
+@pytest.mark.parametrize("config, why", [
+    ({"model_type": "bert", "trust_remote_code": True}, "'trust_remote_code' is a loader option"),
+    ({"model_type": "bert", "token": "hf_x"}, "'token' is a loader option"),
+    ({"model_type": "bert", "revision": "main"}, "'revision' is a loader option"),
+    ({"model_type": "bert", "proxies": "http://x"}, "'proxies' is a loader option"),
+    ({"model_type": "bert", "_commit_hash": "x"}, "not a config attribute name"),
+    ({"model_type": "bert", "rope_scaling": {"type": "linear"}}, "spec.model.config.rope_scaling"),
+    ({"model_type": "bert", "layers": [1, 2]}, "spec.model.config.layers"),
+    ({f"k{i}": 1 for i in range(257)}, "at most 256 items"),
+])
+def test_model_config_holds_config_values_only(config, why):
+    doc = minimal()
+    _set("spec.model.config", config)(doc)
+    assert any(why in line for line in error_lines(doc)), error_lines(doc)
+    ok = {"model_type": "bert", "hidden_size": 32, "hidden_dropout_prob": 0.1, "is_decoder": False, "hidden_act": "gelu"}
+    _set("spec.model.config", ok)(doc)
+    assert parse_training_job(doc).spec.model.config == ok

@@ -89,6 +89,8 @@ def test_schema_is_structural() -> None:
         assert not FORBIDDEN & set(node), f"{path}: {sorted(FORBIDDEN & set(node))}"
         if node.get("x-kubernetes-int-or-string"):
             assert "type" not in node, path
+        elif "type" not in node:  # the other untyped node Kubernetes allows: any value, kept as written
+            assert node.get("x-kubernetes-preserve-unknown-fields") and not {"properties", "items"} & set(node), path
         else:
             assert node.get("type") in TYPES, f"{path} has no valid type: {node}"
         if node.get("type") == "array":
@@ -143,8 +145,10 @@ def test_optional_map_and_union_fields() -> None:
     assert node_at(".spec.resources.limits.*") == {"x-kubernetes-int-or-string": True}
     assert node_at(".spec.nodeSelector") == {"type": "object", "additionalProperties": {"type": "string"}}
     config = node_at(".spec.model.config")
-    assert config["type"] == "object" and config["x-kubernetes-preserve-unknown-fields"] is True
-    assert config["nullable"] is True
+    # a flat map of scalars, bounded: no free-form subtree (a deeply nested one crashed kopf's JSON parsing)
+    assert config["type"] == "object" and "x-kubernetes-preserve-unknown-fields" not in config
+    assert config["nullable"] is True and config["maxProperties"] == 256
+    assert config["additionalProperties"] == {"x-kubernetes-preserve-unknown-fields": True}
 
     lora = node_at(".spec.model.lora")  # Optional[model]: inlined, nullable, no `default: null`
     assert lora["type"] == "object" and lora["nullable"] is True and "default" not in lora

@@ -15,6 +15,9 @@ from .storage import open_storage, path_inside
 from .tasks import Task
 
 log = logging.getLogger("kubetrain.model")
+# Nothing a model repository ships may run here: no remote code (auto_map modules), and transformers
+# loads safetensors where present and other weights with torch.load(weights_only=True).
+NO_REMOTE_CODE = {"trust_remote_code": False}
 
 
 class ModelSourceError(ValueError):
@@ -55,7 +58,7 @@ def resolve_source(location: str, cache_dir: Path, *, endpoint: str | None = Non
 
 
 def load_tokenizer(spec: ModelSpec, cache_dir: Path, **s3):
-    tokenizer = AutoTokenizer.from_pretrained(resolve_source(spec.tokenizer or spec.name, cache_dir, **s3))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_source(spec.tokenizer or spec.name, cache_dir, **s3), **NO_REMOTE_CODE)
     if tokenizer.pad_token is None:
         # Causal LMs often ship no pad token; padded positions are masked out of attention and loss.
         tokenizer.pad_token = tokenizer.eos_token
@@ -70,9 +73,9 @@ def build_model(spec: ModelSpec, task: Task, tokenizer, cache_dir: Path, **s3) -
     if spec.name is not None:
         source = resolve_source(spec.name, cache_dir, **s3)
         overrides.pop("model_type", None)
-        config = AutoConfig.from_pretrained(source, **task_kwargs, **overrides)
+        config = AutoConfig.from_pretrained(source, **NO_REMOTE_CODE, **task_kwargs, **overrides)
         config.pad_token_id = tokenizer.pad_token_id
-        model = auto.from_pretrained(source, config=config, dtype=torch.float32)
+        model = auto.from_pretrained(source, config=config, dtype=torch.float32, **NO_REMOTE_CODE)
     else:
         model_type = overrides.pop("model_type")
         overrides.setdefault("vocab_size", len(tokenizer))
