@@ -123,9 +123,9 @@ def operator_metrics(cluster: DevCluster) -> dict[str, float]:
 
 def assert_operator_calls_granted(cluster: DevCluster) -> None:
     """Every (group, resource, verb) the running operator (kopf included) sent, per the API server's audit
-    log, is granted by the chart's ClusterRole. test_chart.py derives the rules from the code; this checks
+    log, is granted by the chart's ClusterRole. tests/packaging/test_chart.py derives the rules from the code; this checks
     them against what really went over the wire, so a call hidden in a library cannot slip through."""
-    from test_chart import by_kind, granted, helm_binary, render
+    from .chart import by_kind, granted, helm_binary, render
 
     (role,) = by_kind(render(helm_binary()), "ClusterRole")
     allowed = granted(role["rules"])

@@ -7,8 +7,11 @@ snake_case in Python.
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import unicodedata
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
@@ -51,6 +54,43 @@ IMAGE_REF = (r"^([a-zA-Z0-9.-]+(:[0-9]+)?/)?[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]
 # Paths, URIs and names that end up in a pod's args: no control characters and nothing a shell would
 # act on. Pods run without a shell, so this is defence in depth, and a clear error for a pasted typo.
 SAFE_TEXT = r"^[^\x00-\x1f\x7f;&|$`<>\\'\"]+$"
+# Bounds on a TrainingJob as text (kube-apiserver's own request limit is 3 MiB; a job is a few kB).
+MAX_YAML_BYTES = 1 << 20
+MAX_DEPTH = 32  # nesting of mappings and lists; the schema's deepest field is at 6
+# Characters that forge text where a person reads it (status messages, Events, logs): controls, format
+# characters (bidi overrides, zero-width) and the Unicode line and paragraph separators.
+FORGING_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def check_text(value: Any, path: str, depth: int = 0) -> None:
+    """Refuse nesting past MAX_DEPTH and forging characters anywhere in keys or values, naming the path."""
+    if depth > MAX_DEPTH:
+        raise SpecError(f"{path}: nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, path, depth + 1)
+            check_text(item, f"{path}.{key}", depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_text(item, f"{path}[{i}]", depth + 1)
+    elif isinstance(value, str):
+        bad = next((c for c in value if unicodedata.category(c) in FORGING_CATEGORIES), None)
+        if bad is not None:
+            raise SpecError(f"{path}: contains {unicodedata.name(bad, 'a control character')} (U+{ord(bad):04X}), "
+                            "which can forge what a person reads")
+
+
+def check_location(value: str | None) -> str | None:
+    """A path or URI field: no `..` segment in a remote URI, no `~` (it is never expanded)."""
+    if value is None:
+        return value
+    if "://" in value and ".." in value.split("://", 1)[1].split("/"):
+        raise ValueError("a remote URI may not hold '..' segments")
+    if value.startswith("~"):
+        raise ValueError("'~' is not expanded here: write the absolute path")
+    return value
+
+
 # spec.model.config: transformers config values only. Loader options passed the same way would reach
 # from_pretrained (trust_remote_code runs the model repository's code; token, revision, proxies, ...).
 CONFIG_KEY = r"^[A-Za-z][A-Za-z0-9_]{0,127}$"  # a config attribute; `_private` loader internals refused
@@ -148,6 +188,8 @@ class ModelSpec(_Model):
     num_labels: int = Field(2, ge=2, le=100000, description="Classes (sequence-classification).")
     lora: LoraSpec | None = None
 
+    _locations = field_validator("name", "tokenizer")(check_location)
+
     @field_validator("config")
     @classmethod
     def _config_values_only(cls, config: dict[str, ConfigValue] | None) -> dict[str, ConfigValue] | None:
@@ -173,6 +215,7 @@ class DataSpec(_Model):
     train: str = Field(..., min_length=1, max_length=4096, pattern=SAFE_TEXT,
                        description="JSONL or CSV file: local path or s3://.")
     eval: str | None = Field(None, min_length=1, max_length=4096, pattern=SAFE_TEXT, description="Held-out JSONL or CSV file.")
+    _locations = field_validator("train", "eval")(check_location)
     format: Literal["auto", "jsonl", "csv"] = "auto"
     text_field: str = Field("text", min_length=1, max_length=256, pattern=SAFE_TEXT)
     text_pair_field: str | None = Field(None, min_length=1, max_length=256, pattern=SAFE_TEXT,
@@ -256,6 +299,26 @@ class CheckpointSpec(_Model):
     endpoint: str | None = Field(None, max_length=2048, pattern=r"^https?://[^\x00-\x20\x7f;&|$`<>\\'\"]+$",
                                  description="S3 endpoint URL.")
     region: str | None = Field(None, pattern=r"^[a-z0-9-]{1,64}$")
+
+    _location = field_validator("uri")(check_location)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _plain_endpoint(cls, endpoint: str | None) -> str | None:
+        """No credentials in the URL (it is copied into the ConfigMap and error messages), no link-local host
+        (the cloud metadata service)."""
+        if endpoint is None:
+            return endpoint
+        parts = urlsplit(endpoint)
+        if "@" in parts.netloc:
+            raise ValueError("credentials in the endpoint URL are refused: put them in the s3Secret")
+        try:
+            host = ipaddress.ip_address(parts.hostname or "")
+        except ValueError:
+            return endpoint  # a host name
+        if host.is_link_local:
+            raise ValueError(f"{host} is a link-local address (the cloud metadata service), not an S3 endpoint")
+        return endpoint
 
 
 class MetricsSpec(_Model):
@@ -363,17 +426,47 @@ def parse_training_job(obj: Any) -> TrainingJob:
     """Validate a decoded TrainingJob; raise SpecError naming every bad field."""
     if not isinstance(obj, dict):
         raise SpecError(f"(document): expected a TrainingJob mapping, got {type(obj).__name__}")
+    check_text(obj.get("spec"), "spec")  # not status: the operator's own messages carry pods' tracebacks
     try:
         return TrainingJob.model_validate(obj)
     except ValidationError as err:
         raise SpecError(format_validation_error(err)) from None
 
 
+class StrictYamlLoader(yaml.SafeLoader):
+    """YAML as a TrainingJob needs it: no anchors or aliases (an alias bomb expands to gigabytes), no
+    duplicate keys (the last one would silently win), and nesting bounded by MAX_DEPTH."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"line {event.start_mark.line + 1}: anchors and aliases are not allowed")
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.YAMLError(f"line {self.peek_event().start_mark.line + 1}: nested deeper than {MAX_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.YAMLError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_training_job(path: str) -> TrainingJob:
     """Read and validate a TrainingJob YAML file (the one `kubectl apply -f` takes)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            docs = [d for d in yaml.safe_load_all(f) if d is not None]
+        with open(path, "rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)
+        if len(raw) > MAX_YAML_BYTES:
+            raise SpecError(f"{path}: larger than {MAX_YAML_BYTES // 1024} KiB; a TrainingJob is a few kB")
+        docs = [d for d in yaml.load_all(raw.decode("utf-8"), Loader=StrictYamlLoader) if d is not None]
     except OSError as err:
         raise SpecError(f"{path}: cannot read: {err.strerror}") from None
     except yaml.YAMLError as err:

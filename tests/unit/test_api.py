@@ -283,3 +283,50 @@ def test_model_config_holds_config_values_only(config, why):
     ok = {"model_type": "bert", "hidden_size": 32, "hidden_dropout_prob": 0.1, "is_decoder": False, "hidden_act": "gelu"}
     _set("spec.model.config", ok)(doc)
     assert parse_training_job(doc).spec.model.config == ok
+
+
+@pytest.mark.parametrize("text, why", [
+    ("a: &x [1, 2]\nb: *x\n", "anchors and aliases are not allowed"),
+    ("lol: &a [x, x]\nl2: &b [*a, *a, *a]\nl3: [*b, *b, *b]\n", "anchors and aliases are not allowed"),
+    (MINIMAL_YAML + "spec: {}\n", "duplicate key 'spec'"),
+    ("a: " + "[" * 900 + "]" * 900 + "\n", "nested deeper than 32 levels"),
+    ("a: " + "{b: " * 900 + "1" + "}" * 900 + "\n", "nested deeper than 32 levels"),
+    ("a: '" + "x" * (2 << 20) + "'\n", "larger than 1024 KiB"),
+])
+def test_hostile_yaml_is_refused_with_exit_2(tmp_path, capsys, text, why):
+    from kubetrain.cli import main
+
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError, match=re.escape(why)):
+        load_training_job(str(path))
+    assert main(["validate", str(path)]) == 2 and why in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("spec.data.train", "s3://bucket/a/../../other-tenant/train.jsonl", "'..' segments"),
+    ("spec.checkpoint.uri", "s3://bucket/../x", "'..' segments"),
+    ("spec.model.name", "s3://b/models/../../x", "'..' segments"),
+    ("spec.data.train", "~/train.jsonl", "'~' is not expanded"),
+    ("spec.checkpoint.endpoint", "http://AKIA:secret@minio.local:9000", "credentials in the endpoint URL"),
+    ("spec.checkpoint.endpoint", "http://169.254.169.254/latest", "link-local"),
+    ("spec.checkpoint.endpoint", "http://[fe80::1]:9000", "link-local"),
+    ("spec.data.textField", "text\u202e", "RIGHT-TO-LEFT OVERRIDE (U+202E)"),
+    ("spec.data.train", "train\u200b.jsonl", "ZERO WIDTH SPACE (U+200B)"),
+    ("spec.data.labelField", "label\u2028", "LINE SEPARATOR (U+2028)"),
+    ("spec.data.train", "train\x85.jsonl", "(U+0085)"),
+])
+def test_paths_endpoints_and_text_that_mislead_are_refused(field, value, why):
+    doc = minimal()
+    _set(field, value)(doc)
+    lines = error_lines(doc)
+    assert any(line.startswith(field) and why in line for line in lines), lines
+
+
+def test_relative_local_paths_and_plain_endpoints_still_pass():
+    doc = minimal()
+    _set("spec.data.train", "../data/train.jsonl")(doc)
+    _set("spec.checkpoint.endpoint", "http://127.0.0.1:9000")(doc)
+    _set("spec.data.textField", "texte_é")(doc)
+    job = parse_training_job(doc)
+    assert job.spec.data.train == "../data/train.jsonl"
