@@ -75,6 +75,21 @@ def job_from_object(body: dict, defaults: ClusterDefaults) -> TrainingJob:
     return effective_job(parse_training_job({k: v for k, v in body.items() if k != "status"}), defaults)
 
 
+def controller_of(obj: dict) -> dict | None:
+    return next((ref for ref in obj.get("metadata", {}).get("ownerReferences") or [] if ref.get("controller")), None)
+
+
+def controlled_by(obj: dict, uid: str) -> bool:
+    """Whether `obj` names the object of this uid as its controller (so it is ours to change)."""
+    return (controller_of(obj) or {}).get("uid") == uid
+
+
+def left_by_predecessor(obj: dict, job_name: str) -> bool:
+    """Controlled by an earlier TrainingJob of this name (deleted, its children not yet garbage-collected)."""
+    ref = controller_of(obj) or {}
+    return ref.get("kind") == KIND and ref.get("apiVersion") == API_VERSION and ref.get("name") == job_name
+
+
 def owner_reference(body: dict) -> dict:
     meta = body["metadata"]
     return {"apiVersion": API_VERSION, "kind": KIND, "name": meta["name"], "uid": meta["uid"],

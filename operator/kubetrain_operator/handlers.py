@@ -22,7 +22,7 @@ from kubetrain.termination import TrainerReport
 
 from . import live_progress
 from .builders import ClusterDefaults, job_from_object
-from .kube import Conflict, Kube
+from .kube import Conflict, ForeignObject, Kube, Predecessor
 from .metrics import OperatorMetrics
 from .names import LABEL_ATTEMPT, LABEL_JOB
 from .reconcile import RECHECK_SECONDS, plan
@@ -51,6 +51,7 @@ def reconcile(memo: kopf.Memo, namespace: str, name: str, scrape: bool = False) 
     kube: Kube = memo.kube
     metrics: OperatorMetrics = memo.metrics
     jobs: JobRegistry = memo.jobs
+    foreign = None  # learnt while applying: a ConfigMap of the job's name that is not ours
     with jobs.locks[(namespace, name)], metrics.reconcile_seconds.time():
         for _ in range(CONFLICT_RETRIES):
             job = kube.get_job(namespace, name)
@@ -60,6 +61,7 @@ def reconcile(memo: kopf.Memo, namespace: str, name: str, scrape: bool = False) 
             now = datetime.now(UTC)
             observed = kube.observe(job, now)
             observed.reports = list(jobs.reports.get((namespace, name), {}).values())
+            observed.foreign = observed.foreign or foreign
             if scrape:
                 observed.live = _scrape(observed, memo.defaults)
             decided = plan(observed, memo.defaults)
@@ -67,6 +69,11 @@ def reconcile(memo: kopf.Memo, namespace: str, name: str, scrape: bool = False) 
                 kube.apply(job, decided, now)
             except Conflict:
                 continue
+            except ForeignObject as err:  # plan again, knowing: the job fails instead of starting
+                foreign = str(err)
+                continue
+            except Predecessor as err:
+                raise kopf.TemporaryError(f"{err}; waiting for the garbage collector", delay=2) from None
             _count(metrics, job, decided)
             return decided
         raise kopf.TemporaryError(f"{namespace}/{name}: status kept changing under us", delay=1)

@@ -16,10 +16,20 @@ from kubernetes.client.exceptions import ApiException
 from kubetrain.api import GROUP, KIND, PLURAL, VERSION, API_VERSION
 from kubetrain.contracts import timestamp
 
+from .builders import controlled_by, left_by_predecessor
 from .names import job_selector
 from .records import Observed, Plan
 
 log = logging.getLogger("kubetrain.operator")
+
+
+class ForeignObject(Exception):
+    """An object of the name the job needs exists and is controlled by someone else: never adopted or replaced."""
+
+
+class Predecessor(Exception):
+    """An object of the name the job needs still belongs to a deleted TrainingJob of the same name: wait for
+    the garbage collector rather than write into something about to be deleted."""
 
 
 class Conflict(Exception):
@@ -48,19 +58,25 @@ class Kube:
         resp = self.core.list_namespaced_pod(namespace, label_selector=job_selector(job), _preload_content=False)
         return self._raw(resp).get("items") or []
 
-    def has_service(self, namespace: str, name: str) -> bool:
+    def read_service(self, namespace: str, name: str) -> dict | None:
         try:
-            self.core.read_namespaced_service(name, namespace, _preload_content=False)
-            return True
+            return self._raw(self.core.read_namespaced_service(name, namespace, _preload_content=False))
         except ApiException as err:
             if err.status == 404:
-                return False
+                return None
             raise
 
     def observe(self, job: dict, now: datetime) -> Observed:
         meta = job["metadata"]
         ns, name = meta["namespace"], meta["name"]
-        return Observed(job=job, pods=self.list_pods(ns, name), has_service=self.has_service(ns, name), now=now)
+        service = self.read_service(ns, name)
+        foreign = None
+        if service is not None and not controlled_by(service, meta.get("uid", "")):
+            if left_by_predecessor(service, name):
+                service = None  # being garbage-collected: created again once it is gone
+            else:
+                foreign = foreign_message("Service", ns, name)
+        return Observed(job=job, pods=self.list_pods(ns, name), has_service=service is not None, now=now, foreign=foreign)
 
     # --- writing
     def apply(self, job: dict, plan: Plan, now: datetime) -> None:
@@ -103,13 +119,28 @@ class Kube:
                 raise
 
     def put_config_map(self, manifest: dict) -> None:
-        ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+        """Create the job's ConfigMap; one that exists is replaced only if this job controls it."""
+        meta = manifest["metadata"]
+        ns, name, uid = meta["namespace"], meta["name"], meta["ownerReferences"][0]["uid"]
         try:
-            self.core.replace_namespaced_config_map(name, ns, manifest, _preload_content=False)
+            self.core.create_namespaced_config_map(ns, manifest, _preload_content=False)
+            log.info("created ConfigMap %s/%s", ns, name)
+            return
         except ApiException as err:
-            if err.status != 404:
+            if err.status != 409:
                 raise
-            self.create(manifest)
+        current = self._raw(self.core.read_namespaced_config_map(name, ns, _preload_content=False))
+        if not controlled_by(current, uid):
+            if left_by_predecessor(current, manifest["metadata"]["ownerReferences"][0]["name"]):
+                raise Predecessor(f"ConfigMap {ns}/{name} still belongs to a deleted TrainingJob of this name")
+            raise ForeignObject(foreign_message("ConfigMap", ns, name))
+        body = {**manifest, "metadata": {**meta, "resourceVersion": current["metadata"]["resourceVersion"]}}
+        try:
+            self.core.replace_namespaced_config_map(name, ns, body, _preload_content=False)
+        except ApiException as err:
+            if err.status == 409:  # changed since it was read: the reconcile starts over
+                raise Conflict(f"ConfigMap {ns}/{name} changed since it was read") from None
+            raise
 
     def delete_pod(self, pod: dict) -> None:
         meta = pod["metadata"]
@@ -151,3 +182,8 @@ class Kube:
             self.core.create_namespaced_event(meta["namespace"], body, _preload_content=False)
         except ApiException as err:  # an event is worth a log line, never a failed reconcile
             log.warning("could not post event %s for %s/%s: %s", reason, meta["namespace"], meta["name"], err.status)
+
+
+def foreign_message(kind: str, namespace: str, name: str) -> str:
+    return (f"{kind} {namespace}/{name} already exists and is not controlled by this TrainingJob: it is neither adopted "
+            f"nor replaced; delete or rename it, or give the job another name")

@@ -163,6 +163,9 @@ def plan(obs: Observed, defaults: ClusterDefaults = ClusterDefaults()) -> Plan:
         return b.finish()
     policy = job.spec.run_policy
 
+    if obs.foreign and phase not in TERMINAL_PHASES:
+        _fail(b, Reason.NAME_CONFLICT, obs.foreign, pods)
+        return b.finish()
     if phase in TERMINAL_PHASES:
         return _finished(b, job, pods)
     if policy.suspend:

@@ -31,6 +31,9 @@ class Observed:
     # Trainer reports seen on pod watch events: a pod deleted right after it terminated (suspend, restart)
     # may be gone before a reconcile lists it, and its report is the newest checkpoint.
     reports: list[TrainerReport] = field(default_factory=list)
+    # An object the job needs under its own name that another owner holds (a ConfigMap or Service the
+    # operator did not create): a message; the job fails rather than adopt or overwrite it.
+    foreign: str | None = None
 
 
 @dataclass(frozen=True)

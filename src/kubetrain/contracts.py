@@ -50,6 +50,7 @@ class Reason(StrEnum):
     INVALID_SPEC = "InvalidSpec"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+    NAME_CONFLICT = "NameConflict"  # an object the job needs under its name belongs to someone else
     RESTARTED = "Restarted"
     SUSPENDING = "Suspending"
     JOB_SUSPENDED = "JobSuspended"

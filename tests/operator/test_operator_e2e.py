@@ -67,6 +67,27 @@ def test_kubectl_apply_of_the_cpu_smoke_example(cluster):
     assert 20 in s3_manifests(cluster, f"checkpoints/{NS}/cpu-smoke/")
 
 
+def test_a_configmap_of_the_jobs_name_owned_by_someone_else_is_neither_replaced_nor_adopted(cluster, corpus):
+    """A TrainingJob `payments` must not take over an existing ConfigMap `payments-config` (nor a Service
+    `payments2`): the job fails with NameConflict naming the object, which keeps its data and owners."""
+    core = cluster.core_api()
+    core.create_namespaced_config_map(NS, {"metadata": {"name": "payments-config"}, "data": {"db": "prod"}})
+    create(cluster, tiny_job(cluster, corpus, "payments"))
+    final = wait_phase(cluster, "payments", {"Failed", "Running", "Succeeded"}, timeout=60)
+    assert final["phase"] == "Failed" and "ConfigMap default/payments-config already exists" in final["message"], final
+    assert [c["reason"] for c in final["conditions"] if c["type"] == "Failed"] == ["NameConflict"]
+    kept = core.read_namespaced_config_map("payments-config", NS)
+    assert kept.data == {"db": "prod"} and not kept.metadata.owner_references
+    assert not pods(cluster, "payments")
+
+    core.create_namespaced_service(NS, {"metadata": {"name": "payments2"}, "spec": {"clusterIP": "None",
+                                                                                   "ports": [{"port": 80}]}})
+    create(cluster, tiny_job(cluster, corpus, "payments2"))
+    final = wait_phase(cluster, "payments2", {"Failed", "Running", "Succeeded"}, timeout=60)
+    assert final["phase"] == "Failed" and "Service default/payments2 already exists" in final["message"], final
+    assert not pods(cluster, "payments2") and not core.read_namespaced_service("payments2", NS).metadata.owner_references
+
+
 def test_everything_the_operator_did_is_granted_by_the_charts_cluster_role(cluster):
     """Runs last: the API server's audit log of this whole module (every scenario above) against RBAC."""
     assert_operator_calls_granted(cluster)

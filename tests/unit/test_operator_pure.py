@@ -388,3 +388,24 @@ def test_pod_0_sorts_first_so_it_gets_global_rank_0():
     _, pods = builders.group(parsed(body), builders.owner_reference(body), 1)
     addrs = [next(a for a in p["spec"]["containers"][0]["args"] if a.startswith("--local-addr=")) for p in pods]
     assert sorted(addrs)[0] == addrs[0] == "--local-addr=bert-0.bert.ml.svc"
+
+
+def test_an_object_of_the_jobs_name_held_by_another_owner_fails_the_job_and_nothing_is_created():
+    body = job_body()
+    p = plan(Observed(body, [], False, T0, foreign="ConfigMap ml/bert-config already exists and is not controlled"))
+    assert p.create == [] and p.replace_config is None
+    assert p.status["phase"] == "Failed" and p.status["message"].startswith("ConfigMap ml/bert-config")
+    assert [(e.type, e.reason) for e in p.events] == [("Warning", "NameConflict")]
+    done = copy.deepcopy(body)
+    done["status"] = p.status
+    assert plan(Observed(done, [], False, T0, foreign="still there")).status is None, "decided once"
+
+
+def test_ownership_is_by_controller_uid_and_a_predecessor_of_the_same_name_is_recognised():
+    body = job_body()
+    ours = {"metadata": {"ownerReferences": [builders.owner_reference(body)]}}
+    assert builders.controlled_by(ours, body["metadata"]["uid"]) and not builders.controlled_by(ours, "other-uid")
+    assert not builders.controlled_by({"metadata": {}}, body["metadata"]["uid"])
+    assert builders.left_by_predecessor(ours, "bert") and not builders.left_by_predecessor(ours, "gpt")
+    plain = {"metadata": {"ownerReferences": [{**builders.owner_reference(body), "controller": False}]}}
+    assert not builders.controlled_by(plain, body["metadata"]["uid"]) and not builders.left_by_predecessor(plain, "bert")
