@@ -39,8 +39,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rendezvous-port-range", default=env("KUBETRAIN_RENDEZVOUS_PORT_RANGE"), metavar="LOW-HIGH",
                    help="give each job its own rendezvous port from this range (only where pods share a network, "
                         "e.g. the dev cluster); default: 29400 for every job")
+    p.add_argument("--allowed-images", default=env("KUBETRAIN_ALLOWED_IMAGES", ""), metavar="PREFIX,...",
+                   help="only trainer images under these prefixes ('registry/team/') or of these repositories "
+                        "('registry/team/trainer', any tag); default: any image")
+    p.add_argument("--allowed-toleration-keys", default=env("KUBETRAIN_ALLOWED_TOLERATION_KEYS", ""), metavar="KEY,...",
+                   help="only tolerations of these taint keys (never a key-less, tolerate-all one); default: any")
     p.add_argument("--verbose", action="store_true")
     return p.parse_args(argv)
+
+
+def split_list(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.metrics_port:
         metrics.serve(args.metrics_port, args.metrics_addr)
     ports = tuple(int(x) for x in args.rendezvous_port_range.split("-")) if args.rendezvous_port_range else None
-    defaults = ClusterDefaults(args.default_checkpoint_uri, args.default_s3_secret, args.default_s3_endpoint, ports)
+    defaults = ClusterDefaults(args.default_checkpoint_uri, args.default_s3_secret, args.default_s3_endpoint, ports,
+                               allowed_images=split_list(args.allowed_images),
+                               allowed_toleration_keys=split_list(args.allowed_toleration_keys))
     memo = kopf.Memo(kube=Kube(), metrics=metrics, defaults=defaults, jobs=JobRegistry())
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
     asyncio.run(kopf.operator(

@@ -33,6 +33,16 @@ class ClusterDefaults:
     # A pod has its own network namespace, so every job can use RDZV_PORT. Where pods share one (the
     # dev cluster), a range gives each job its own port, picked from its uid.
     rendezvous_ports: tuple[int, int] | None = None
+    # Creating a TrainingJob is creating pods: a cluster may restrict what those pods run and tolerate.
+    allowed_images: tuple[str, ...] = ()  # "registry/team/" (anything under it) or "registry/team/trainer" (any tag)
+    allowed_toleration_keys: tuple[str, ...] = ()  # empty: any; else only these keys (and never a key-less one)
+
+
+def image_allowed(image: str, allowed: tuple[str, ...]) -> bool:
+    if not allowed:
+        return True
+    return any(image.startswith(entry) if entry.endswith("/") else image == entry or image.startswith((entry + ":", entry + "@"))
+               for entry in allowed)
 
 
 def rendezvous_port(uid: str, defaults: ClusterDefaults) -> int:
@@ -54,6 +64,15 @@ def effective_job(job: TrainingJob, defaults: ClusterDefaults) -> TrainingJob:
     low, high = defaults.rendezvous_ports or (RDZV_PORT, RDZV_PORT)
     if low <= job.spec.metrics.port <= high:
         errors.append(f"spec.metrics.port: {job.spec.metrics.port} is a rendezvous port ({low}-{high})")
+    if not image_allowed(job.spec.image, defaults.allowed_images):
+        errors.append(f"spec.image: {job.spec.image!r} is not in the operator's image allowlist "
+                      f"({', '.join(defaults.allowed_images)})")
+    if defaults.allowed_toleration_keys:
+        for i, toleration in enumerate(job.spec.tolerations):
+            if toleration.key not in defaults.allowed_toleration_keys:
+                what = f"key {toleration.key!r}" if toleration.key else "no key (it tolerates every taint)"
+                errors.append(f"spec.tolerations[{i}]: {what} is not allowed by the operator "
+                              f"(allowed keys: {', '.join(defaults.allowed_toleration_keys)})")
     checkpoint = job.spec.checkpoint
     if not checkpoint.uri.startswith("s3://"):
         if not defaults.checkpoint_uri:
@@ -232,8 +251,8 @@ def pod(job: TrainingJob, owner: dict, rank: int, attempt: int, config_digest: s
         "containers": [container],
         "volumes": [
             {"name": "config", "configMap": {"name": N.config_map_name(name)}},
-            {"name": "scratch", "emptyDir": {}},
-            {"name": "shm", "emptyDir": {"medium": "Memory"}},
+            {"name": "scratch", "emptyDir": {"sizeLimit": spec.scratch_size}},
+            {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}},
         ],
     }
     if spec.node_selector:

@@ -105,6 +105,7 @@ LOADER_OPTIONS = frozenset({
 ConfigValue = bool | int | float | Annotated[str, StringConstraints(max_length=4096, pattern=SAFE_TEXT)] | None
 MAX_STEPS = 10**9  # a sanity bound for step counts and intervals (years of training at 30 steps/s)
 Quantity = int | str  # "4Gi", "500m", 1
+SIZE = r"^[1-9][0-9]{0,8}(Ki|Mi|Gi|Ti|k|M|G|T)?$"  # a byte quantity: "8Gi", "500M"
 
 
 def _yaml11_float(value: Any) -> Any:
@@ -344,6 +345,10 @@ class TrainingJobSpec(_Model):
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
     priority_class_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN)
+    scratch_size: str = Field("100Gi", pattern=SIZE, description="Size limit of the pods' scratch emptyDir (/tmp: "
+                              "model and data caches, checkpoint staging); the kubelet evicts a pod past it.")
+    shm_size: str = Field("8Gi", pattern=SIZE, description="Size limit of /dev/shm (memory-backed: counts against "
+                          "the pod's memory).")
     model: ModelSpec
     data: DataSpec
     training: TrainingSpec = Field(default_factory=TrainingSpec)

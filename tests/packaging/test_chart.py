@@ -101,6 +101,9 @@ def test_all_enabled_render(all_docs: list[dict]) -> None:
                             "Role", "Role", "RoleBinding", "RoleBinding", "Deployment", "Service", "NetworkPolicy",
                             "ServiceMonitor", "PodMonitor", "PrometheusRule",
                             *["ConfigMap"] * len(dashboard_files())])
+    env = {e["name"]: e.get("value") for e in one(all_docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KUBETRAIN_ALLOWED_IMAGES"] == "registry.example.com/ml/,ghcr.io/example/kubetrain-trainer"
+    assert env["KUBETRAIN_ALLOWED_TOLERATION_KEYS"] == "nvidia.com/gpu"
 
 
 def test_values_schema_rejects_bad_values(helm: Path) -> None:

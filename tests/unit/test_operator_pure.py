@@ -162,8 +162,8 @@ def test_a_failure_message_names_pod_exit_code_and_the_error():
 class Cluster:
     """Applies plans to an in-memory job + pods, the way the API would (test double for `kube`)."""
 
-    def __init__(self, body: dict):
-        self.job = body
+    def __init__(self, body: dict, defaults: ClusterDefaults = ClusterDefaults()):
+        self.job, self.defaults = body, defaults
         self.pods: dict[str, dict] = {}
         self.service = False
         self.events: list[tuple[str, str]] = []
@@ -171,7 +171,7 @@ class Cluster:
         self.created: list[str] = []
 
     def step(self, live=None):
-        p = plan(Observed(copy.deepcopy(self.job), list(self.pods.values()), self.service, self.now, live))
+        p = plan(Observed(copy.deepcopy(self.job), list(self.pods.values()), self.service, self.now, live), self.defaults)
         if p.status is not None:
             self.job["status"] = p.status
         for m in p.create:
@@ -409,3 +409,34 @@ def test_ownership_is_by_controller_uid_and_a_predecessor_of_the_same_name_is_re
     assert builders.left_by_predecessor(ours, "bert") and not builders.left_by_predecessor(ours, "gpt")
     plain = {"metadata": {"ownerReferences": [{**builders.owner_reference(body), "controller": False}]}}
     assert not builders.controlled_by(plain, body["metadata"]["uid"]) and not builders.left_by_predecessor(plain, "bert")
+
+
+def test_an_image_or_toleration_outside_the_operators_allowlist_is_invalid():
+    policy = ClusterDefaults(allowed_images=("registry.example.com/ml/", "ghcr.io/acme/trainer"),
+                             allowed_toleration_keys=("nvidia.com/gpu",))
+    ok = job_body(image="ghcr.io/acme/trainer:1.2", tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists"}])
+    assert builders.job_from_object(ok, policy).spec.image == "ghcr.io/acme/trainer:1.2"
+    assert builders.job_from_object(job_body(image="registry.example.com/ml/any/thing:3", tolerations=[]), policy)
+    for image in ("ghcr.io/acme/trainer-evil:1", "docker.io/library/busybox:1", "registry.example.com/mlx/t:1"):
+        with pytest.raises(SpecError, match=r"spec.image: .* not in the operator's image allowlist"):
+            builders.job_from_object(job_body(image=image, tolerations=[]), policy)
+    with pytest.raises(SpecError, match=r"spec.tolerations\[0\]: no key \(it tolerates every taint\)"):
+        builders.job_from_object(job_body(tolerations=[{"operator": "Exists"}], image="ghcr.io/acme/trainer:1"), policy)
+    with pytest.raises(SpecError, match=r"spec.tolerations\[1\]: key 'node-role/master'"):
+        builders.job_from_object(job_body(image="ghcr.io/acme/trainer:1", tolerations=[
+            {"key": "nvidia.com/gpu", "operator": "Exists"}, {"key": "node-role/master", "operator": "Exists"}]), policy)
+    c = Cluster(job_body(image="docker.io/library/evil:1"), defaults=policy)
+    c.step()
+    assert c.status["phase"] == "Failed" and "spec.image" in c.status["message"] and not c.created
+    assert builders.job_from_object(job_body(image="anything/at:all", tolerations=[{"operator": "Exists"}]), ClusterDefaults())
+
+
+def test_scratch_and_shared_memory_have_size_limits():
+    body = job_body()
+    _, pods = builders.group(parsed(body), builders.owner_reference(body), 1)
+    volumes = {v["name"]: v for v in pods[0]["spec"]["volumes"]}
+    assert volumes["scratch"]["emptyDir"] == {"sizeLimit": "100Gi"}
+    assert volumes["shm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+    custom = job_body(scratchSize="20Gi", shmSize="2Gi")
+    _, pods = builders.group(parsed(custom), builders.owner_reference(custom), 1)
+    assert [v["emptyDir"]["sizeLimit"] for v in pods[0]["spec"]["volumes"][1:]] == ["20Gi", "2Gi"]
