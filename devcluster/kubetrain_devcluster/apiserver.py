@@ -35,6 +35,8 @@ import attrs
 import kmock
 import yaml
 
+from kubetrain.contracts import accept_api_nesting
+
 from .crds import CrdMixin, load_crds, validate_crd
 from .deletion import DeletionMixin, ready_to_remove
 from .errors import REASONS, api_error, conflict, describe, invalid, not_found, status_body
@@ -553,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--audit-log", type=pathlib.Path, help="append one JSON line per resource request (user, verb, resource)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
     args = parser.parse_args(argv)
+    accept_api_nesting()  # store what kube-apiserver stores: JSON nested up to 10,000 levels
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return asyncio.run(_run(args))

@@ -14,6 +14,8 @@ import sys
 import kopf
 import kubernetes
 
+from kubetrain.contracts import accept_api_nesting
+
 from .builders import ClusterDefaults
 from .kube import Kube
 from .metrics import OperatorMetrics
@@ -54,6 +56,7 @@ def split_list(value: str) -> tuple[str, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    accept_api_nesting()  # a TrainingJob nested 1,500 deep must be refused, not crash the watch (and the operator)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # kopf logs every handler run at INFO; our own log and Events say what matters

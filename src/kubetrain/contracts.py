@@ -111,3 +111,18 @@ class OperatorMetric(StrEnum):
 def total(counter: str) -> str:
     """The exported name of a counter (prometheus_client appends `_total`)."""
     return counter if counter.endswith("_total") else f"{counter}_total"
+
+
+# kube-apiserver decodes JSON nested up to 10,000 levels (sigs.k8s.io/json), deeper than CPython's default
+# recursion limit of 1,000: an object it stores could otherwise crash every client that decodes it.
+API_MAX_JSON_DEPTH = 10_000
+
+
+def accept_api_nesting() -> None:
+    """Let this process decode (and re-encode) any object an API server accepts: a recursion limit above
+    API_MAX_JSON_DEPTH, and threads started from now on get a C stack that such a decode fits in."""
+    import sys
+    import threading
+
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 3 * API_MAX_JSON_DEPTH))
+    threading.stack_size(max(threading.stack_size(), 256 << 20))

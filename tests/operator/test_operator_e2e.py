@@ -88,6 +88,31 @@ def test_a_configmap_of_the_jobs_name_owned_by_someone_else_is_neither_replaced_
     assert not pods(cluster, "payments2") and not core.read_namespaced_service("payments2", NS).metadata.owner_references
 
 
+def test_a_job_nested_1500_levels_deep_fails_alone_and_the_operator_serves_the_next_one(cluster, corpus):
+    """An API server stores JSON nested up to 10,000 levels: such a TrainingJob must be marked Failed, not
+    crash the operator's watch (before: RecursionError in kopf's JSON decoding, the operator exiting at every
+    restart, so no other job was served)."""
+    import json
+    import urllib.request
+
+    from kubetrain.contracts import accept_api_nesting
+
+    accept_api_nesting()  # this test's own client decodes the object too
+    doc = tiny_job(cluster, corpus, "deep")
+    doc["spec"]["model"]["config"] = {"model_type": "bert", "nest": "@@"}
+    body = json.dumps(doc).replace('"@@"', '{"a": ' * 1500 + "1" + "}" * 1500)
+    request = urllib.request.Request(f"{cluster.api_url}/apis/kubetrain.io/v1alpha1/namespaces/{NS}/trainingjobs",
+                                     data=body.encode(), method="POST", headers={"Content-Type": "application/json"})
+    assert urllib.request.urlopen(request, timeout=30).status == 201
+    final = wait_phase(cluster, "deep", {"Failed", "Running", "Succeeded"}, timeout=60)
+    assert final["phase"] == "Failed" and "nested deeper than 32 levels" in final["message"], final["message"][:300]
+    assert not pods(cluster, "deep") and cluster.operator.running
+
+    create(cluster, tiny_job(cluster, corpus, "after-deep", training__maxSteps=4))
+    assert wait_phase(cluster, "after-deep", {"Succeeded", "Failed"}, timeout=240)["phase"] == "Succeeded"
+    assert cluster.operator.running
+
+
 def test_everything_the_operator_did_is_granted_by_the_charts_cluster_role(cluster):
     """Runs last: the API server's audit log of this whole module (every scenario above) against RBAC."""
     assert_operator_calls_granted(cluster)
