@@ -38,6 +38,7 @@ def builtin_resources() -> dict[str, kmock.ResourceInfo]:
         "apiextensions.k8s.io/v1/customresourcedefinitions": _info(
             "CustomResourceDefinition", namespaced=False, subresources={"status"}, shortnames={"crd", "crds"}),
         "coordination.k8s.io/v1/leases": _info("Lease"),
+        "networking.k8s.io/v1/networkpolicies": _info("NetworkPolicy", shortnames={"netpol"}),  # stored, not enforced
     }
 
 

@@ -46,6 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "('registry/team/trainer', any tag); default: any image")
     p.add_argument("--allowed-toleration-keys", default=env("KUBETRAIN_ALLOWED_TOLERATION_KEYS", ""), metavar="KEY,...",
                    help="only tolerations of these taint keys (never a key-less, tolerate-all one); default: any")
+    p.add_argument("--no-network-policy", action="store_true", default=env("KUBETRAIN_NETWORK_POLICY", "true") == "false",
+                   help="do not give each job a NetworkPolicy isolating its trainer pods")
+    p.add_argument("--operator-namespace", default=env("KUBETRAIN_OPERATOR_NAMESPACE"),
+                   help="where the operator runs: the trainers' NetworkPolicy lets its pods scrape /metrics")
+    p.add_argument("--metrics-namespaces", default=env("KUBETRAIN_METRICS_NAMESPACES", ""), metavar="NS,...",
+                   help="namespaces whose pods may scrape trainers' /metrics too (e.g. monitoring)")
     p.add_argument("--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -73,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     ports = tuple(int(x) for x in args.rendezvous_port_range.split("-")) if args.rendezvous_port_range else None
     defaults = ClusterDefaults(args.default_checkpoint_uri, args.default_s3_secret, args.default_s3_endpoint, ports,
                                allowed_images=split_list(args.allowed_images),
-                               allowed_toleration_keys=split_list(args.allowed_toleration_keys))
+                               allowed_toleration_keys=split_list(args.allowed_toleration_keys),
+                               network_policy=not args.no_network_policy, operator_namespace=args.operator_namespace,
+                               metrics_namespaces=split_list(args.metrics_namespaces))
     memo = kopf.Memo(kube=Kube(), metrics=metrics, defaults=defaults, jobs=JobRegistry())
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
     asyncio.run(kopf.operator(

@@ -36,6 +36,10 @@ class ClusterDefaults:
     # Creating a TrainingJob is creating pods: a cluster may restrict what those pods run and tolerate.
     allowed_images: tuple[str, ...] = ()  # "registry/team/" (anything under it) or "registry/team/trainer" (any tag)
     allowed_toleration_keys: tuple[str, ...] = ()  # empty: any; else only these keys (and never a key-less one)
+    # the NetworkPolicy each job gets: who may scrape trainers' metrics besides the operator
+    network_policy: bool = True
+    operator_namespace: str | None = None  # the operator's own (None: any namespace with an operator pod)
+    metrics_namespaces: tuple[str, ...] = ()  # e.g. ("monitoring",) for Prometheus
 
 
 def image_allowed(image: str, allowed: tuple[str, ...]) -> bool:
@@ -179,6 +183,10 @@ def _env(job: TrainingJob) -> list[dict]:
         {"name": "HOME", "value": "/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+    # the rendezvous id from the job's own Secret: torchrun's c10d store is unauthenticated and its agents
+    # unpickle what they read under that id, so it must not be derivable from what `kubectl get pods` shows
+    env.append({"name": N.RDZV_ID_ENV, "valueFrom": {"secretKeyRef": {"name": N.rendezvous_secret_name(job.metadata.name),
+                                                                      "key": N.RDZV_ID_KEY}}})
     secret = job.spec.checkpoint.s3_secret
     if secret:
         for key, optional in (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True)):
@@ -191,7 +199,7 @@ def _resources(job: TrainingJob) -> dict:
     return {k: v for k, v in res.items() if v}
 
 
-def trainer_args(job: TrainingJob, attempt: int, uid: str, rank: int, rdzv_port: int = RDZV_PORT) -> list[str]:
+def trainer_args(job: TrainingJob, attempt: int, rank: int, rdzv_port: int = RDZV_PORT) -> list[str]:
     """Node 0 hosts the rendezvous store, said explicitly rather than guessed from host names.
 
     Each node's address is its pod DNS name. torchrun numbers nodes by sorting their addresses, and
@@ -199,7 +207,7 @@ def trainer_args(job: TrainingJob, attempt: int, uid: str, rank: int, rdzv_port:
     """
     name, ns = job.metadata.name, job.metadata.namespace
     torchrun = torchrun_options(job.spec.nodes, job.spec.procs_per_node, f"{N.pod_dns_name(name, ns, 0)}:{rdzv_port}",
-                                f"{uid}-{attempt}", local_addr=N.pod_dns_name(name, ns, rank), is_host=rank == 0)
+                                f"$({N.RDZV_ID_ENV})-{attempt}", local_addr=N.pod_dns_name(name, ns, rank), is_host=rank == 0)
     return [*torchrun, "--", "--config", f"{N.CONFIG_DIR}/{N.CONFIG_KEY}", "--work-dir", N.WORK_DIR,
             "--base-dir", N.IMAGE_EXAMPLES_DIR]
 
@@ -213,7 +221,7 @@ def pod(job: TrainingJob, owner: dict, rank: int, attempt: int, config_digest: s
         "image": spec.image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["python", "-m", "kubetrain_trainer.launch"],
-        "args": trainer_args(job, attempt, owner["uid"], rank, rdzv_port),
+        "args": trainer_args(job, attempt, rank, rdzv_port),
         "env": _env(job),
         "ports": [
             {"name": "rendezvous", "containerPort": rdzv_port, "protocol": "TCP"},
@@ -267,6 +275,35 @@ def pod(job: TrainingJob, owner: dict, rank: int, attempt: int, config_digest: s
         "metadata": {**_meta(job, N.pod_name(name, rank), owner, labels),
                      "annotations": {"kubetrain.io/config-hash": config_digest}},
         "spec": pod_spec,
+    }
+
+
+def rendezvous_secret(job: TrainingJob, owner: dict, token: str) -> dict:
+    """Created once per job with a random `token` (never replaced: every attempt's pods read the same one)."""
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": _meta(job, N.rendezvous_secret_name(job.metadata.name), owner),
+            "stringData": {N.RDZV_ID_KEY: token}}
+
+
+def network_policy(job: TrainingJob, owner: dict, defaults: ClusterDefaults) -> dict:
+    """Trainer pods accept traffic only from pods of the same job (rendezvous, NCCL/gloo on any port), and on
+    the metrics port from the operator and the monitoring namespaces. Egress is left open (S3, the hub)."""
+    name = job.metadata.name
+    metrics = [{"port": job.spec.metrics.port, "protocol": "TCP"}]
+    operator = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "kubetrain-operator"}}}
+    if defaults.operator_namespace:
+        operator["namespaceSelector"] = {"matchLabels": {"kubernetes.io/metadata.name": defaults.operator_namespace}}
+    monitoring = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}
+                  for ns in defaults.metrics_namespaces]
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": _meta(job, N.network_policy_name(name), owner),
+        "spec": {
+            "podSelector": {"matchLabels": {N.LABEL_JOB: name}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {N.LABEL_JOB: name}}}]},
+                        {"from": [operator, *monitoring], "ports": metrics}],
+        },
     }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from datetime import datetime
 
 import kubernetes
@@ -41,6 +42,7 @@ class Kube:
         self.client = client or kubernetes.client.ApiClient()
         self.core = kubernetes.client.CoreV1Api(self.client)
         self.custom = kubernetes.client.CustomObjectsApi(self.client)
+        self.networking = kubernetes.client.NetworkingV1Api(self.client)
 
     # --- reading
     def _raw(self, response) -> dict:
@@ -76,7 +78,8 @@ class Kube:
                 service = None  # being garbage-collected: created again once it is gone
             else:
                 foreign = foreign_message("Service", ns, name)
-        return Observed(job=job, pods=self.list_pods(ns, name), has_service=service is not None, now=now, foreign=foreign)
+        return Observed(job=job, pods=self.list_pods(ns, name), has_service=service is not None, now=now, foreign=foreign,
+                        token=secrets.token_hex(16))
 
     # --- writing
     def apply(self, job: dict, plan: Plan, now: datetime) -> None:
@@ -108,20 +111,34 @@ class Kube:
             raise
 
     def create(self, manifest: dict) -> None:
-        ns, kind = manifest["metadata"]["namespace"], manifest["kind"]
+        """Create-only. A Secret that exists must be this job's (its rendezvous id); other kinds are left as they are."""
+        ns, kind, name = manifest["metadata"]["namespace"], manifest["kind"], manifest["metadata"]["name"]
         create = {"Pod": self.core.create_namespaced_pod, "Service": self.core.create_namespaced_service,
-                  "ConfigMap": self.core.create_namespaced_config_map}[kind]
+                  "ConfigMap": self.core.create_namespaced_config_map, "Secret": self.core.create_namespaced_secret,
+                  "NetworkPolicy": self.networking.create_namespaced_network_policy}[kind]
         try:
             create(ns, manifest, _preload_content=False)
-            log.info("created %s %s/%s", kind, ns, manifest["metadata"]["name"])
+            log.info("created %s %s/%s", kind, ns, name)
         except ApiException as err:
             if err.status != 409:
                 raise
+            if kind == "Secret":
+                self._check_owned(kind, self._raw(self.core.read_namespaced_secret(name, ns, _preload_content=False)),
+                                  manifest)
+
+    def _check_owned(self, kind: str, current: dict, manifest: dict) -> None:
+        """Raise unless `current` (of the name `manifest` wants) is controlled by the manifest's owner."""
+        meta, owner = manifest["metadata"], manifest["metadata"]["ownerReferences"][0]
+        if controlled_by(current, owner["uid"]):
+            return
+        if left_by_predecessor(current, owner["name"]):
+            raise Predecessor(f"{kind} {meta['namespace']}/{meta['name']} still belongs to a deleted TrainingJob of this name")
+        raise ForeignObject(foreign_message(kind, meta["namespace"], meta["name"]))
 
     def put_config_map(self, manifest: dict) -> None:
         """Create the job's ConfigMap; one that exists is replaced only if this job controls it."""
         meta = manifest["metadata"]
-        ns, name, uid = meta["namespace"], meta["name"], meta["ownerReferences"][0]["uid"]
+        ns, name = meta["namespace"], meta["name"]
         try:
             self.core.create_namespaced_config_map(ns, manifest, _preload_content=False)
             log.info("created ConfigMap %s/%s", ns, name)
@@ -130,10 +147,7 @@ class Kube:
             if err.status != 409:
                 raise
         current = self._raw(self.core.read_namespaced_config_map(name, ns, _preload_content=False))
-        if not controlled_by(current, uid):
-            if left_by_predecessor(current, manifest["metadata"]["ownerReferences"][0]["name"]):
-                raise Predecessor(f"ConfigMap {ns}/{name} still belongs to a deleted TrainingJob of this name")
-            raise ForeignObject(foreign_message("ConfigMap", ns, name))
+        self._check_owned("ConfigMap", current, manifest)
         body = {**manifest, "metadata": {**meta, "resourceVersion": current["metadata"]["resourceVersion"]}}
         try:
             self.core.replace_namespaced_config_map(name, ns, body, _preload_content=False)

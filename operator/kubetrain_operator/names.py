@@ -23,6 +23,19 @@ def config_map_name(job: str) -> str:
     return f"{job}-config"
 
 
+def rendezvous_secret_name(job: str) -> str:
+    """The job's rendezvous id, kept out of the pod spec (anyone who lists pods sees their args)."""
+    return f"{job}-rendezvous"
+
+
+RDZV_ID_KEY = "id"
+RDZV_ID_ENV = "KUBETRAIN_RDZV_ID"
+
+
+def network_policy_name(job: str) -> str:
+    return f"{job}-trainers"
+
+
 def pod_name(job: str, rank: int) -> str:
     """Stable per rank (like a StatefulSet): a recreated group reuses the names once the old pods are gone."""
     return f"{job}-{rank}"

@@ -53,7 +53,7 @@ class Decision:
     """What one reconcile decides, accumulated: the new status (conditions, Events) and the plan."""
 
     def __init__(self, obs: Observed, defaults: ClusterDefaults):
-        self.obs = obs
+        self.obs, self.defaults = obs, defaults
         self.rdzv_port = builders.rendezvous_port(obs.job["metadata"].get("uid", ""), defaults)
         self.old = current_status(obs.job)
         self.status = self.old.model_dump()
@@ -130,6 +130,10 @@ def _start_group(b: Decision, job: TrainingJob, attempt: int, ranks: list[int] |
     owner = builders.owner_reference(b.obs.job)
     config, pods = builders.group(job, owner, attempt, b.rdzv_port)
     b.plan.replace_config = config
+    # create-only: an existing Secret keeps its id (kube checks it is this job's), a NetworkPolicy is left as is
+    b.plan.create.append(builders.rendezvous_secret(job, owner, b.obs.token))
+    if b.defaults.network_policy:
+        b.plan.create.append(builders.network_policy(job, owner, b.defaults))
     if not b.obs.has_service:
         b.plan.create.append(builders.service(job, owner, b.rdzv_port))
     b.plan.create.extend(p for p in pods if ranks is None or pod_rank(p) in ranks)

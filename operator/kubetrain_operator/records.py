@@ -34,6 +34,9 @@ class Observed:
     # An object the job needs under its own name that another owner holds (a ConfigMap or Service the
     # operator did not create): a message; the job fails rather than adopt or overwrite it.
     foreign: str | None = None
+    # A fresh random token from the I/O layer, for the job's rendezvous Secret when it is first created
+    # (plan stays a pure function of what it is given).
+    token: str = ""
 
 
 @dataclass(frozen=True)

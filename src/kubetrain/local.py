@@ -8,6 +8,7 @@ stops pods; the exit code is the group's (0 done, 75 preempted after an emergenc
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -18,9 +19,11 @@ from .ports import free_port
 from .torchrun import torchrun_options
 
 
-def node_commands(job: TrainingJob, config: Path, trainer_args: list[str], port: int) -> list[list[str]]:
+def node_commands(job: TrainingJob, config: Path, trainer_args: list[str], port: int, rdzv_id: str) -> list[list[str]]:
+    """`rdzv_id` names the rendezvous state in torchrun's unauthenticated store, which the agents unpickle: a
+    random one per run, so another local user who finds the port cannot plant state under a guessed name."""
     spec = job.spec
-    torchrun = torchrun_options(spec.nodes, spec.procs_per_node, f"127.0.0.1:{port}", f"{job.metadata.namespace}-{job.metadata.name}")
+    torchrun = torchrun_options(spec.nodes, spec.procs_per_node, f"127.0.0.1:{port}", rdzv_id)
     return [[sys.executable, "-m", "kubetrain_trainer.launch", *torchrun, "--", "--config", str(config), *trainer_args]
             for _ in range(spec.nodes)]
 
@@ -37,7 +40,8 @@ def run_local(job: TrainingJob, config: Path, trainer_args: list[str], env: dict
     port = free_port()
     child_env = {**os.environ, **(env or {})}
     child_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (job.spec.nodes * job.spec.procs_per_node))))
-    procs = [subprocess.Popen(cmd, env=child_env) for cmd in node_commands(job, config, trainer_args, port)]
+    rdzv_id = f"{job.metadata.name}-{secrets.token_hex(16)}"
+    procs = [subprocess.Popen(cmd, env=child_env) for cmd in node_commands(job, config, trainer_args, port, rdzv_id)]
 
     def forward(signum, _frame):
         for p in procs:

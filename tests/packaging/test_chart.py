@@ -257,9 +257,9 @@ def test_operator_deployment(default_docs: list[dict]) -> None:
     (container,) = pod["containers"]
     assert container["image"] == "ghcr.io/example/kubetrain-operator:0.1.0"
     assert "args" not in container  # cluster-wide
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     assert env == {"KUBETRAIN_OPERATOR_METRICS_PORT": "8080", "KUBETRAIN_OPERATOR_LIVENESS_PORT": "8081",
-                   "PYTHONUNBUFFERED": "1"}
+                   "KUBETRAIN_OPERATOR_NAMESPACE": None, "KUBETRAIN_NETWORK_POLICY": "true", "PYTHONUNBUFFERED": "1"}
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"metrics": 8080, "healthz": 8081}
     for probe in (container["livenessProbe"], container["readinessProbe"]):
@@ -280,7 +280,10 @@ def test_operator_flags_and_env_match_its_cli(all_docs: list[dict]) -> None:
 
     container = operator_deployment(all_docs)["spec"]["template"]["spec"]["containers"][0]
     assert container["image"].endswith("@sha256:" + "0" * 64)
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    fields = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"] if "valueFrom" in e}
+    assert fields == {"KUBETRAIN_OPERATOR_NAMESPACE": "metadata.namespace"}
+    env["KUBETRAIN_OPERATOR_NAMESPACE"] = NAMESPACE  # what the kubelet fills in
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -295,6 +298,9 @@ def test_operator_flags_and_env_match_its_cli(all_docs: list[dict]) -> None:
     assert (args.metrics_port, args.liveness_port) == (8080, 8081)
     assert args.default_checkpoint_uri == "s3://kubetrain-checkpoints/runs"
     assert (args.default_s3_secret, args.default_s3_endpoint) == ("s3-creds", "http://minio.minio:9000")
+    assert args.operator_namespace == NAMESPACE and not args.no_network_policy
+    assert (args.allowed_images, args.allowed_toleration_keys) == (
+        "registry.example.com/ml/,ghcr.io/example/kubetrain-trainer", "nvidia.com/gpu")
 
 
 def test_network_policy_admits_only_the_operators_ports(all_docs: list[dict]) -> None:
@@ -314,6 +320,7 @@ def test_network_policy_admits_only_the_operators_ports(all_docs: list[dict]) ->
 VERBS = {"read": "get", "list": "list", "create": "create", "replace": "update", "patch": "patch", "delete": "delete",
          "get": "get"}
 RESOURCES = {"pod": ("", "pods"), "service": ("", "services"), "config_map": ("", "configmaps"),
+             "secret": ("", "secrets"), "network_policy": ("networking.k8s.io", "networkpolicies"),
              "event": ("", "events"), "custom_object": ("kubetrain.io", "trainingjobs"),
              "custom_object_status": ("kubetrain.io", "trainingjobs/status")}
 # what kopf 1.45 itself does with the operator's handlers (operator/handlers.py, __main__.py)
@@ -342,7 +349,7 @@ def test_kopf_watches_only_trainingjobs_and_pods() -> None:
 
 def operator_api_calls() -> set[tuple[str, str, str]]:
     source = (REPO / "operator" / "kubetrain_operator" / "kube.py").read_text()
-    calls = set(re.findall(r"self\.(?:core|custom)\.([a-z]+)_namespaced_([a-z_]+)", source))
+    calls = set(re.findall(r"self\.(?:core|custom|networking)\.([a-z]+)_namespaced_([a-z_]+)", source))
     assert len(calls) >= 8, calls
     used = set()
     for verb, resource in calls:

@@ -66,9 +66,11 @@ def test_pod_manifest_carries_the_spec_and_a_restricted_security_context():
     assert c["image"] == "ghcr.io/example/trainer:1"
     assert c["resources"] == {"limits": {"nvidia.com/gpu": 1, "memory": "8Gi"}, "requests": {"cpu": "2"}}
     assert "--rdzv-endpoint=bert-0.bert.ml.svc:29400" in c["args"] and "--nnodes=2" in c["args"]
-    assert "--rdzv-id=uid-1234-3" in c["args"] and "--local-addr=bert-1.bert.ml.svc" in c["args"]
+    assert "--rdzv-id=$(KUBETRAIN_RDZV_ID)-3" in c["args"] and "--local-addr=bert-1.bert.ml.svc" in c["args"]
+    assert not any("uid-1234" in a for a in c["args"]), "the rendezvous id is not derivable from pod metadata"
     assert c["args"][c["args"].index("--config") + 1] == "/etc/kubetrain/job.yaml"
     env = {e["name"]: e for e in c["env"]}
+    assert env["KUBETRAIN_RDZV_ID"]["valueFrom"]["secretKeyRef"] == {"name": "bert-rendezvous", "key": "id"}
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID", "optional": False}
     assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     assert not any("value" in e and "SECRET" in e["name"] for e in c["env"]), "credentials only from the Secret"
@@ -201,7 +203,8 @@ class Cluster:
 def test_happy_path_creates_once_runs_and_succeeds_with_progress_from_the_report():
     c = Cluster(job_body())
     first = c.step()
-    assert [m["kind"] for m in first.create] == ["Service", "Pod", "Pod"] and first.replace_config is not None
+    assert [m["kind"] for m in first.create] == ["Secret", "NetworkPolicy", "Service", "Pod", "Pod"]
+    assert first.replace_config is not None
     assert c.status["phase"] == "Pending" and c.status["attempt"] == 1 and c.status["startTime"] == "2026-11-23T12:00:00Z"
     again = c.step()
     assert again.create == [] and again.status is None, "a second reconcile changes nothing"
@@ -440,3 +443,25 @@ def test_scratch_and_shared_memory_have_size_limits():
     custom = job_body(scratchSize="20Gi", shmSize="2Gi")
     _, pods = builders.group(parsed(custom), builders.owner_reference(custom), 1)
     assert [v["emptyDir"]["sizeLimit"] for v in pods[0]["spec"]["volumes"][1:]] == ["20Gi", "2Gi"]
+
+
+def test_a_group_comes_with_its_rendezvous_secret_and_a_network_policy_isolating_the_trainers():
+    body = job_body()
+    p = plan(Observed(body, [], False, T0, token="f" * 32), ClusterDefaults(operator_namespace="kubetrain-system",
+                                                                             metrics_namespaces=("monitoring",)))
+    kinds = [m["kind"] for m in p.create]
+    assert kinds[:3] == ["Secret", "NetworkPolicy", "Service"] and kinds.count("Pod") == 2, "the Secret before the pods"
+    secret, policy = p.create[0], p.create[1]
+    assert secret["metadata"]["name"] == "bert-rendezvous" and secret["stringData"] == {"id": "f" * 32}
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "uid-1234"
+    spec = policy["spec"]
+    assert spec["podSelector"] == {"matchLabels": {LABEL_JOB: "bert"}} and spec["policyTypes"] == ["Ingress"]
+    same_job, metrics = spec["ingress"]
+    assert same_job == {"from": [{"podSelector": {"matchLabels": {LABEL_JOB: "bert"}}}]}, "every port, this job only"
+    assert metrics["ports"] == [{"port": 9400, "protocol": "TCP"}]
+    assert metrics["from"] == [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "kubetrain-operator"}},
+         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kubetrain-system"}}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    off = plan(Observed(body, [], False, T0, token="x"), ClusterDefaults(network_policy=False))
+    assert "NetworkPolicy" not in [m["kind"] for m in off.create]
