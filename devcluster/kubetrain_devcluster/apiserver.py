@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import copy
 import dataclasses
@@ -37,6 +38,7 @@ import yaml
 
 from kubetrain.contracts import accept_api_nesting
 
+from .access import check_access, new_token, read_tokens, self_signed_tls, server_tls
 from .crds import CrdMixin, load_crds, validate_crd
 from .deletion import DeletionMixin, ready_to_remove
 from .errors import REASONS, api_error, conflict, describe, invalid, not_found, status_body
@@ -64,6 +66,7 @@ class KubeApiEmulator(WatchMixin, DeletionMixin, CrdMixin, TablesMixin, FaultsMi
     stores a new copy, so events and responses can share them.
     """
 
+    tokens: Mapping[str, str] | None = None  # bearer token -> user (see access.py); None: open
     log_dir: pathlib.Path | None = attrs.field(default=None, converter=lambda p: None if p is None else pathlib.Path(p))
     audit_log: pathlib.Path | None = attrs.field(default=None, converter=lambda p: None if p is None else pathlib.Path(p))
     event_window: int = 10_000
@@ -98,9 +101,10 @@ class KubeApiEmulator(WatchMixin, DeletionMixin, CrdMixin, TablesMixin, FaultsMi
         its handler), a client that hangs up mid-write must not leave a write half done.
         """
         try:
+            user = check_access(raw_request, self.tokens)
             request = await self._parse(raw_request)
             if self.audit_log is not None:
-                self._audit(raw_request, request)
+                self._audit(raw_request, request, user)
             self._requests.append(request)
             del self._requests[: -self.request_log_limit]
             if raw_request.method == "GET":
@@ -114,7 +118,7 @@ class KubeApiEmulator(WatchMixin, DeletionMixin, CrdMixin, TablesMixin, FaultsMi
                 self._errors[-1].append(e)
             return await self._render_error(e)
 
-    def _audit(self, raw: aiohttp.web.BaseRequest, request: kmock.Request) -> None:
+    def _audit(self, raw: aiohttp.web.BaseRequest, request: kmock.Request, user: str) -> None:
         """One JSON line per resource request: who (bearer token) did which RBAC verb on what.
 
         The dev cluster gives each component its own token, so a test can compare what the operator
@@ -128,7 +132,6 @@ class KubeApiEmulator(WatchMixin, DeletionMixin, CrdMixin, TablesMixin, FaultsMi
                 "DELETE": "delete" if named else "deletecollection"}.get(raw.method, raw.method.lower())
         if raw.method == "GET" and request.params.get("watch") in ("true", "1"):
             verb = "watch"
-        user = raw.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         entry = {"user": user, "verb": verb, "group": res.group or "", "resource": res.plural,
                  "subresource": request.subresource or "", "namespace": request.namespace or "", "name": request.name or ""}
         with open(self.audit_log, "a", encoding="utf-8") as f:
@@ -490,13 +493,15 @@ class ApiServer:
 @contextlib.asynccontextmanager
 async def serve(host: str = "127.0.0.1", port: int = 0, *, log_dir: str | pathlib.Path | None = None,
                 crds: Iterable[Mapping[str, Any] | str | pathlib.Path] = (),
-                audit_log: str | pathlib.Path | None = None) -> AsyncIterator[ApiServer]:
+                audit_log: str | pathlib.Path | None = None, tokens: Mapping[str, str] | None = None,
+                tls: tuple[pathlib.Path, pathlib.Path] | None = None) -> AsyncIterator[ApiServer]:
     """Run the API server on ``host:port`` (0: a free port) while the context is open.
 
     ``crds`` are CRD dicts or YAML files, registered before the server listens; ``audit_log`` gets
-    one JSON line per resource request (user, verb, resource).
+    one JSON line per resource request (user, verb, resource); ``tokens`` (token -> user) are the bearer
+    tokens it accepts (None: any request, for in-process tests); ``tls`` (certificate, key) serves https.
     """
-    emulator = KubeApiEmulator(log_dir=log_dir, audit_log=audit_log)
+    emulator = KubeApiEmulator(log_dir=log_dir, audit_log=audit_log, tokens=tokens)
     async with emulator:
         for crd in crds:
             for doc in load_crds([crd]) if isinstance(crd, (str, pathlib.Path)) else [crd]:
@@ -505,24 +510,26 @@ async def serve(host: str = "127.0.0.1", port: int = 0, *, log_dir: str | pathli
         runner = aiohttp.web.ServerRunner(server, shutdown_timeout=1.0)
         await runner.setup()
         try:
-            site = aiohttp.web.TCPSite(runner, host, port)
+            site = aiohttp.web.TCPSite(runner, host, port, ssl_context=server_tls(*tls) if tls else None)
             await site.start()
             bound_port = runner.addresses[0][1]
-            yield ApiServer(url=f"http://{host}:{bound_port}", host=host, port=bound_port, emulator=emulator)
+            scheme = "https" if tls else "http"
+            yield ApiServer(url=f"{scheme}://{host}:{bound_port}", host=host, port=bound_port, emulator=emulator)
         finally:
             await emulator.close()
             await runner.cleanup()
 
 
-def write_kubeconfig(path: str | pathlib.Path, url: str, namespace: str = "default",
-                     token: str = "kubetrain-dev-token") -> pathlib.Path:
-    """A kubeconfig for ``url`` (plain HTTP, a dummy token) that kubectl, kopf and the client accept.
-
-    The token is not checked; it names the component in the audit log.
-    """
+def write_kubeconfig(path: str | pathlib.Path, url: str, namespace: str = "default", token: str = "",
+                     ca: pathlib.Path | None = None) -> pathlib.Path:
+    """A kubeconfig for ``url`` that kubectl, kopf and the client accept: the server's bearer token (which
+    also names the caller in the audit log) and, for https, the certificate to trust."""
+    cluster: Obj = {"server": url}
+    if ca is not None:
+        cluster["certificate-authority-data"] = base64.b64encode(pathlib.Path(ca).read_bytes()).decode()
     config = {
         "apiVersion": "v1", "kind": "Config", "preferences": {},
-        "clusters": [{"name": "kubetrain-dev", "cluster": {"server": url}}],
+        "clusters": [{"name": "kubetrain-dev", "cluster": cluster}],
         "users": [{"name": "kubetrain-dev", "user": {"token": token}}],
         "contexts": [{"name": "kubetrain-dev",
                       "context": {"cluster": "kubetrain-dev", "user": "kubetrain-dev", "namespace": namespace}}],
@@ -531,6 +538,7 @@ def write_kubeconfig(path: str | pathlib.Path, url: str, namespace: str = "defau
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.chmod(0o600)  # it holds a bearer token
     return path
 
 
@@ -539,7 +547,18 @@ async def _run(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with serve(args.host, args.port, log_dir=args.log_dir, crds=args.crd, audit_log=args.audit_log) as server:
+    tokens = read_tokens(args.tokens_file) if args.tokens_file else {}
+    admin = new_token("admin") if args.kubeconfig else None
+    if admin:
+        tokens[admin] = "admin"
+    if args.tls_cert and args.tls_key:
+        tls = (args.tls_cert, args.tls_key)
+    else:  # kubectl sends no token over plain HTTP: made once, beside the kubeconfig or the tokens file
+        tls = self_signed_tls((args.kubeconfig or args.tokens_file).resolve().parent / "tls")
+    async with serve(args.host, args.port, log_dir=args.log_dir, crds=args.crd, audit_log=args.audit_log,
+                     tokens=tokens, tls=tls) as server:
+        if admin:
+            write_kubeconfig(args.kubeconfig, server.url, token=admin, ca=tls[0])
         print(f"kubetrain apiserver listening on {server.url}", flush=True)
         await stop.wait()
     return 0
@@ -553,8 +572,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-dir", type=pathlib.Path, help="where the pod executor writes pod logs")
     parser.add_argument("--crd", action="append", default=[], metavar="FILE", help="CRD YAML to register (repeatable)")
     parser.add_argument("--audit-log", type=pathlib.Path, help="append one JSON line per resource request (user, verb, resource)")
+    parser.add_argument("--kubeconfig", type=pathlib.Path, help="write a kubeconfig with a fresh random admin token here")
+    parser.add_argument("--tokens-file", type=pathlib.Path, help="JSON {token: user} of the other accepted bearer tokens")
+    parser.add_argument("--tls-cert", type=pathlib.Path, help="serve https with this certificate (default: a self-signed one)")
+    parser.add_argument("--tls-key", type=pathlib.Path, help="... and this key")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
     args = parser.parse_args(argv)
+    if not (args.kubeconfig or args.tokens_file):
+        parser.error("bearer tokens are required: give --kubeconfig (an admin token is made) and/or --tokens-file")
     accept_api_nesting()  # store what kube-apiserver stores: JSON nested up to 10,000 levels
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

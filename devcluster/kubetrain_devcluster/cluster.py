@@ -113,6 +113,7 @@ class DevCluster:
         self.s3 = S3Server()
         self.s3_proxy: S3FaultProxy | None = None
         self.api_url = ""
+        self.tokens: dict[str, str] = {}  # user -> bearer token
         self.operator_metrics_port = 0
         self.api: ManagedProcess | None = None
         self.executor: ManagedProcess | None = None
@@ -161,20 +162,27 @@ class DevCluster:
     def _start_api(self) -> None:
         from kubetrain.crd import crd_yaml
 
+        from .access import new_token, self_signed_tls, write_tokens
         from .apiserver import write_kubeconfig
 
         crd = self.state_dir / "trainingjob-crd.yaml"
         crd.write_text(crd_yaml())
+        # random tokens, one per component: the server accepts only these, and the audit log names the caller
+        self.tokens = {user: new_token(user) for user in ("admin", "operator", "executor")}
+        tokens_file = write_tokens(self.state_dir / "tokens.json", {t: u for u, t in self.tokens.items()})
+        self.tls_cert, key = self_signed_tls(self.state_dir / "tls")
         port = free_port()
         self.api = ManagedProcess(
             "apiserver",
-            [sys.executable, "-m", "kubetrain_devcluster.apiserver", "--port", str(port),
+            [sys.executable, "-m", "kubetrain_devcluster.apiserver", "--port", str(port), "--tokens-file", str(tokens_file),
+             "--tls-cert", str(self.tls_cert), "--tls-key", str(key),
              "--log-dir", str(self.logs / "pods"), "--crd", str(crd), "--audit-log", str(self.audit_log)],
             self.logs / "apiserver.log", "kubetrain apiserver listening on").start()
-        self.api_url = f"http://127.0.0.1:{port}"
-        write_kubeconfig(self.kubeconfig, self.api_url, namespace=self.namespace)
-        for component in ("operator", "executor"):  # own tokens: the audit log tells them apart
-            write_kubeconfig(self.component_kubeconfig(component), self.api_url, self.namespace, token=component)
+        self.api_url = f"https://127.0.0.1:{port}"
+        write_kubeconfig(self.kubeconfig, self.api_url, namespace=self.namespace, token=self.tokens["admin"], ca=self.tls_cert)
+        for component in ("operator", "executor"):
+            write_kubeconfig(self.component_kubeconfig(component), self.api_url, self.namespace, token=self.tokens[component],
+                             ca=self.tls_cert)
 
     def _create_s3_secret(self) -> None:
         core = self.core_api()
@@ -220,9 +228,19 @@ class DevCluster:
 
         request = urllib.request.Request(f"{self.api_url}{FAULTS_PATH}", method=method,
                                          data=None if fault is None else json.dumps(fault).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as response:
+                                         headers={"Content-Type": "application/json", **self.auth_headers()})
+        with urllib.request.urlopen(request, timeout=10, context=self.tls()) as response:
             return json.load(response)
+
+    def tls(self):
+        """The SSL context a raw client (urllib) verifies the API server with."""
+        from .access import client_tls
+
+        return client_tls(self.tls_cert)
+
+    def auth_headers(self) -> dict[str, str]:
+        """For a raw HTTP request to the API server as the admin (what the printed kubeconfig holds)."""
+        return {"Authorization": f"Bearer {self.tokens['admin']}"}
 
     def requests_by(self, user: str) -> list[dict]:
         """The audit log's entries for one component ("operator", "executor", or a user's token)."""

@@ -32,7 +32,8 @@ import yaml
 from kubernetes import client, config, watch
 from kubernetes.client import ApiException
 
-from kubetrain_devcluster.apiserver import serve, write_kubeconfig
+from kubetrain_devcluster.apiserver import serve
+from kubetrain_testkit.kubeconfig import credentials
 from kubetrain.ports import free_port
 from kubetrain_testkit import REPO
 
@@ -51,16 +52,17 @@ class Server:
 
 
 def start_server(tmp: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
-    """Start the CLI on a free port and wait for its one ready line."""
+    """Start the CLI on a free port and wait for its one ready line; it writes tmp/kubeconfig-<port> (a random token)."""
     port = free_port()
     stderr = (tmp / f"apiserver-{port}.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "kubetrain_devcluster.apiserver", "--port", str(port), *extra],
+    proc = subprocess.Popen([sys.executable, "-m", "kubetrain_devcluster.apiserver", "--port", str(port),
+                             "--kubeconfig", str(tmp / f"kubeconfig-{port}"), *extra],
                             stdout=subprocess.PIPE, stderr=stderr, text=True)
     ready, _, _ = select.select([proc.stdout], [], [], 20)
     assert ready, "the API server did not start within 20 s"
     line = proc.stdout.readline().strip()  # type: ignore[union-attr]
-    assert line == f"kubetrain apiserver listening on http://127.0.0.1:{port}"
-    return proc, f"http://127.0.0.1:{port}"
+    assert line == f"kubetrain apiserver listening on https://127.0.0.1:{port}"
+    return proc, f"https://127.0.0.1:{port}"
 
 
 def stop(proc: subprocess.Popen[Any], timeout: float = 10) -> int:
@@ -79,7 +81,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log_dir = tmp / "pod-logs"
     proc, url = start_server(tmp, "--log-dir", str(log_dir), "--crd", str(CRD_FILE))
     try:
-        yield Server(url, write_kubeconfig(tmp / "kubeconfig", url), log_dir, proc)
+        yield Server(url, tmp / f"kubeconfig-{url.rsplit(':', 1)[1]}", log_dir, proc)
     finally:
         assert stop(proc) == 0
 
@@ -130,9 +132,10 @@ def http(server: Server, method: str, path: str, body: Any = None,
          content_type: str = "application/json") -> tuple[int, Any]:
     """A raw request; returns (status, parsed JSON or text)."""
     data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    req = urllib.request.Request(server.url + path, data=data, method=method, headers={"Content-Type": content_type})
+    headers, tls = credentials(server.kubeconfig)
+    req = urllib.request.Request(server.url + path, data=data, method=method, headers={"Content-Type": content_type, **headers})
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
+        with urllib.request.urlopen(req, timeout=10, context=tls) as resp:
             status, raw = resp.status, resp.read().decode()
     except urllib.error.HTTPError as e:
         status, raw = e.code, e.read().decode()
@@ -558,9 +561,12 @@ def test_serve_in_process_and_watchers_that_hang_up_are_released() -> None:
 
 def test_cli_exits_cleanly_on_sigterm_with_a_watch_open(tmp_path: Path) -> None:
     proc, url = start_server(tmp_path)
-    with urllib.request.urlopen(f"{url}/api/v1/namespaces/default", timeout=5) as resp:
+    headers, tls = credentials(tmp_path / f"kubeconfig-{url.rsplit(':', 1)[1]}")
+    with urllib.request.urlopen(urllib.request.Request(f"{url}/api/v1/namespaces/default", headers=headers), timeout=5,
+                                context=tls) as resp:
         assert json.loads(resp.read())["status"]["phase"] == "Active"
-    stream = urllib.request.urlopen(f"{url}/api/v1/namespaces?watch=true", timeout=10)
+    stream = urllib.request.urlopen(urllib.request.Request(f"{url}/api/v1/namespaces?watch=true", headers=headers), timeout=10,
+                                    context=tls)
     assert json.loads(stream.readline())["object"]["metadata"]["name"] == "default"
     started = time.monotonic()
     assert stop(proc) == 0
@@ -679,3 +685,40 @@ def with_ignored_404(fn: Callable[[], Any]) -> None:
     except ApiException as e:
         if e.status != 404:
             raise
+
+
+def raw_status(url: str, method: str = "GET", body: bytes | None = None, headers: dict[str, str] | None = None,
+               tls=None) -> int:
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10, context=tls) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_only_the_kubeconfigs_token_a_loopback_host_and_json_bodies_get_in(server: Server, core: client.CoreV1Api) -> None:
+    """A browser page can reach loopback: a text/plain POST (no CORS preflight) or a rebound host name must not
+    create a pod whose command the executor would run; nor may a request without the server's random token."""
+    pods_url = f"{server.url}/api/v1/namespaces/default/pods"
+    body = json.dumps(pod("from-a-web-page")).encode()
+    token, tls = credentials(server.kubeconfig)
+    assert "admin." in token["Authorization"] and len(token["Authorization"]) > 30, "a random token, not a fixed one"
+    assert raw_status(pods_url, "POST", body, {"Content-Type": "application/json"}, tls=tls) == 401
+    assert raw_status(pods_url, "POST", body, {"Content-Type": "application/json",
+                                               "Authorization": "Bearer kubetrain-dev-token"}, tls=tls) == 401
+    assert raw_status(pods_url, "POST", body, {"Content-Type": "text/plain", "Origin": "http://evil.example",
+                                               **token}, tls=tls) == 415
+    assert raw_status(pods_url, "POST", body, {"Content-Type": "application/json", "Host": "evil.example", **token},
+                      tls=tls) == 403
+    assert raw_status(pods_url, headers={"Host": "rebound.evil.example:80", **token}, tls=tls) == 403
+    assert "from-a-web-page" not in [p.metadata.name for p in core.list_namespaced_pod("default").items]
+    assert raw_status(f"{server.url}/healthz", tls=tls) == 200
+    assert raw_status(pods_url, headers=token, tls=tls) == 200
+    assert raw_status(pods_url, headers={"Host": f"localhost:{server.url.rsplit(':', 1)[1]}", **token}, tls=tls) == 200
+
+
+def test_the_cli_refuses_to_start_without_tokens(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "kubetrain_devcluster.apiserver", "--port", "0"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "bearer tokens are required" in done.stderr

@@ -27,6 +27,8 @@ import pytest
 from kubetrain_testkit import polling
 
 from kubetrain_devcluster.dns import DnsPending, dns_table, parse_pod_dns_name, substitute_dns
+from kubetrain_devcluster.apiclient import ApiClient
+from kubetrain_testkit.kubeconfig import credentials
 from kubetrain_devcluster.executor import ExecutorOptions, PodExecutor
 from kubetrain_devcluster.ipam import IpAllocator
 from kubetrain_devcluster.launch import LaunchContext, build_launch
@@ -463,15 +465,12 @@ def process_alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """The dev API server and an executor with 3 nodes (label pool=cpu), as subprocesses."""
-    from kubetrain_devcluster.apiserver import write_kubeconfig
-
     root = tmp_path_factory.mktemp("devcluster")
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    api = _start([sys.executable, "-m", "kubetrain_devcluster.apiserver", "--port", str(port), "--log-dir", str(root / "logs")],
-                 root / "apiserver.out", f"listening on {url}")
-    kubeconfig = root / "kubeconfig"
-    write_kubeconfig(kubeconfig, url)
+    url = f"https://127.0.0.1:{port}"
+    kubeconfig = root / "kubeconfig"  # the server writes it, with a fresh random token
+    api = _start([sys.executable, "-m", "kubetrain_devcluster.apiserver", "--port", str(port), "--log-dir", str(root / "logs"),
+                  "--kubeconfig", str(kubeconfig)], root / "apiserver.out", f"listening on {url}")
     c = Cluster(root, url, kubeconfig)
     c.app_dir.mkdir()
     executor = None
@@ -562,13 +561,16 @@ def test_transient_api_errors_are_retried(cluster: Cluster) -> None:
 
 
 def arm_fault(cluster: Cluster, fault: dict[str, Any]) -> None:
+    headers, tls = credentials(cluster.kubeconfig)
     request = urllib.request.Request(f"{cluster.url}/_kubetrain/faults", data=json.dumps(fault).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
-    urllib.request.urlopen(request, timeout=5).close()
+                                     headers={"Content-Type": "application/json", **headers}, method="POST")
+    urllib.request.urlopen(request, timeout=5, context=tls).close()
 
 
 def clear_faults(cluster: Cluster) -> None:
-    urllib.request.urlopen(urllib.request.Request(f"{cluster.url}/_kubetrain/faults", method="DELETE"), timeout=5).close()
+    headers, tls = credentials(cluster.kubeconfig)
+    request = urllib.request.Request(f"{cluster.url}/_kubetrain/faults", method="DELETE", headers=headers)
+    urllib.request.urlopen(request, timeout=5, context=tls).close()
 
 
 def test_pod_executor_in_process_run_and_stop(cluster: Cluster) -> None:
@@ -577,7 +579,7 @@ def test_pod_executor_in_process_run_and_stop(cluster: Cluster) -> None:
     async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
         options = ExecutorOptions(state_dir=cluster.state_dir, log_dir=cluster.log_dir, nodes=1, node_prefix="inproc",
                                   node_labels={"where": "inproc"}, shutdown_grace=1)
-        executor = PodExecutor(cluster.url, options)
+        executor = PodExecutor(ApiClient.from_kubeconfig(cluster.kubeconfig), options)
         running = asyncio.create_task(executor.run())
         await asyncio.wait_for(executor.ready.wait(), 10)
         body = {"metadata": {"name": "inproc-pod"},

@@ -102,8 +102,9 @@ def test_a_job_nested_1500_levels_deep_fails_alone_and_the_operator_serves_the_n
     doc["spec"]["model"]["config"] = {"model_type": "bert", "nest": "@@"}
     body = json.dumps(doc).replace('"@@"', '{"a": ' * 1500 + "1" + "}" * 1500)
     request = urllib.request.Request(f"{cluster.api_url}/apis/kubetrain.io/v1alpha1/namespaces/{NS}/trainingjobs",
-                                     data=body.encode(), method="POST", headers={"Content-Type": "application/json"})
-    assert urllib.request.urlopen(request, timeout=30).status == 201
+                                     data=body.encode(), method="POST",
+                                     headers={"Content-Type": "application/json", **cluster.auth_headers()})
+    assert urllib.request.urlopen(request, timeout=30, context=cluster.tls()).status == 201
     final = wait_phase(cluster, "deep", {"Failed", "Running", "Succeeded"}, timeout=60)
     assert final["phase"] == "Failed" and "nested deeper than 32 levels" in final["message"], final["message"][:300]
     assert not pods(cluster, "deep") and cluster.operator.running

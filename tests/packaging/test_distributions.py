@@ -57,12 +57,13 @@ def test_the_dev_cluster_runs_from_an_installed_wheel(wheels, tmp_path):
     where = subprocess.run([sys.executable, "-c", "import kubetrain_devcluster.apiserver as a; print(a.__file__)"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
     assert where.startswith(str(target)), where
-    proc = subprocess.Popen([sys.executable, "-m", "kubetrain_devcluster.apiserver", "--port", "0"], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "kubetrain_devcluster.apiserver", "--port", "0", "--kubeconfig",
+                             str(tmp_path / "kubeconfig")], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60
         line = proc.stdout.readline()
-        assert "kubetrain apiserver listening on http://127.0.0.1:" in line and time.monotonic() < deadline, line
+        assert "kubetrain apiserver listening on https://127.0.0.1:" in line and time.monotonic() < deadline, line
     finally:
         proc.terminate()
         proc.wait(10)
