@@ -3,7 +3,8 @@
 torchrun reports neither its workers' exit codes nor why it was stopped: killed by SIGTERM it exits 1,
 like any crash. The operator must know "the group saved an emergency checkpoint, restart it" from
 "the training failed". So this wrapper runs torchrun in-process and exits with
-EXIT_PREEMPTED when every local worker wrote its emergency-checkpoint marker.
+EXIT_PREEMPTED when every local worker wrote its emergency-checkpoint marker, and 0 when every local
+worker wrote its finished marker (the final checkpoint complete), whatever happened at exit after that.
 
     python -m kubetrain_trainer.launch [torchrun options] -- [trainer options]
 """
@@ -37,8 +38,9 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-def preempted_workers(exit_dir: Path) -> int:
-    return len(list(exit_dir.glob("preempted-*.json")))
+def workers_that(exit_dir: Path, outcome: str) -> int:
+    """How many local workers wrote the marker of `outcome` (preempted, finished) before exiting."""
+    return len(list(exit_dir.glob(f"{outcome}-*.json")))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
         return 0
     except (SignalException, ChildFailedError) as err:
-        if preempted_workers(exit_dir) >= local_workers:
+        if workers_that(exit_dir, "finished") >= local_workers:
+            # e.g. a C++ thread aborting at interpreter exit (SIGABRT): the final checkpoint is complete, and
+            # reporting a failure would make the operator restart a finished job
+            log.warning("every local worker finished with its final checkpoint complete; a failure after that "
+                        "(%s) is ignored: exit 0", err)
+            return 0
+        if workers_that(exit_dir, "preempted") >= local_workers:
             log.info("all %d local workers saved the emergency checkpoint: exit %d (preempted)", local_workers, EXIT_PREEMPTED)
             return EXIT_PREEMPTED
         if isinstance(err, SignalException):

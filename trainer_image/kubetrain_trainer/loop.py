@@ -73,7 +73,8 @@ def train(run: Run) -> int:
     if early.should_stop:
         log_if_main(rt, "early stopping at step %d: %s did not improve for %d evaluations", state.step,
                     t.early_stopping.metric, early.spec.patience)
-    run.checkpointer.save(CheckpointReason.FINAL, wait=True)
+    run.checkpointer.save(CheckpointReason.FINAL, wait=True)  # every rank waits until it is complete in the store
+    write_exit_marker(rt.local_rank, state.step, "finished")
     log_if_main(rt, "finished at step %d; eval %s", state.step, state.last_eval or "-")
     report_outcome(run, "finished")
     if run.metrics and run.opts.metrics_port and spec.metrics.linger_seconds:

@@ -52,8 +52,9 @@ class StopSignal:
         return bool(flag.item())
 
 
-def write_exit_marker(local_rank: int, step: int) -> None:
-    """Tell the launcher (same pod) that this worker saved the emergency checkpoint at `step`."""
+def write_exit_marker(local_rank: int, step: int, outcome: str = "preempted") -> None:
+    """Tell the launcher (same pod) that this worker saved its emergency ("preempted") or final ("finished")
+    checkpoint at `step`, complete in the store: what it does after that cannot lose training."""
     exit_dir = os.environ.get(EXIT_DIR_ENV)
     if exit_dir:
-        Path(exit_dir, f"preempted-{local_rank}.json").write_text(json.dumps({"step": step}))
+        Path(exit_dir, f"{outcome}-{local_rank}.json").write_text(json.dumps({"step": step}))
