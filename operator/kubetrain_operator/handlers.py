@@ -36,7 +36,7 @@ JobKey = tuple[str, str]  # (namespace, name)
 
 @dataclass
 class JobRegistry:
-    """The operator's per-job state, kept in its kopf memo (`memo.jobs`), dropped when the job is deleted."""
+    """The operator's per-job state, kept in its kopf memo (`memo.jobs`); a job's reports are dropped when it is deleted."""
 
     locks: defaultdict[JobKey, threading.Lock] = field(default_factory=lambda: defaultdict(threading.Lock))
     # The trainer reports of terminated pods, from watch events, by job and pod uid (see Observed.reports).
@@ -51,7 +51,7 @@ def reconcile(memo: kopf.Memo, namespace: str, name: str, scrape: bool = False) 
     kube: Kube = memo.kube
     metrics: OperatorMetrics = memo.metrics
     jobs: JobRegistry = memo.jobs
-    foreign = None  # learnt while applying: a ConfigMap of the job's name that is not ours
+    foreign = None  # learnt while applying: a ConfigMap or Secret of the job's name that is not ours
     with jobs.locks[(namespace, name)], metrics.reconcile_seconds.time():
         for _ in range(CONFLICT_RETRIES):
             job = kube.get_job(namespace, name)
