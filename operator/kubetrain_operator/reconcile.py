@@ -220,6 +220,9 @@ def _watch_group(b: Decision, job: TrainingJob, pods: list[dict]) -> Plan:
         _delete_all(b, list(mine.values()))
     elif "invalid" in kinds:
         _fail(b, Reason.INVALID_SPEC, first("invalid").message, list(mine.values()))
+    elif "permanent" in kinds:  # another attempt would fail the same way
+        o = first("permanent")
+        _fail(b, o.reason, o.message, list(mine.values()))
     elif "failed" in kinds:
         o = first("failed")
         b.enter(Phase.RESTARTING, Reason.POD_FAILED, o.message, "Warning")
@@ -250,6 +253,12 @@ def _restarting(b: Decision, job: TrainingJob, pods: list[dict]) -> Plan:
             b.condition(Phase.RESTARTING, "True", reason, message)
             b.set(message=message)
     _progress(b, pods)
+    # the old group's pods are being deleted; what they reported (or reported before they went) still counts
+    permanent = next((r for r in [*map(trainer_report, pods), *b.obs.reports]
+                      if r and r.outcome == "failed" and r.permanent and r.message), None)
+    if reason == Reason.POD_FAILED and permanent:  # a peer's failure was seen first; the cause is permanent
+        _fail(b, permanent.reason or Reason.POD_FAILED, permanent.message, pods)
+        return b.finish()
     if pods:
         _delete_all(b, pods)
         b.plan.requeue_after = 1.0

@@ -6,6 +6,9 @@ a failure (the training itself broke) counts. Evidence of a preemption, stronges
 - the pod status reason says the node went away (NodeLost, Evicted, Shutdown, ...);
 - the pod is being deleted, or vanished, while its group was running (nobody but us should);
 - the trainer exited with EXIT_PREEMPTED: it caught SIGTERM and saved an emergency checkpoint.
+
+A permanent failure (EXIT_PERMANENT: bad data, a missing bucket, divergence...) fails the job at once:
+another attempt would meet it again. The trainer's report names it in one line.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from kubetrain.api import EXIT_INVALID_SPEC, EXIT_PREEMPTED
+from kubetrain.api import EXIT_INVALID_SPEC, EXIT_PERMANENT, EXIT_PREEMPTED
 from kubetrain.contracts import Reason
 from kubetrain.termination import TrainerReport, decode_report
 
@@ -21,7 +24,7 @@ from .names import CONTAINER
 
 NODE_GONE_REASONS = frozenset({"NodeLost", "Evicted", "Shutdown", "NodeShutdown", "Terminated", "Preempting",
                                "DeletionByTaintManager", "NodeRestarted"})
-Kind = Literal["pending", "running", "succeeded", "preempted", "failed", "invalid"]
+Kind = Literal["pending", "running", "succeeded", "preempted", "failed", "permanent", "invalid"]
 
 
 @dataclass(frozen=True)
@@ -81,10 +84,23 @@ def classify(pod: dict) -> PodOutcome:
     code = terminated.get("exitCode")
     if code == EXIT_PREEMPTED:
         return PodOutcome("preempted", Reason.PREEMPTED, f"pod {name}: trainer saved an emergency checkpoint and exited {code}")
+    report = decode_report(terminated.get("message"))
+    if report and report.outcome == "failed" and report.message:  # the trainer's own one-line account
+        why = f"{report.message} (pod {name}, exit code {code})"
+        if code == EXIT_INVALID_SPEC or report.reason == Reason.INVALID_SPEC:
+            return PodOutcome("invalid", Reason.INVALID_SPEC, why)
+        if report.permanent or code == EXIT_PERMANENT:
+            return PodOutcome("permanent", report.reason or Reason.POD_FAILED, why)
+        return PodOutcome("failed", Reason.POD_FAILED, why)
+    if terminated.get("reason") == "OOMKilled":
+        return PodOutcome("failed", Reason.POD_FAILED, f"pod {name} was OOM-killed (exit code {code}): the container "
+                          "ran out of memory; raise spec.resources memory or lower data.maxTokensPerBatch")
     detail = _tail(terminated.get("message") or pod.get("status", {}).get("message") or "")
     why = f"pod {name} failed: exit code {code}" if code is not None else f"pod {name} failed: {pod['status'].get('reason') or 'unknown reason'}"
     if detail:
         why += f": {detail}"
     if code == EXIT_INVALID_SPEC:
         return PodOutcome("invalid", Reason.INVALID_SPEC, why)
-    return PodOutcome("failed", terminated.get("reason") or Reason.POD_FAILED, why)
+    if code == EXIT_PERMANENT:
+        return PodOutcome("permanent", Reason.POD_FAILED, why)
+    return PodOutcome("failed", Reason.POD_FAILED, why)

@@ -32,6 +32,9 @@ SHORT_NAMES = ["tj"]
 # on SIGTERM; the operator restarts it as a preemption, not counted against backoffLimit.
 EXIT_PREEMPTED = 75
 EXIT_INVALID_SPEC = 2  # the TrainingJob failed validation; nothing was started or written
+# 65 is EX_DATAERR: the trainer met an error that another attempt would meet again (bad data, a missing
+# bucket, access denied, divergence, an incompatible checkpoint); the operator fails the job at once.
+EXIT_PERMANENT = 65
 
 
 
@@ -272,6 +275,12 @@ class TrainingSpec(_Model):
     eval_every_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Default: at each epoch end.")
     log_every_steps: int = Field(10, ge=1, le=MAX_STEPS)
     early_stopping: EarlyStoppingSpec | None = None
+    on_non_finite: Literal["fail", "skip"] = Field(
+        "fail",
+        description="A step whose loss or gradient norm is NaN/Inf: fail the job (reason Diverged), or skip its "
+        "update (up to nonFiniteSkipLimit steps). fp16 steps the grad scaler skips for overflow do not count.",
+    )
+    non_finite_skip_limit: int = Field(10, ge=0, le=MAX_STEPS, description="Skipped steps allowed under onNonFinite: skip.")
     compile: Literal["off", "default", "reduce-overhead"] = Field(
         "off",
         description="torch.compile the forward/backward (GPU speed; costs a minute at startup). "
@@ -286,6 +295,12 @@ class CheckpointSpec(_Model):
         description="s3://bucket/prefix or a local directory; <ns>/<job>/ is appended.",
     )
     every_steps: int = Field(500, ge=1, le=MAX_STEPS)
+    resume: Literal["auto", "never"] = Field(
+        "auto",
+        description="auto: resume the newest complete checkpoint under <uri>/<ns>/<job>/ written for the same model "
+        "and task (one for another is refused, failing the job); never: only this TrainingJob object's own "
+        "checkpoints (restarts), never those of an earlier job of the same name.",
+    )
     keep: int = Field(3, ge=1, le=1000, description="Newest complete checkpoints kept.")
     upload_attempts: int = Field(
         10, ge=1, le=100,

@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .api import EXIT_INVALID_SPEC, SpecError, load_training_job
+from .api import EXIT_INVALID_SPEC, EXIT_PERMANENT, SpecError, load_training_job
+from .inputs import missing_local_inputs
 
 
 def _load(path: str):
@@ -17,6 +18,14 @@ def _load(path: str):
         return None
 
 
+def _missing_inputs(job, path: str, base_dir: str | None) -> bool:
+    """Print what is missing of the job's local inputs (data files, model directories); True if anything is."""
+    missing = missing_local_inputs(job, Path(base_dir or Path(path).resolve().parent))
+    for line in missing:
+        print(f"{path}: {line}", file=sys.stderr)
+    return bool(missing)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if not args.local:
         print("kubetrain run needs --local (in a cluster: kubectl apply -f the same YAML)", file=sys.stderr)
@@ -24,6 +33,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     job = _load(args.file)
     if job is None:
         return EXIT_INVALID_SPEC
+    if _missing_inputs(job, args.file, None):
+        return EXIT_PERMANENT
     from .local import run_local
 
     trainer_args = []
@@ -40,6 +51,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     job = _load(args.file)
     if job is None:
         return EXIT_INVALID_SPEC
+    if not args.schema_only and _missing_inputs(job, args.file, args.base_dir):
+        return EXIT_PERMANENT
     print(f"{args.file}: valid TrainingJob {job.metadata.namespace}/{job.metadata.name}")
     return 0
 
@@ -71,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     val = sub.add_parser("validate", help="check a TrainingJob YAML against the schema")
     val.add_argument("file")
+    val.add_argument("--base-dir", help="where relative data and model paths resolve (default: the YAML's directory; "
+                     "in a pod: the trainer image's examples directory)")
+    val.add_argument("--schema-only", action="store_true", help="check the schema only, not that local inputs exist")
     val.set_defaults(func=cmd_validate)
     crd = sub.add_parser("crd", help="print the TrainingJob CRD")
     crd.set_defaults(func=cmd_crd)

@@ -56,6 +56,19 @@ class Reason(StrEnum):
     JOB_SUSPENDED = "JobSuspended"
     JOB_RESUMED = "JobResumed"
     RESUMED = "Resumed"
+    # the trainer's permanent failures (reason of its report; the job fails at the first attempt)
+    DATA_ERROR = "DataError"
+    STORAGE_ERROR = "StorageError"
+    MODEL_ERROR = "ModelError"
+    CHECKPOINT_INCOMPATIBLE = "CheckpointIncompatible"
+    DIVERGED = "Diverged"
+    OUT_OF_MEMORY = "OutOfMemory"
+    # what the operator learns from a running trainer and from spec edits
+    RESUMED_FROM_CHECKPOINT = "ResumedFromCheckpoint"
+    STARTED_FROM_SCRATCH = "StartedFromScratch"
+    CHECKPOINTS_LOST = "CheckpointsLost"
+    SETTINGS_CHANGED = "SettingsChanged"
+    SPEC_CHANGED = "SpecChanged"
 
 
 class CheckpointReason(StrEnum):

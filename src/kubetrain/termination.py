@@ -18,23 +18,31 @@ MAX_BYTES = 4096  # what the kubelet keeps of a termination message
 
 @dataclass(frozen=True)
 class TrainerReport:
-    outcome: str  # finished | preempted
-    step: int
+    outcome: str  # finished | preempted | failed
+    step: int | None = None
     checkpoint_step: int | None = None
     checkpoint_uri: str | None = None
     checkpoint_time: str | None = None
+    # failed: why (a contracts.Reason), one line for status.message, and whether a retry cannot help
+    reason: str | None = None
+    message: str | None = None
+    permanent: bool = False
 
     def encode(self) -> str:
-        return json.dumps({"kubetrain": asdict(self)}, separators=(",", ":"))[:MAX_BYTES]
+        doc = asdict(self)
+        if doc["message"] and len(doc["message"]) > MAX_BYTES // 2:
+            doc["message"] = doc["message"][: MAX_BYTES // 2] + "..."
+        return json.dumps({"kubetrain": {k: v for k, v in doc.items() if v is not None}}, separators=(",", ":"))
 
 
 def decode_report(message: str | None) -> TrainerReport | None:
     """The report in a termination message; None for anything else (e.g. the log tail of a crash)."""
     try:
         doc = json.loads(message or "")
-        return TrainerReport(**doc["kubetrain"])
+        report = TrainerReport(**doc["kubetrain"])
     except (ValueError, TypeError, KeyError):
         return None
+    return report if report.outcome in ("finished", "preempted", "failed") else None
 
 
 def write_termination_message(text: str) -> None:

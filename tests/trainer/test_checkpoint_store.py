@@ -16,6 +16,7 @@ from kubetrain_trainer.checkpoint_store import (
     CheckpointStore,
     CorruptCheckpoint,
 )
+from kubetrain_trainer.failures import StorageError
 from kubetrain_trainer.storage import LocalStorage, S3Storage, Storage, open_storage
 
 
@@ -365,13 +366,15 @@ def test_bad_arguments_fail_at_call_site(local_storage: LocalStorage, tmp_path: 
     assert local_storage.list_keys("") == []
 
 
-def test_real_s3_error_becomes_checkpoint_error(s3_bucket: str, tmp_path: Path) -> None:
+def test_a_missing_bucket_fails_the_save_at_once_naming_it_without_retries(s3_bucket: str, tmp_path: Path) -> None:
     storage, _ = open_storage(f"s3://{s3_bucket}-does-not-exist/ckpt")
-    store = fast_store(storage, attempts=2)
+    retries = []
+    store = fast_store(storage, attempts=5)
+    store.on_retry = lambda: retries.append(1)
     future = store.save_async(3, make_files(tmp_path / "src", 3), {})
-    with pytest.raises(CheckpointError, match=rf"step 3.*s3://{s3_bucket}-does-not-exist/.*after 2 attempts"):
+    with pytest.raises(StorageError, match=rf"bucket '{s3_bucket}-does-not-exist' does not exist \(s3://{s3_bucket}-does"):
         store.wait()
-    assert future.done()
+    assert future.done() and retries == []
     store.close()
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from kubetrain_trainer.failures import StorageError, describe
 from kubetrain_trainer.storage import (
     LocalStorage,
     NotFound,
@@ -182,3 +183,27 @@ def test_read_uri_bytes(s3_bucket: str, s3_server, tmp_path: Path) -> None:
         read_uri_bytes(f"s3://{s3_bucket}")
     with pytest.raises(NotFound):
         read_uri_bytes(f"s3://{s3_bucket}/data/missing.jsonl")
+
+
+@pytest.mark.parametrize("op", ["get_bytes", "list_keys", "put_bytes", "put_file", "get_file"])
+def test_a_missing_bucket_is_a_permanent_error_naming_it(s3_bucket: str, tmp_path: Path, op: str) -> None:
+    """Real moto S3: every request on a bucket that does not exist fails once, naming the bucket, and is not retried."""
+    storage, _ = open_storage(f"s3://{s3_bucket}-gone/runs")
+    local = tmp_path / "f"
+    local.write_bytes(b"x")
+    call = {"get_bytes": lambda: storage.get_bytes("k"), "list_keys": lambda: storage.list_keys("runs/"),
+            "put_bytes": lambda: storage.put_bytes(b"x", "k"), "put_file": lambda: storage.put_file(local, "k"),
+            "get_file": lambda: storage.get_file("k", tmp_path / "g")}[op]
+    with pytest.raises(StorageError) as err:
+        call()
+    assert f"bucket '{s3_bucket}-gone' does not exist (s3://{s3_bucket}-gone/" in str(err.value)
+    assert describe(err.value).permanent
+
+
+def test_read_rows_of_a_missing_bucket_says_so_in_one_line(s3_bucket: str) -> None:
+    from kubetrain_trainer.data import read_rows
+
+    with pytest.raises(StorageError) as err:
+        read_rows(f"s3://{s3_bucket}-gone/train.jsonl")
+    assert describe(err.value).message == (f"storage error: bucket '{s3_bucket}-gone' does not exist "
+                                           f"(s3://{s3_bucket}-gone/train.jsonl)")

@@ -164,7 +164,7 @@ def test_read_rows_jsonl_and_csv(tmp_path):
     for name in ("a.csv", "a.jsonl"):
         assert [(r["text"], str(r["label"])) for r in read_rows(str(tmp_path / name))] == expected
     (tmp_path / "bad.jsonl").write_text('{"text": 1}\n{oops\n')
-    with pytest.raises(DataError, match="bad.jsonl: line 2: not valid JSON"):
+    with pytest.raises(DataError, match="bad.jsonl line 2: not valid JSON"):
         read_rows(str(tmp_path / "bad.jsonl"))
 
 

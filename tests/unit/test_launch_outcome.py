@@ -1,7 +1,10 @@
-"""The pod entry point's exit code: a worker that failed after its final checkpoint was complete (e.g. SIGABRT
-from a C++ thread at interpreter exit) must not make a finished job look failed, and a real failure still does.
+"""The pod entry point's exit code and termination message: what every local worker reported decides.
 
-torchrun itself is replaced by a stand-in that writes what workers write and raises what torchrun raises."""
+A worker that failed after its final checkpoint was complete (e.g. SIGABRT from a C++ thread at
+interpreter exit) must not make a finished job look failed; a permanent failure exits EXIT_PERMANENT
+with the worker's one-line account; a job whose data file does not exist is refused before torchrun
+starts. torchrun itself is replaced by a stand-in that writes what workers write and raises what
+torchrun raises (named as such: real torchrun runs in tests/trainer)."""
 
 from __future__ import annotations
 
@@ -12,35 +15,93 @@ from pathlib import Path
 import pytest
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-from kubetrain.api import EXIT_PREEMPTED
+from kubetrain.api import EXIT_INVALID_SPEC, EXIT_PERMANENT, EXIT_PREEMPTED
+from kubetrain.termination import decode_report
+from kubetrain_testkit.tiny import job_doc, write_job
 from kubetrain_trainer import launch
-from kubetrain_trainer.preemption import EXIT_DIR_ENV, write_exit_marker
+from kubetrain_trainer.exit_markers import EXIT_DIR_ENV, write_exit_marker
+from kubetrain_trainer.failures import DataError, describe
 
-ARGS = ["--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:1", "--rdzv-id=x",
-        "--", "--config", "job.yaml"]
+TORCHRUN = ["--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:1", "--rdzv-id=x"]
 
 
-def torchrun_where(markers: dict[int, str], exitcode: int, tmp_path: Path):
+@pytest.fixture
+def job_yaml(tmp_path: Path) -> Path:
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"text": "a", "label": 0}\n')
+    (tmp_path / "tok").mkdir()
+    return write_job(tmp_path / "job.yaml", job_doc("j", train, None, tmp_path / "tok", str(tmp_path / "ckpt")))
+
+
+def torchrun_where(markers: dict[int, tuple[str, dict]], exitcode: int, tmp_path: Path):
     def run(_args) -> None:
-        for local_rank, outcome in markers.items():
-            write_exit_marker(local_rank, 80, outcome)  # what each worker wrote before it exited
+        for local_rank, (outcome, fields) in markers.items():
+            write_exit_marker(local_rank, outcome, **fields)  # what each worker wrote before it exited
         error_file = tmp_path / "error.json"
         error_file.write_text(json.dumps({"message": "Signal 6 (SIGABRT) received"}))
         raise ChildFailedError("kubetrain_trainer", {1: ProcessFailure(1, 4242, exitcode, str(error_file))})
     return run
 
 
-@pytest.mark.parametrize("markers, want", [
-    ({0: "finished", 1: "finished"}, 0),  # an abort at exit after the final checkpoint: finished
-    ({0: "preempted", 1: "preempted"}, EXIT_PREEMPTED),
-    ({0: "finished"}, 1),  # local rank 1 died before its final checkpoint completed: a failure
-    ({}, 1),
-])
-def test_the_exit_code_follows_what_every_local_worker_reported(monkeypatch, tmp_path, markers, want):
+def launch_with(monkeypatch, job_yaml: Path, markers, exitcode: int = -6) -> tuple[int, str | None]:
     import torch.distributed.run as torchrun
 
-    monkeypatch.setattr(torchrun, "run", torchrun_where(markers, -6, tmp_path))
-    monkeypatch.setattr(launch, "write_termination_message", lambda text: None)
+    said: list[str] = []
+    monkeypatch.setattr(torchrun, "run", torchrun_where(markers, exitcode, job_yaml.parent))
+    monkeypatch.setattr("kubetrain.termination.write_termination_message", said.append)
     monkeypatch.delenv(EXIT_DIR_ENV, raising=False)
-    assert launch.main(ARGS) == want
-    os.environ.pop(EXIT_DIR_ENV, None)
+    try:
+        code = launch.main([*TORCHRUN, "--", "--config", str(job_yaml)])
+    finally:
+        os.environ.pop(EXIT_DIR_ENV, None)
+    return code, said[-1] if said else None
+
+
+FINISHED, PREEMPTED = ("finished", {"step": 80}), ("preempted", {"step": 80})
+BAD_ROW = describe(DataError("s3://b/train.jsonl row 201: missing field 'text' (spec.data.textField)")).to_json()
+LOST_PEER = describe(RuntimeError("Connection closed by peer [127.0.0.1]:29500")).to_json()
+
+
+@pytest.mark.parametrize("markers, want", [
+    ({0: FINISHED, 1: FINISHED}, 0),  # an abort at exit after the final checkpoint: finished
+    ({0: PREEMPTED, 1: PREEMPTED}, EXIT_PREEMPTED),
+    ({0: FINISHED}, 1),  # local rank 1 died before its final checkpoint completed: a failure
+    ({}, 1),
+    ({0: ("failed", LOST_PEER), 1: ("failed", BAD_ROW)}, EXIT_PERMANENT),  # the permanent cause wins
+    ({1: ("failed", LOST_PEER)}, 1),
+])
+def test_the_exit_code_follows_what_every_local_worker_reported(monkeypatch, job_yaml, markers, want):
+    assert launch_with(monkeypatch, job_yaml, markers)[0] == want
+
+
+def test_a_permanent_failure_is_reported_in_one_line_naming_file_row_and_field(monkeypatch, job_yaml):
+    code, message = launch_with(monkeypatch, job_yaml, {0: ("failed", LOST_PEER), 1: ("failed", BAD_ROW)}, exitcode=65)
+    report = decode_report(message)
+    assert (code, report.outcome, report.permanent, report.reason) == (EXIT_PERMANENT, "failed", True, "DataError")
+    assert report.message == "data error: s3://b/train.jsonl row 201: missing field 'text' (spec.data.textField)"
+
+
+def test_a_worker_killed_without_an_account_is_named_with_its_signal(monkeypatch, job_yaml):
+    code, message = launch_with(monkeypatch, job_yaml, {}, exitcode=-9)
+    report = decode_report(message)
+    assert code == 1 and not report.permanent
+    assert report.message.startswith("worker rank 1 was killed by SIGKILL")
+
+
+def test_a_missing_data_file_is_refused_before_torchrun_starts(monkeypatch, job_yaml):
+    doc = job_doc("j", Path("data/trian.jsonl"), None, job_yaml.parent / "tok", "ckpt")
+    write_job(job_yaml, doc)
+    started = []
+    monkeypatch.setattr("torch.distributed.run.run", started.append)
+    code, message = launch_with(monkeypatch, job_yaml, {})
+    report = decode_report(message)
+    assert code == EXIT_PERMANENT and started == []
+    assert report.message == (f"data error: spec.data.train: data/trian.jsonl: no such file or directory "
+                              f"(relative paths resolve against {job_yaml.parent})")
+
+
+def test_an_invalid_spec_is_refused_before_torchrun_starts(monkeypatch, job_yaml):
+    doc = job_doc("j", job_yaml.parent / "train.jsonl", None, job_yaml.parent / "tok", "ckpt", training__learningRate=-1)
+    write_job(job_yaml, doc)
+    code, message = launch_with(monkeypatch, job_yaml, {})
+    assert code == EXIT_INVALID_SPEC and "spec.training.learningRate" in decode_report(message).message

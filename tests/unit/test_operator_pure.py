@@ -146,12 +146,26 @@ def one_pod(**kw) -> dict:
     ({"phase": "Running", "conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}]},
      "preempted", "Preempted"),
     ({"phase": "Failed", "reason": "NodeLost"}, "preempted", "Preempted"),
-    ({"phase": "Failed", "exit_code": 1, "message": "Traceback\nFileNotFoundError: train.jsonl"}, "failed", "Error"),
+    ({"phase": "Failed", "exit_code": 1, "message": "Traceback\nFileNotFoundError: train.jsonl"}, "failed", "PodFailed"),
     ({"phase": "Failed", "exit_code": 2, "message": "invalid TrainingJob"}, "invalid", "InvalidSpec"),
+    ({"phase": "Failed", "exit_code": 65, "message": TrainerReport(
+        "failed", reason="StorageError", message="storage error: bucket 'b' does not exist (s3://b/x)",
+        permanent=True).encode()}, "permanent", "StorageError"),
+    ({"phase": "Failed", "exit_code": 65}, "permanent", "PodFailed"),
+    ({"phase": "Failed", "exit_code": 1, "message": TrainerReport(
+        "failed", reason="PodFailed", message="RuntimeError: Connection closed by peer").encode()}, "failed", "PodFailed"),
 ])
 def test_classify(kw, kind, reason):
     outcome = classify(one_pod(**kw))
     assert (outcome.kind, outcome.reason) == (kind, reason)
+
+
+def test_the_trainers_one_line_account_is_the_message_not_a_traceback():
+    report = TrainerReport("failed", reason="DataError", permanent=True,
+                           message="data error: s3://b/train.jsonl row 201: missing field 'text' (spec.data.textField)")
+    outcome = classify(one_pod(phase="Failed", exit_code=65, message=report.encode()))
+    assert outcome.message == ("data error: s3://b/train.jsonl row 201: missing field 'text' (spec.data.textField) "
+                               "(pod bert-0, exit code 65)")
 
 
 def test_a_failure_message_names_pod_exit_code_and_the_error():
@@ -357,6 +371,39 @@ def test_exit_code_2_from_the_trainer_fails_at_once():
     c.pods["bert-0"] = observed_pod(c.pods["bert-0"], "Failed", exit_code=2, message="invalid TrainingJob: x", uid="z")
     c.step()
     assert c.status["phase"] == "Failed" and c.status["failures"] == 0
+
+
+PERMANENT = TrainerReport("failed", reason="DataError", permanent=True,
+                          message="data error: s3://b/train.jsonl row 201: missing field 'text' (spec.data.textField)")
+
+
+def test_a_permanent_failure_fails_the_job_at_the_first_attempt_with_the_trainers_reason_and_message():
+    c = Cluster(job_body(runPolicy={"backoffLimit": 3}))
+    c.step()
+    c.set_pods(phase="Running")
+    c.step()
+    c.pods["bert-0"] = observed_pod(c.pods["bert-0"], "Failed", exit_code=65, message=PERMANENT.encode(), uid="z")
+    p = c.step()
+    s = c.status
+    assert (s["phase"], s["failures"], s["restarts"]) == ("Failed", 0, 0)
+    assert s["message"] == PERMANENT.message + " (pod bert-0, exit code 65)"
+    assert {x["type"]: x["reason"] for x in s["conditions"]}["Failed"] == "DataError"
+    assert c.events[-1][0] == "DataError"
+    assert [d["metadata"]["name"] for d in p.delete_pods] == ["bert-1"]
+
+
+def test_a_permanent_failure_seen_after_the_peer_failure_it_caused_still_fails_at_once():
+    c = Cluster(job_body(runPolicy={"backoffLimit": 3}))
+    c.step()
+    c.set_pods(phase="Running")
+    c.step()
+    c.pods["bert-1"] = observed_pod(c.pods["bert-1"], "Failed", exit_code=1, message="RuntimeError: peer closed", uid="a")
+    c.step()
+    assert c.status["phase"] == "Restarting"
+    c.pods["bert-0"] = observed_pod(c.pods["bert-0"], "Failed", exit_code=65, message=PERMANENT.encode(), uid="b")
+    c.step()
+    assert (c.status["phase"], c.status["failures"]) == ("Failed", 0)
+    assert c.status["message"].startswith("data error: s3://b/train.jsonl row 201")
 
 
 def test_status_written_by_someone_else_does_not_crash_the_reconcile():

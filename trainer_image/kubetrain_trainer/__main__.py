@@ -2,58 +2,36 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from kubetrain.api import EXIT_INVALID_SPEC, SpecError, checkpoint_prefix, load_training_job
+from kubetrain.api import EXIT_INVALID_SPEC, EXIT_PERMANENT, SpecError, checkpoint_prefix
+
+from .exit_markers import write_exit_marker
+from .failures import describe
+from .job_file import load_job, parse_args
+
+log = logging.getLogger("kubetrain.trainer")
 
 
-def resolve_local_paths(job, base: Path):
-    """Relative local data/model paths in the YAML resolve against `base` (the YAML's directory locally)."""
-
-    def fix(value: str | None) -> str | None:
-        if value is None or "://" in value or os.path.isabs(value):
-            return value
-        candidate = base / value
-        return str(candidate) if candidate.exists() else value  # else: maybe a hub id
-
-    spec = job.spec
-    data = spec.data.model_copy(update={"train": fix(spec.data.train), "eval": fix(spec.data.eval)})
-    model = spec.model.model_copy(update={"name": fix(spec.model.name), "tokenizer": fix(spec.model.tokenizer)})
-    checkpoint = spec.checkpoint
-    if "://" not in checkpoint.uri and not os.path.isabs(checkpoint.uri):
-        checkpoint = checkpoint.model_copy(update={"uri": str(base / checkpoint.uri)})
-    return job.model_copy(update={"spec": spec.model_copy(update={"data": data, "model": model, "checkpoint": checkpoint})})
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kubetrain_trainer", description=__doc__)
-    p.add_argument("--config", required=True, help="TrainingJob YAML (the operator mounts it from a ConfigMap)")
-    p.add_argument("--checkpoint-uri", help="override spec.checkpoint.uri (local runs)")
-    p.add_argument("--metrics-port", type=int, help="override spec.metrics.port; 0 disables the exporter")
-    p.add_argument("--base-dir", default=os.environ.get("KUBETRAIN_BASE_DIR"),
-                   help="relative paths in the YAML resolve here (default: the YAML's directory; pods: the image's examples)")
-    p.add_argument("--work-dir", default=os.environ.get("KUBETRAIN_WORK_DIR", "/tmp/kubetrain"), help="local scratch")
-    return p.parse_args(argv)
-
-
-@record  # torchrun then knows the root cause ("FileNotFoundError: ...") and the launcher reports it
+@record  # torchrun then knows the root cause of a transient failure and the launcher reports it
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rank = int(os.environ.get("RANK", 0))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     try:
-        job = load_training_job(args.config)
+        job = load_job(args)
     except SpecError as err:
         print(f"invalid TrainingJob:\n{err}", file=sys.stderr)
         return EXIT_INVALID_SPEC
-    job = resolve_local_paths(job, Path(args.base_dir or Path(args.config).resolve().parent))
+    except Exception as err:  # noqa: BLE001 - a missing local input: permanent, said in one line
+        return failed(err, local_rank)
     uri = args.checkpoint_uri or job.spec.checkpoint.uri
     port = job.spec.metrics.port if args.metrics_port is None else args.metrics_port
 
@@ -65,13 +43,28 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_prefix_uri=checkpoint_prefix(uri, job.metadata.namespace, job.metadata.name),
         metrics_port=port or None,
         metrics_addr=os.environ.get("KUBETRAIN_METRICS_ADDR", "0.0.0.0"),
+        job_uid=os.environ.get("KUBETRAIN_JOB_UID", ""),
     )
     try:
         return train(build_run(job, opts))
+    except Exception as err:  # noqa: BLE001 - every failure is classified and said in one line
+        return failed(err, local_rank)
     finally:
         from .distributed import shutdown
 
         shutdown()
+
+
+def failed(err: Exception, local_rank: int) -> int:
+    """Log the traceback (the pod log keeps it), leave the one-line account for the launcher; a permanent
+    failure exits EXIT_PERMANENT, any other is re-raised for torchrun to record."""
+    failure = describe(err)
+    traceback.print_exc()
+    log.error("%s failure: %s", "permanent" if failure.permanent else "transient", failure.message)
+    write_exit_marker(local_rank, "failed", **failure.to_json())
+    if failure.permanent:
+        return EXIT_PERMANENT
+    raise err
 
 
 if __name__ == "__main__":

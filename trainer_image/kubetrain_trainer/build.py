@@ -47,6 +47,7 @@ class RunOptions:
     checkpoint_prefix_uri: str  # <checkpoint.uri>/<namespace>/<job>
     metrics_port: int | None
     metrics_addr: str = "0.0.0.0"
+    job_uid: str = ""  # the TrainingJob object's uid (pods); empty locally: a fresh identity per run
 
 
 @dataclass

@@ -24,6 +24,7 @@ import torch
 from .checkpoint_state import CheckpointContent, TrainState
 from .checkpoint_store import CheckpointInfo, CheckpointStore
 from .distributed import Runtime, barrier, broadcast_object
+from .failures import PermanentError
 from .metrics import TrainerMetrics
 from .model import trainable_state_dict
 
@@ -118,6 +119,7 @@ class Checkpointer:
         self.submitted_step: int | None = None
         self.pending: Future | None = None  # the newest submitted save, done once accounted (rank 0)
         self.latest: CheckpointInfo | None = None  # the newest complete checkpoint known (rank 0)
+        self.permanent_failure: PermanentError | None = None  # a save no retry can fix (rank 0): the next save raises it
         # one writer thread: snapshots land in the order they were taken, a waiting one replaced by a newer one
         self._writer = LatestWinsWriter("kubetrain-ckpt-write")
 
@@ -127,6 +129,8 @@ class Checkpointer:
         A step already submitted (a periodic save, then SIGTERM at the same step) is not saved
         again: `wait` then only waits for that save to land.
         """
+        if self.permanent_failure is not None:  # e.g. access denied: training on would only lose more work
+            raise self.permanent_failure
         if self.state.step != self.submitted_step:
             self._submit(reason)
         if wait:
@@ -178,6 +182,8 @@ class Checkpointer:
         shutil.rmtree(staging, ignore_errors=True)
         if future.exception() is not None:
             log.error("checkpoint failed: %s", future.exception())
+            if isinstance(future.exception(), PermanentError):
+                self.permanent_failure = future.exception()
             if self.metrics:
                 self.metrics.checkpoint_failures.inc()
             return

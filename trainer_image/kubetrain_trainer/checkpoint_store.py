@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from kubetrain.api import step_dir_name
 from kubetrain.contracts import timestamp
 
+from .failures import PermanentError
 from .storage import Storage, join_key
 
 log = logging.getLogger("kubetrain.checkpoint")
@@ -212,8 +213,8 @@ class CheckpointStore:
         """Every failure surfaces as a CheckpointError that names the step and where it was going."""
         try:
             return self._save_unchecked(step, files, meta)
-        except CheckpointError:
-            raise
+        except (CheckpointError, PermanentError):
+            raise  # a PermanentError names the bucket already, and must stay permanent
         except Exception as e:
             raise CheckpointError(
                 f"checkpoint step {step} to {self.storage.uri(self._step_key(step))} failed: "
@@ -253,6 +254,8 @@ class CheckpointStore:
         for attempt in range(1, self.attempts + 1):
             try:
                 return op()
+            except PermanentError:
+                raise  # a missing bucket, access denied: no retry helps, and the message names it
             except Exception as e:
                 if attempt == self.attempts:
                     raise CheckpointError(

@@ -21,12 +21,10 @@ import torch
 
 from kubetrain.api import DataSpec
 
+from .failures import DataError
 from .storage import read_uri_bytes
 
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file, the row and the field."""
+__all__ = ["DataError"]  # defined with the other permanent failures; raised from here
 
 
 @dataclass(frozen=True)
@@ -47,7 +45,7 @@ class Encoded:
 
 def read_rows(uri: str, fmt: str = "auto", *, endpoint: str | None = None, region: str | None = None) -> list[dict]:
     """Rows of a JSONL or CSV file at a local path or s3:// URI."""
-    raw = read_uri_bytes(uri, endpoint=endpoint, region=region).decode("utf-8")
+    raw = decode_utf8(read_uri_bytes(uri, endpoint=endpoint, region=region), uri)
     if fmt == "auto":
         fmt = "csv" if uri.lower().endswith(".csv") else "jsonl"
     if fmt == "csv":
@@ -59,21 +57,34 @@ def read_rows(uri: str, fmt: str = "auto", *, endpoint: str | None = None, regio
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"{uri}: line {n}: not valid JSON ({err.msg})") from None
+            raise DataError(f"{uri} line {n}: not valid JSON ({err.msg})") from None
         if not isinstance(row, dict):
-            raise DataError(f"{uri}: line {n}: expected a JSON object")
+            raise DataError(f"{uri} line {n}: expected a JSON object")
         rows.append(row)
     return rows
 
 
-def require_fields(rows: Sequence[dict], fields: Sequence[str | None], uri: str) -> None:
-    """Every row has every named field (None: not configured)."""
+def decode_utf8(raw: bytes, uri: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{uri} line {line}: not valid UTF-8 (byte {raw[err.start]:#04x} at offset {err.start})") from None
+
+
+def require_fields(rows: Sequence[dict], fields: dict[str, str | None], uri: str, text: Sequence[str] = ()) -> None:
+    """Every row has every configured field (spec.data key -> column name; None: not configured), and the
+    columns named by the `text` keys hold strings."""
     if not rows:
         raise DataError(f"{uri}: no rows")
     for n, row in enumerate(rows, start=1):
-        for field in fields:
-            if field and field not in row:
-                raise DataError(f"{uri}: row {n}: missing field {field!r} (spec.data)")
+        for key, field in fields.items():
+            if not field:
+                continue
+            if field not in row:
+                raise DataError(f"{uri} row {n}: missing field {field!r} (spec.data.{key})")
+            if key in text and not isinstance(row[field], str):
+                raise DataError(f"{uri} row {n}: field {field!r} is {type(row[field]).__name__}, not text (spec.data.{key})")
 
 
 def pack_by_budget(order: Sequence[int], lengths: np.ndarray, max_tokens: int, max_samples: int | None,

@@ -2,9 +2,11 @@
 
 torchrun reports neither its workers' exit codes nor why it was stopped: killed by SIGTERM it exits 1,
 like any crash. The operator must know "the group saved an emergency checkpoint, restart it" from
-"the training failed". So this wrapper runs torchrun in-process and exits with
-EXIT_PREEMPTED when every local worker wrote its emergency-checkpoint marker, and 0 when every local
-worker wrote its finished marker (the final checkpoint complete), whatever happened at exit after that.
+"the training failed" from "the training can never work". So this wrapper checks the spec and its
+local inputs first, runs torchrun in-process, and reads what each worker wrote (exit_markers): exit
+EXIT_PREEMPTED when every local worker saved its emergency checkpoint, 0 when every local worker
+finished (the final checkpoint complete, whatever happened at exit after that), EXIT_PERMANENT for
+a failure no retry can fix; a failure's one-line message becomes the pod's termination message.
 
     python -m kubetrain_trainer.launch [torchrun options] -- [trainer options]
 """
@@ -13,14 +15,16 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
 
-from kubetrain.api import EXIT_PREEMPTED
-from kubetrain.termination import write_termination_message
+from kubetrain.api import EXIT_INVALID_SPEC, EXIT_PERMANENT, EXIT_PREEMPTED
+from kubetrain.contracts import Reason
+from kubetrain.termination import TrainerReport, write_report
 
-from .preemption import EXIT_DIR_ENV
+from .exit_markers import EXIT_DIR_ENV, read_markers
 
 EXIT_SIGTERM = 128 + 15
 # Seconds torchrun gives workers after SIGTERM before SIGKILL: time to finish the step and upload the
@@ -38,9 +42,29 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-def workers_that(exit_dir: Path, outcome: str) -> int:
-    """How many local workers wrote the marker of `outcome` (preempted, finished) before exiting."""
-    return len(list(exit_dir.glob(f"{outcome}-*.json")))
+def failure_report(exit_dir: Path, failures: dict) -> tuple[TrainerReport, int]:
+    """What the pod says when its workers failed: the worker's own one-line account where it wrote one (a
+    permanent failure first: it decides the job), else torchrun's record of the first failed rank."""
+    written = read_markers(exit_dir, "failed")
+    if written:
+        local_rank = min(written, key=lambda r: (not written[r].get("permanent"), r))
+        f = written[local_rank]
+        report = TrainerReport("failed", f.get("step"), reason=f.get("reason"), message=f.get("message"),
+                               permanent=bool(f.get("permanent")))
+        return report, EXIT_PERMANENT if report.permanent else 1
+    rank = min(failures)  # keyed by global rank
+    first = failures[rank]
+    if first.exitcode < 0:
+        try:
+            how = f"was killed by {signal.Signals(-first.exitcode).name}"
+        except ValueError:
+            how = f"was killed by signal {-first.exitcode}"
+    else:
+        how = f"exited {first.exitcode}"
+    detail = first.message if isinstance(first.message, str) and first.message not in ("", "<N/A>") else ""
+    text = f"worker rank {rank} {how}" + (f": {detail}" if detail else "")
+    return TrainerReport("failed", None, reason="WorkerFailed", message=" ".join(text.split())[:600]), (
+        first.exitcode if 0 < first.exitcode < 256 else 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s launch: %(message)s", datefmt="%H:%M:%S")
     torchrun_args, trainer_args = split_args(sys.argv[1:] if argv is None else argv)
+    refused = preflight(trainer_args)
+    if refused is not None:  # nothing started: the same answer as a worker's, sooner
+        log.error("%s", refused.message)
+        write_report(refused)
+        return EXIT_INVALID_SPEC if refused.reason == Reason.INVALID_SPEC else EXIT_PERMANENT
     exit_dir = Path(tempfile.mkdtemp(prefix="kubetrain-exit-"))
     os.environ[EXIT_DIR_ENV] = str(exit_dir)  # inherited by the workers
     os.environ.setdefault(SHUTDOWN_TIMEOUT_ENV, DEFAULT_SHUTDOWN_TIMEOUT_S)
@@ -59,25 +88,40 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
         return 0
     except (SignalException, ChildFailedError) as err:
-        if workers_that(exit_dir, "finished") >= local_workers:
+        if len(read_markers(exit_dir, "finished")) >= local_workers:
             # e.g. a C++ thread aborting at interpreter exit (SIGABRT): the final checkpoint is complete, and
             # reporting a failure would make the operator restart a finished job
             log.warning("every local worker finished with its final checkpoint complete; a failure after that "
                         "(%s) is ignored: exit 0", err)
             return 0
-        if workers_that(exit_dir, "preempted") >= local_workers:
+        if len(read_markers(exit_dir, "preempted")) >= local_workers:
             log.info("all %d local workers saved the emergency checkpoint: exit %d (preempted)", local_workers, EXIT_PREEMPTED)
             return EXIT_PREEMPTED
         if isinstance(err, SignalException):
             log.error("stopped by signal %s before an emergency checkpoint completed", err.sigval)
             return EXIT_SIGTERM
-        failures = err.failures
-        rank = min(failures)  # keyed by global rank
-        first = failures[rank]
-        log.error("worker rank %d failed with exit code %s: %s", rank, first.exitcode, first.message)
-        # the root cause (the worker's exception, recorded by torchrun) as the pod's termination message
-        write_termination_message(f"worker rank {rank} failed with exit code {first.exitcode}: {first.message}")
-        return first.exitcode if 0 < first.exitcode < 256 else 1
+        report, code = failure_report(exit_dir, err.failures)
+        log.error("%s (exit %d)", report.message, code)
+        write_report(report)  # the pod's termination message: status.message and the Events
+        return code
+
+
+def preflight(trainer_args: list[str]) -> TrainerReport | None:
+    """Refuse, before torchrun starts anything, a job whose spec is invalid or whose local inputs do not exist."""
+    from kubetrain.api import SpecError
+
+    from .failures import describe
+    from .job_file import load_job, parse_args
+
+    try:
+        load_job(parse_args(trainer_args))
+    except SpecError as err:
+        message = "invalid TrainingJob: " + "; ".join(str(err).splitlines())
+        return TrainerReport("failed", None, reason=Reason.INVALID_SPEC, message=message, permanent=True)
+    except Exception as err:  # noqa: BLE001 - a missing local input, or a config file that cannot be read
+        failure = describe(err)
+        return TrainerReport("failed", None, reason=failure.reason, message=failure.message, permanent=failure.permanent)
+    return None
 
 
 if __name__ == "__main__":

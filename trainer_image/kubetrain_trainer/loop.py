@@ -24,7 +24,8 @@ from .data import StepBatches
 from .distributed import Runtime
 from .evaluate import evaluate
 from .graphs import StepGraphs
-from .preemption import StopSignal, write_exit_marker
+from .exit_markers import write_exit_marker
+from .preemption import StopSignal
 from .step_log import EarlyStopping, StepLog
 from .tasks import Task
 
@@ -65,7 +66,7 @@ def train(run: Run) -> int:
             run.checkpointer.save(CheckpointReason.PERIODIC, wait=False)
         if stop.agreed(rt.device):
             run.checkpointer.save(CheckpointReason.PREEMPTION, wait=True)
-            write_exit_marker(rt.local_rank, state.step)
+            write_exit_marker(rt.local_rank, "preempted", step=state.step)
             report_outcome(run, "preempted")
             log_if_main(rt, "preempted: emergency checkpoint at step %d saved; exiting %d", state.step, EXIT_PREEMPTED)
             return EXIT_PREEMPTED
@@ -74,7 +75,7 @@ def train(run: Run) -> int:
         log_if_main(rt, "early stopping at step %d: %s did not improve for %d evaluations", state.step,
                     t.early_stopping.metric, early.spec.patience)
     run.checkpointer.save(CheckpointReason.FINAL, wait=True)  # every rank waits until it is complete in the store
-    write_exit_marker(rt.local_rank, state.step, "finished")
+    write_exit_marker(rt.local_rank, "finished", step=state.step)
     log_if_main(rt, "finished at step %d; eval %s", state.step, state.last_eval or "-")
     report_outcome(run, "finished")
     if run.metrics and run.opts.metrics_port and spec.metrics.linger_seconds:

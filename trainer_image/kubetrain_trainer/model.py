@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from kubetrain.api import ModelSpec
 
+from .failures import ModelError
 from .storage import open_storage, path_inside
 from .tasks import Task
 
@@ -20,7 +21,7 @@ log = logging.getLogger("kubetrain.model")
 NO_REMOTE_CODE = {"trust_remote_code": False}
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(ModelError):
     """The model or tokenizer location cannot be resolved."""
 
 

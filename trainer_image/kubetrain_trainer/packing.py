@@ -26,8 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kubetrain.contracts import Reason
+
 from .batching import to_device
 from .data import Encoded
+from .failures import PermanentError
 
 ATTENTION = "kubetrain_packed"
 # classification heads that read the first token: the encoder's attribute, and how the head is applied
@@ -35,8 +38,10 @@ ROBERTA_STYLE = {"roberta", "xlm-roberta", "camembert"}
 BERT_STYLE = {"bert"}
 
 
-class PackingError(ValueError):
+class PackingError(PermanentError, ValueError):
     """The model cannot be trained on packed batches."""
+
+    reason, kind = Reason.INVALID_SPEC, "invalid TrainingJob"
 
 
 # --- attention ----------------------------------------------------------------------------------

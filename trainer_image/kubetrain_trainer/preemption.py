@@ -7,16 +7,12 @@ each step: every rank stops after the same step and takes part in the emergency 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import signal
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-EXIT_DIR_ENV = "KUBETRAIN_EXIT_DIR"
 log = logging.getLogger("kubetrain.preemption")
 
 
@@ -50,11 +46,3 @@ class StopSignal:
         flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._cpu_group)
         return bool(flag.item())
-
-
-def write_exit_marker(local_rank: int, step: int, outcome: str = "preempted") -> None:
-    """Tell the launcher (same pod) that this worker saved its emergency ("preempted") or final ("finished")
-    checkpoint at `step`, complete in the store: what it does after that cannot lose training."""
-    exit_dir = os.environ.get(EXIT_DIR_ENV)
-    if exit_dir:
-        Path(exit_dir, f"{outcome}-{local_rank}.json").write_text(json.dumps({"step": step}))

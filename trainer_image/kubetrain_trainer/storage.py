@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote, urlparse
 
+from .failures import S3_PERMANENT, StorageError, s3_error_code
+
 MiB = 1024 * 1024
 DEFAULT_MULTIPART_THRESHOLD = 64 * MiB
 S3_MIN_PART_SIZE = 5 * MiB
@@ -189,6 +191,17 @@ def _is_not_found(err: Exception) -> bool:
     return code in {"404", "NoSuchKey", "NotFound"}
 
 
+def _permanent(err: Exception, uri: str) -> Exception:
+    """`err` as a StorageError naming the bucket and key when no retry can fix it (missing bucket, access
+    denied, bad credentials); else `err` itself (5xx, throttling, the network: transient)."""
+    code = s3_error_code(err)
+    if code in S3_PERMANENT and not _is_not_found(err):
+        bucket = urlparse(uri).netloc
+        what = f"bucket {bucket!r} does not exist ({uri})" if code == "NoSuchBucket" else f"{S3_PERMANENT[code]}: {uri}"
+        return StorageError(what)
+    return err
+
+
 class S3Storage:
     """An S3 bucket (or any S3-compatible store). Large files go multipart via boto3's transfer manager."""
 
@@ -205,41 +218,51 @@ class S3Storage:
     def __repr__(self) -> str:
         return f"S3Storage({self.bucket!r})"
 
+    def _call(self, key: str, op):
+        """Run one request; S3's answer as our errors: NotFound, StorageError (permanent), else as raised."""
+        try:
+            return op()
+        except Exception as e:
+            if _is_not_found(e):  # a HEAD's 404 does not say whether the key or the bucket is missing
+                if not self._bucket_exists():
+                    raise StorageError(f"bucket {self.bucket!r} does not exist ({self.uri(key)})") from None
+                raise NotFound(self.uri(key)) from None
+            error = _permanent(e, self.uri(key))
+            if error is e:
+                raise
+            raise error from None
+
+    def _bucket_exists(self) -> bool:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as e:  # noqa: BLE001 - only a clear 404 says no
+            return not (_is_not_found(e) or s3_error_code(e) == "NoSuchBucket")
+        return True
+
     def put_file(self, local_path: Path, key: str) -> None:
-        self.client.upload_file(str(local_path), self.bucket, key, Config=self.transfer_config)
+        self._call(key, lambda: self.client.upload_file(str(local_path), self.bucket, key, Config=self.transfer_config))
 
     def put_bytes(self, data: bytes, key: str) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+        self._call(key, lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=data))
 
     def get_file(self, key: str, local_path: Path) -> None:
         """Download atomically (boto3 writes a temp file next to the target and renames it)."""
         local_path = Path(local_path)
         local_path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.client.download_file(self.bucket, key, str(local_path), Config=self.transfer_config)
-        except Exception as e:
-            if _is_not_found(e):
-                raise NotFound(self.uri(key)) from None
-            raise
+        self._call(key, lambda: self.client.download_file(self.bucket, key, str(local_path), Config=self.transfer_config))
 
     def get_bytes(self, key: str) -> bytes:
-        try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=key)
-        except Exception as e:
-            if _is_not_found(e):
-                raise NotFound(self.uri(key)) from None
-            raise
+        resp = self._call(key, lambda: self.client.get_object(Bucket=self.bucket, Key=key))
         with resp["Body"] as body:
             return body.read()
 
     def list_keys(self, prefix: str) -> list[str]:
         paginator = self.client.get_paginator("list_objects_v2")
-        keys = [
+        return self._call(prefix, lambda: sorted(
             obj["Key"]
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix)
             for obj in page.get("Contents", [])
-        ]
-        return sorted(keys)
+        ))
 
     def delete_keys(self, keys: list[str]) -> None:
         for i in range(0, len(keys), S3_DELETE_BATCH):

@@ -32,7 +32,8 @@ class CausalLM:
 
     def encode(self, rows: Sequence[dict], tokenizer, data: DataSpec, uri: str, labels: None) -> Encoded:
         """End every document with EOS so the model learns to stop; truncate after adding it."""
-        require_fields(rows, (data.text_field, data.text_pair_field), uri)
+        require_fields(rows, {"textField": data.text_field, "textPairField": data.text_pair_field}, uri,
+                       text=("textField", "textPairField"))
         texts = [str(r[data.text_field]) for r in rows]
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         ids = [(t + eos)[: data.max_length] for t in tokenizer(texts, add_special_tokens=True)["input_ids"]]

@@ -31,7 +31,8 @@ class SequenceClassification:
         return label_vocabulary(rows, data.label_field, model.num_labels, uri)
 
     def encode(self, rows: Sequence[dict], tokenizer, data: DataSpec, uri: str, labels: dict[str, int] | None) -> Encoded:
-        require_fields(rows, (data.text_field, data.text_pair_field, data.label_field), uri)
+        require_fields(rows, {"textField": data.text_field, "textPairField": data.text_pair_field, "labelField": data.label_field},
+                       uri, text=("textField", "textPairField"))
         texts = [str(r[data.text_field]) for r in rows]
         pairs = [str(r[data.text_pair_field]) for r in rows] if data.text_pair_field else None
         out = tokenizer(texts, pairs, truncation=True, max_length=data.max_length)
@@ -39,7 +40,7 @@ class SequenceClassification:
         try:
             ids = [labels[str(r[data.label_field])] for r in rows]
         except KeyError as err:
-            raise DataError(f"{uri}: label {err.args[0]!r} not seen in the training data") from None
+            raise DataError(f"{uri}: label {err.args[0]!r} is not among the training data's labels {sorted(labels)[:10]}") from None
         return Encoded(out["input_ids"], out.get("token_type_ids"), ids)
 
     def targets(self, samples: int, tokens: int) -> int:
@@ -89,7 +90,9 @@ def label_vocabulary(rows: Sequence[dict], field: str, num_labels: int, uri: str
         ids = {v: i for i, v in enumerate(raw)}
     bad = [v for v, i in ids.items() if not 0 <= i < num_labels]
     if bad:
-        raise DataError(f"{uri}: labels {bad[:5]} are outside 0..{num_labels - 1} (spec.model.numLabels={num_labels})")
+        row = next(n for n, r in enumerate(rows, start=1) if str(r.get(field)) in bad)
+        raise DataError(f"{uri} row {row}: label {str(rows[row - 1][field])!r} is outside 0..{num_labels - 1} "
+                        f"(spec.model.numLabels={num_labels}); labels outside: {bad[:5]}")
     return ids
 
 
