@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from kubetrain_devcluster.s3 import S3Server
 
 from kubetrain_testkit import tiny
 from kubetrain_testkit.prometheus import scrape
+from kubetrain.api import EXIT_PERMANENT
 from kubetrain.ports import free_port
 
 pytestmark = pytest.mark.slow
@@ -211,9 +213,35 @@ def test_bad_data_row_is_named(corpus, tmp_path):
     broken.write_text("\n".join(rows[:5] + ['{"text": "no label here"}'] + rows[5:]) + "\n")
     doc = tiny.job_doc("bad-data", broken, None, corpus["tokenizer"], str(tmp_path / "ckpt"))
     run = tiny.LocalRun(tiny.write_job(tmp_path / "job.yaml", doc), env={}, work_dir=tmp_path / "work")
-    assert run.finish() != 0
-    assert "row 6: missing field 'label'" in run.output
+    assert run.finish() == EXIT_PERMANENT  # no retry can fix it
+    assert f"launch: data error: {broken} row 6: missing field 'label' (spec.data.labelField) (exit 65)" in run.output
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_missing_data_file_is_named_before_any_process_starts(corpus, tmp_path):
+    doc = tiny.job_doc("typo", Path("data/trian.jsonl"), None, corpus["tokenizer"], str(tmp_path / "ckpt"))
+    job = tiny.write_job(tmp_path / "job.yaml", doc)
+    for command in ("validate", "run"):
+        done = subprocess.run([sys.executable, "-m", "kubetrain.cli", command, *(["--local"] if command == "run" else []),
+                               str(job)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == EXIT_PERMANENT, done.stderr
+        assert done.stderr == (f"{job}: spec.data.train: data/trian.jsonl: no such file or directory "
+                               f"(relative paths resolve against {tmp_path})\n")
+
+
+def test_a_diverging_run_fails_naming_the_step_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
+    """fp16 at learning rate 10 overflows within a few steps (real NaN, no injection)."""
+    doc = tiny.job_doc("diverge", corpus["train"], None, corpus["tokenizer"], str(tmp_path / "ckpt"),
+                       training__precision="fp16", training__learningRate=10, training__warmupRatio=0,
+                       training__maxSteps=40, training__logEverySteps=5, checkpoint__everySteps=1)
+    run = tiny.LocalRun(tiny.write_job(tmp_path / "job.yaml", doc), env={}, work_dir=tmp_path / "work")
+    assert run.finish() == EXIT_PERMANENT, run.output
+    bad = int(re.search(r"launch: diverged: non-finite loss at step (\d+) \(training.onNonFinite: fail\)", run.output)[1])
+    steps = sorted(int(p.name.removeprefix("step-")) for p in (tmp_path / "ckpt/tests/diverge").glob("step-*")
+                   if (p / "manifest.json").exists())
+    assert steps and max(steps) < bad, (steps, bad)  # no checkpoint at or after the first bad step
+    newest = torch.load(tmp_path / f"ckpt/tests/diverge/step-{max(steps):09d}/model.pt", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in newest.values())
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -139,6 +139,14 @@ class Checkpointer:
                 self.pending.result()
             barrier()  # no rank exits (or reports the checkpoint) before it is complete in the store
 
+    def drain(self) -> None:
+        """Let a save already under way land before the process exits on a failure (rank 0; never raises)."""
+        if self.pending is not None:
+            try:
+                self.pending.result()
+            except BaseException:  # noqa: BLE001 - logged by _landed; the failure being raised matters more
+                pass
+
     def _submit(self, reason: str) -> None:
         """Training stalls only for a CPU snapshot; serialization and the upload run in the background."""
         started = time.perf_counter()

@@ -45,6 +45,7 @@ class TrainState:
     best_metric: float | None = None
     evals_without_improvement: int = 0
     last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
+    non_finite_skips: int = 0  # steps skipped under training.onNonFinite: skip
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

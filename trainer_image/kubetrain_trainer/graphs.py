@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .batching import DeviceBatcher
+from .divergence import update_skipped_if_non_finite
 from .tasks import Task
 
 log = logging.getLogger("kubetrain.graphs")
@@ -53,6 +54,7 @@ class StepGraphs:
         # written by every graph, read after its replay
         self.loss = torch.zeros((), device=device)
         self.grad_norm = torch.zeros((), device=device)
+        self.found_inf = torch.zeros((), device=device)  # written and read inside the graph: skip a non-finite update
 
     @staticmethod
     def key(batch: dict[str, torch.Tensor]) -> tuple:
@@ -98,7 +100,8 @@ class StepGraphs:
         loss, _ = self.task.summed_loss(logits, batch, labels)
         (loss * self.scale).backward()
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        self.optimizer.step()
+        with update_skipped_if_non_finite(self.optimizer, norm, self.found_inf):
+            self.optimizer.step()
         self.loss.copy_(loss.detach())
         self.grad_norm.copy_(norm)
 

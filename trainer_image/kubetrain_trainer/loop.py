@@ -22,7 +22,9 @@ from .build import Run, prepare
 from .compile import unwrapped
 from .data import StepBatches
 from .distributed import Runtime
+from .divergence import NonFiniteGuard, update_skipped_if_non_finite
 from .evaluate import evaluate
+from .failures import Diverged
 from .graphs import StepGraphs
 from .exit_markers import write_exit_marker
 from .preemption import StopSignal
@@ -33,11 +35,20 @@ log = logging.getLogger("kubetrain.loop")
 
 
 def train(run: Run) -> int:
+    try:
+        return train_loop(run)
+    except Diverged:
+        run.checkpointer.drain()  # the last good checkpoint, if still uploading, lands before the exit
+        raise
+
+
+def train_loop(run: Run) -> int:
     spec, t, rt, state = run.job.spec, run.job.spec.training, run.rt, run.state
     prepared = prepare(run)
     stop = StopSignal().install()
     early = EarlyStopping(t.early_stopping, state)
     progress = StepLog(rt, run.metrics, run.total_steps, state, model=run.model)
+    guard = NonFiniteGuard(t, state, rt.device, scaler_enabled=run.scaler.is_enabled())
     serve_metrics(run)
     log_if_main(rt, "training %s: %d steps, world size %d, %d train samples, precision %s", run.job.metadata.name,
                 run.total_steps, rt.world_size, len(run.train_set), t.precision)
@@ -51,20 +62,24 @@ def train(run: Run) -> int:
         loss_sum, grad_norm = train_step(prepared.module, run.optimizer, run.scaler, prepared.batcher, batches, task=run.task,
                                          rt=rt, autocast=run.autocast, max_grad_norm=t.max_grad_norm, graphs=prepared.graphs)
         run.scheduler.step()
+        guard.record(state.step + 1, loss_sum, grad_norm)
         epoch_done = advance(run, batches, time.perf_counter() - started)
         progress.record(batches, loss_sum, grad_norm, run.scheduler.get_last_lr()[0])
 
         last = state.step == run.total_steps
         if state.step % t.log_every_steps == 0 or last:
             progress.flush(epoch=state.epoch + (0 if epoch_done else state.cursor / max(1, len(run.schedule.plan(state.epoch)))))
+            guard.check()
         eval_due = t.eval_every_steps and state.step % t.eval_every_steps == 0
         if run.eval_set and (eval_due or (t.eval_every_steps is None and epoch_done) or last):
             state.last_eval = run_eval(run)
             progress.report_eval(state.last_eval)
             early.update(state.last_eval)
         if state.step % spec.checkpoint.every_steps == 0 and not last:
+            guard.check()  # no checkpoint holds a diverged state
             run.checkpointer.save(CheckpointReason.PERIODIC, wait=False)
         if stop.agreed(rt.device):
+            guard.check()
             run.checkpointer.save(CheckpointReason.PREEMPTION, wait=True)
             write_exit_marker(rt.local_rank, "preempted", step=state.step)
             report_outcome(run, "preempted")
@@ -74,6 +89,7 @@ def train(run: Run) -> int:
     if early.should_stop:
         log_if_main(rt, "early stopping at step %d: %s did not improve for %d evaluations", state.step,
                     t.early_stopping.metric, early.spec.patience)
+    guard.check()
     run.checkpointer.save(CheckpointReason.FINAL, wait=True)  # every rank waits until it is complete in the store
     write_exit_marker(rt.local_rank, "finished", step=state.step)
     log_if_main(rt, "finished at step %d; eval %s", state.step, state.last_eval or "-")
@@ -152,7 +168,11 @@ def train_step(module, optimizer, scaler, batcher, batches: StepBatches, *, task
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
-    scaler.step(optimizer)
+    if scaler.is_enabled():
+        scaler.step(optimizer)  # skips a step whose gradients overflowed, and lowers the scale
+    else:
+        with update_skipped_if_non_finite(optimizer, grad_norm):
+            optimizer.step()
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return loss_total, grad_norm

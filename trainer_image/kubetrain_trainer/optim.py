@@ -16,7 +16,8 @@ def build_optimizer(model: torch.nn.Module, spec: TrainingSpec, device: torch.de
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=spec.learning_rate, fused=device.type == "cuda")
+    # fused (CUDA and CPU kernels): one kernel per step, and it can skip a non-finite update on the device
+    return torch.optim.AdamW(groups, lr=spec.learning_rate, fused=device.type in ("cuda", "cpu"))
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
