@@ -6,6 +6,7 @@ Nothing here talks to the API server, so every manifest can be tested (and diffe
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 
 import yaml
@@ -136,7 +137,8 @@ def job_config_yaml(job: TrainingJob) -> str:
     doc = {
         "apiVersion": API_VERSION,
         "kind": KIND,
-        "metadata": {"name": job.metadata.name, "namespace": job.metadata.namespace},
+        "metadata": {"name": job.metadata.name, "namespace": job.metadata.namespace,
+                     **({"uid": job.metadata.uid} if job.metadata.uid else {})},  # whose checkpoints are its own
         "spec": job.spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
     }
     return yaml.safe_dump(doc, sort_keys=False)
@@ -149,6 +151,13 @@ def config_map(job: TrainingJob, owner: dict) -> dict:
         "metadata": _meta(job, N.config_map_name(job.metadata.name), owner),
         "data": {N.CONFIG_KEY: job_config_yaml(job)},
     }
+
+
+def spec_hash(job: TrainingJob) -> str:
+    """What a running group was made from, runPolicy aside (its fields act without new pods): a pod whose hash
+    differs from the job's runs an outdated spec."""
+    spec = job.spec.model_dump(by_alias=True, exclude_none=True, mode="json", exclude={"run_policy"})
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def config_hash(config: dict) -> str:
@@ -273,7 +282,7 @@ def pod(job: TrainingJob, owner: dict, rank: int, attempt: int, config_digest: s
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {**_meta(job, N.pod_name(name, rank), owner, labels),
-                     "annotations": {"kubetrain.io/config-hash": config_digest}},
+                     "annotations": {"kubetrain.io/config-hash": config_digest, N.ANNOTATION_SPEC_HASH: spec_hash(job)}},
         "spec": pod_spec,
     }
 

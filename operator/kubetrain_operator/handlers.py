@@ -17,16 +17,15 @@ from datetime import UTC, datetime
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from kubetrain.api import GROUP, PLURAL, VERSION, SpecError, checkpoint_prefix
-from kubetrain.termination import TrainerReport
+from kubetrain.api import GROUP, PLURAL, VERSION, SpecError, job_checkpoint_prefix
 
 from . import live_progress
-from .builders import ClusterDefaults, job_from_object
+from .builders import ClusterDefaults, controller_of, job_from_object
 from .kube import Conflict, ForeignObject, Kube, Predecessor
 from .metrics import OperatorMetrics
 from .names import LABEL_ATTEMPT, LABEL_JOB
-from .reconcile import RECHECK_SECONDS, plan
-from .records import Observed, Plan, Progress
+from .reconcile import RECHECK_SECONDS, plan, pod_attempt
+from .records import Observed, Plan, PodReport, Progress
 from .recovery import trainer_report
 
 log = logging.getLogger("kubetrain.operator")
@@ -39,8 +38,12 @@ class JobRegistry:
     """The operator's per-job state, kept in its kopf memo (`memo.jobs`); a job's reports are dropped when it is deleted."""
 
     locks: defaultdict[JobKey, threading.Lock] = field(default_factory=lambda: defaultdict(threading.Lock))
-    # The trainer reports of terminated pods, from watch events, by job and pod uid (see Observed.reports).
-    reports: defaultdict[JobKey, dict[str, TrainerReport]] = field(default_factory=lambda: defaultdict(dict))
+    # The trainer reports of terminated pods, from watch events, by job and pod uid (see Observed.reports), each
+    # with the uid of the TrainingJob object that controls the pod: a predecessor's late reports are not this job's.
+    reports: defaultdict[JobKey, dict[str, tuple[str, PodReport]]] = field(default_factory=lambda: defaultdict(dict))
+
+    def reports_of(self, key: JobKey, job_uid: str) -> list[PodReport]:
+        return [report for owner, report in self.reports.get(key, {}).values() if owner == job_uid]
 
     def forget(self, key: JobKey) -> None:
         self.reports.pop(key, None)  # the lock stays: a reconcile of the deleted job may still hold it
@@ -60,7 +63,7 @@ def reconcile(memo: kopf.Memo, namespace: str, name: str, scrape: bool = False) 
                 return None
             now = datetime.now(UTC)
             observed = kube.observe(job, now)
-            observed.reports = list(jobs.reports.get((namespace, name), {}).values())
+            observed.reports = jobs.reports_of((namespace, name), job["metadata"].get("uid", ""))
             observed.foreign = observed.foreign or foreign
             if scrape:
                 observed.live = _scrape(observed, memo.defaults)
@@ -88,11 +91,10 @@ def _scrape(observed: Observed, defaults: ClusterDefaults) -> Progress | None:
         job = job_from_object(observed.job, defaults)
     except SpecError:
         return None
-    meta = job.metadata
     attempt = str(status.get("attempt"))
     ips = [p["status"]["podIP"] for p in observed.pods
            if p["metadata"].get("labels", {}).get(LABEL_ATTEMPT) == attempt and p.get("status", {}).get("podIP")]
-    prefix = checkpoint_prefix(job.spec.checkpoint.uri, meta.namespace, meta.name)
+    prefix = job_checkpoint_prefix(job)
     return live_progress.scrape(ips, job.spec.metrics.port, prefix)
 
 
@@ -146,8 +148,10 @@ def job_changed(memo: kopf.Memo, namespace: str, name: str, **_) -> None:
 @kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
 def pod_changed(memo: kopf.Memo, namespace: str, labels: dict, body: kopf.Body, **_) -> None:
     report = trainer_report(dict(body))
-    if report:  # kept until the job is deleted: one small record per pod that ever terminated with one
-        memo.jobs.reports[(namespace, labels[LABEL_JOB])][body["metadata"]["uid"]] = report
+    owner = (controller_of(dict(body)) or {}).get("uid")
+    if report and owner:  # kept until the job is deleted: one small record per pod that ever terminated with one
+        memo.jobs.reports[(namespace, labels[LABEL_JOB])][body["metadata"]["uid"]] = (
+            owner, PodReport(pod_attempt(dict(body)), report))
     _guarded(memo, namespace, labels[LABEL_JOB])
 
 

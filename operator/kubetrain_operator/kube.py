@@ -78,8 +78,12 @@ class Kube:
                 service = None  # being garbage-collected: created again once it is gone
             else:
                 foreign = foreign_message("Service", ns, name)
-        return Observed(job=job, pods=self.list_pods(ns, name), has_service=service is not None, now=now, foreign=foreign,
-                        token=secrets.token_hex(16))
+        uid = meta.get("uid", "")
+        pods = self.list_pods(ns, name)
+        mine = [p for p in pods if controlled_by(p, uid)]  # status belongs to this object, never to a predecessor
+        earlier = sum(1 for p in pods if not controlled_by(p, uid) and left_by_predecessor(p, name))
+        return Observed(job=job, pods=mine, has_service=service is not None, now=now, foreign=foreign,
+                        token=secrets.token_hex(16), predecessor_pods=earlier)
 
     # --- writing
     def apply(self, job: dict, plan: Plan, now: datetime) -> None:

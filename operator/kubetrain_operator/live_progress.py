@@ -29,12 +29,21 @@ _slots = threading.BoundedSemaphore(CONCURRENT_SCRAPES)
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Unlabelled samples of the Prometheus text format: name -> value."""
-    return {sample.name: sample.value for family in text_string_to_metric_families(text)
-            for sample in family.samples if not sample.labels}
+    """Unlabelled samples of the Prometheus text format: name -> value; the start record under M.STARTED_FROM."""
+    values: dict = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if not sample.labels:
+                values[sample.name] = sample.value
+            elif sample.name == M.STARTED_FROM:
+                labels = sample.labels
+                values[M.STARTED_FROM] = {"step": int(sample.value), "checkpoint": labels.get("checkpoint") or None,
+                                          "why": labels.get("why", ""),
+                                          "changed": [c for c in labels.get("changed", "").split("; ") if c]}
+    return values
 
 
-def progress_from_metrics(values: dict[str, float], checkpoint_prefix: str) -> Progress | None:
+def progress_from_metrics(values: dict, checkpoint_prefix: str) -> Progress | None:
     if M.STEP not in values:
         return None
     step = int(values[M.STEP])
@@ -44,7 +53,7 @@ def progress_from_metrics(values: dict[str, float], checkpoint_prefix: str) -> P
     if ckpt_step and ckpt_time:
         when = timestamp(ckpt_time)
         ckpt = CheckpointRef(step=int(ckpt_step), uri=f"{checkpoint_prefix}/{step_dir_name(int(ckpt_step))}", time=when)
-    return Progress(step, ckpt)
+    return Progress(step, ckpt, values.get(M.STARTED_FROM))
 
 
 def scrape(pod_ips: list[str], port: int, checkpoint_prefix: str, deadline_s: float = DEADLINE_S) -> Progress | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 LABEL_JOB = "kubetrain.io/job-name"
 LABEL_RANK = "kubetrain.io/node-rank"
 LABEL_ATTEMPT = "kubetrain.io/attempt"
+ANNOTATION_SPEC_HASH = "kubetrain.io/spec-hash"  # builders.spec_hash of the spec a pod was made from
 MANAGED_BY = "kubetrain-operator"
 CONTAINER = "trainer"
 CONFIG_KEY = "job.yaml"

@@ -21,7 +21,7 @@ from kubetrain.contracts import TERMINAL_PHASES, Phase, Reason, parse_timestamp,
 
 from . import builders
 from .builders import ClusterDefaults
-from .names import LABEL_ATTEMPT, LABEL_RANK, pod_name
+from .names import ANNOTATION_SPEC_HASH, LABEL_ATTEMPT, LABEL_RANK, pod_name
 from .records import Event, Observed, Plan, Progress
 from .recovery import PodOutcome, classify, disruption, trainer_report
 
@@ -103,6 +103,9 @@ class Decision:
             self.condition(type_, "False", reason)
 
     def finish(self) -> Plan:
+        generation = self.obs.job["metadata"].get("generation")
+        if isinstance(generation, int):
+            self.set(observed_generation=generation)
         new = TrainingJobStatus.model_validate(self.status)
         if new != self.old:
             self.plan.status = new.model_dump(by_alias=True, exclude_none=True, mode="json")
@@ -110,19 +113,56 @@ class Decision:
 
 
 def _progress(b: Decision, pods: list[dict]) -> None:
-    """Newest step and checkpoint: from terminated pods' reports and the live scrape, never backwards."""
-    reports = [*filter(None, map(trainer_report, pods)), *b.obs.reports]
+    """Newest step and checkpoint, from terminated pods' reports and the live scrape; never backwards within
+    an attempt, and reset to the truth when an attempt's trainer says where it really started."""
+    reports = [(pod_attempt(p), r) for p in pods if (r := trainer_report(p))]
+    reports += [(x.attempt, x.report) for x in b.obs.reports]
+    live = b.obs.live
+    starts = [(a, r.start) for a, r in reports if r.start]
+    if live and live.start:
+        starts.append((b.status["attempt"], live.start))
+    for attempt, start in sorted(starts, key=lambda s: s[0]):
+        _started(b, attempt, start)
+    since = (b.status["started_from"] or {}).get("attempt", 0)  # older attempts' reports are history now
     sources = [Progress(r.step, CheckpointRef(step=r.checkpoint_step, uri=r.checkpoint_uri, time=r.checkpoint_time)
                         if r.checkpoint_step is not None and r.checkpoint_uri else None)
-               for r in reports]
-    if b.obs.live:
-        sources.append(b.obs.live)
+               for a, r in reports if a >= since]
+    if live:
+        sources.append(live)
     for p in sources:
         if p.step is not None and p.step > (b.status["step"] or -1):
             b.set(step=p.step)
         last = b.status["last_checkpoint"]
         if p.checkpoint and (last is None or p.checkpoint.step > last["step"]):
             b.set(last_checkpoint=p.checkpoint.model_dump())
+
+
+def _started(b: Decision, attempt: int, start: dict) -> None:
+    """An attempt's trainer said where it started: status follows (step, lastCheckpoint), with an Event;
+    a resume from older than status.lastCheckpoint (or from scratch) means checkpoints were lost: a Warning."""
+    known = b.status["started_from"]
+    if known and known["attempt"] >= attempt:
+        return
+    step, ckpt, why = int(start.get("step") or 0), start.get("checkpoint"), start.get("why") or ""
+    changed = [str(c) for c in start.get("changed") or []]
+    b.set(started_from={"attempt": attempt, "step": step, "checkpoint": ckpt, "why": why or None, "changed": changed})
+    last = b.status["last_checkpoint"]
+    if ckpt is None and last:
+        b.event("Warning", Reason.CHECKPOINTS_LOST, f"attempt {attempt} started from scratch ({why}); status had step "
+                f"{b.status['step']} and lastCheckpoint {last['uri']}: reset to step 0")
+    elif ckpt is not None and last and last["step"] > step:
+        b.event("Warning", Reason.CHECKPOINTS_LOST, f"attempt {attempt} resumed from {ckpt} (step {step}), not from "
+                f"lastCheckpoint {last['uri']} (step {last['step']}), which is gone or unusable: {why}")
+    elif ckpt is None:
+        b.event("Normal", Reason.STARTED_FROM_SCRATCH, f"attempt {attempt} started from scratch: {why}")
+    else:
+        b.event("Normal", Reason.RESUMED_FROM_CHECKPOINT, f"attempt {attempt} resumed from {ckpt} at step {step}")
+    if changed:
+        b.event("Normal", Reason.SETTINGS_CHANGED, f"settings changed since {ckpt}; the spec applies from step {step}: "
+                + "; ".join(changed))
+    b.set(step=step, last_checkpoint={"step": step, "uri": ckpt, "time": None} if ckpt else None)
+    if ckpt and last and last["uri"] == ckpt:
+        b.set(last_checkpoint=last)  # the same checkpoint: keep its time
 
 
 def _start_group(b: Decision, job: TrainingJob, attempt: int, ranks: list[int] | None = None) -> None:
@@ -136,8 +176,12 @@ def _start_group(b: Decision, job: TrainingJob, attempt: int, ranks: list[int] |
         b.plan.create.append(builders.network_policy(job, owner, b.defaults))
     if not b.obs.has_service:
         b.plan.create.append(builders.service(job, owner, b.rdzv_port))
-    b.plan.create.extend(p for p in pods if ranks is None or pod_rank(p) in ranks)
-    b.set(attempt=attempt)
+    if b.obs.predecessor_pods:  # same names: they are created once the garbage collector has taken those
+        b.set(message=f"waiting for {b.obs.predecessor_pods} pod(s) of a deleted TrainingJob of this name to go")
+        b.plan.requeue_after = 1.0
+    else:
+        b.plan.create.extend(p for p in pods if ranks is None or pod_rank(p) in ranks)
+    b.set(attempt=attempt, group_generation=b.obs.job["metadata"].get("generation"))
 
 
 def _delete_all(b: Decision, pods: list[dict]) -> None:
@@ -214,7 +258,11 @@ def _watch_group(b: Decision, job: TrainingJob, pods: list[dict]) -> Plan:
 
     kinds = {o.kind for o in outcomes.values()}
     first = lambda kind: next(o for o in outcomes.values() if o.kind == kind)  # noqa: E731
-    if "preempted" in kinds:
+    outdated = _outdated(b, job, mine.values())
+    if outdated and kinds <= {"running", "pending"}:  # a graceful restart applies it: checkpoint, resume
+        b.enter(Phase.RESTARTING, Reason.SPEC_CHANGED, outdated)
+        _delete_all(b, list(mine.values()))
+    elif "preempted" in kinds:
         o = first("preempted")
         b.enter(Phase.RESTARTING, Reason.PREEMPTED, o.message, "Warning")
         _delete_all(b, list(mine.values()))
@@ -243,6 +291,16 @@ def _watch_group(b: Decision, job: TrainingJob, pods: list[dict]) -> Plan:
     return b.finish()
 
 
+def _outdated(b: Decision, job: TrainingJob, pods) -> str | None:
+    """Why the running group must be replaced to run the current spec (None: it runs it)."""
+    want = builders.spec_hash(job)
+    if not any(p["metadata"].get("annotations", {}).get(ANNOTATION_SPEC_HASH, want) != want for p in pods):
+        return None
+    was, now = b.status["group_generation"], b.obs.job["metadata"].get("generation")
+    return (f"the spec changed (generation {was} -> {now}): restarting the group to apply it; each pod saves a "
+            "checkpoint first and the new group resumes there")
+
+
 def _restarting(b: Decision, job: TrainingJob, pods: list[dict]) -> Plan:
     """Wait until the old group is gone, then decide: a new attempt, or Failed past backoffLimit."""
     reason, message = b.condition_reason(Phase.RESTARTING)
@@ -254,7 +312,7 @@ def _restarting(b: Decision, job: TrainingJob, pods: list[dict]) -> Plan:
             b.set(message=message)
     _progress(b, pods)
     # the old group's pods are being deleted; what they reported (or reported before they went) still counts
-    permanent = next((r for r in [*map(trainer_report, pods), *b.obs.reports]
+    permanent = next((r for r in [*map(trainer_report, pods), *(x.report for x in b.obs.reports)]
                       if r and r.outcome == "failed" and r.permanent and r.message), None)
     if reason == Reason.POD_FAILED and permanent:  # a peer's failure was seen first; the cause is permanent
         _fail(b, permanent.reason or Reason.POD_FAILED, permanent.message, pods)
@@ -265,6 +323,8 @@ def _restarting(b: Decision, job: TrainingJob, pods: list[dict]) -> Plan:
         return b.finish()
     if reason == Reason.PREEMPTED:
         b.set(preemptions=b.status["preemptions"] + 1)
+    elif reason == Reason.SPEC_CHANGED:
+        pass  # asked for: neither a preemption nor a failure
     else:
         failures = b.status["failures"] + 1
         b.set(failures=failures)

@@ -19,6 +19,15 @@ class Progress:
 
     step: int | None = None
     checkpoint: CheckpointRef | None = None
+    start: dict | None = None  # where the run started (resume.Start: step, checkpoint, why, changed)
+
+
+@dataclass(frozen=True)
+class PodReport:
+    """A trainer report seen on a pod's watch event, with the attempt of the pod that wrote it."""
+
+    attempt: int
+    report: TrainerReport
 
 
 @dataclass
@@ -30,13 +39,16 @@ class Observed:
     live: Progress | None = None  # scraped from rank 0's /metrics while running
     # Trainer reports seen on pod watch events: a pod deleted right after it terminated (suspend, restart)
     # may be gone before a reconcile lists it, and its report is the newest checkpoint.
-    reports: list[TrainerReport] = field(default_factory=list)
+    reports: list[PodReport] = field(default_factory=list)
     # An object the job needs under its own name that another owner holds (a ConfigMap or Service the
     # operator did not create): a message; the job fails rather than adopt or overwrite it.
     foreign: str | None = None
     # A fresh random token from the I/O layer, for the job's rendezvous Secret when it is first created
     # (plan stays a pure function of what it is given).
     token: str = ""
+    # Pods labelled with the job's name that a deleted TrainingJob of that name still controls (being
+    # garbage-collected): not this job's, never read as its progress; its pods wait until they are gone.
+    predecessor_pods: int = 0
 
 
 @dataclass(frozen=True)

@@ -35,12 +35,20 @@ EXIT_INVALID_SPEC = 2  # the TrainingJob failed validation; nothing was started 
 # 65 is EX_DATAERR: the trainer met an error that another attempt would meet again (bad data, a missing
 # bucket, access denied, divergence, an incompatible checkpoint); the operator fails the job at once.
 EXIT_PERMANENT = 65
+JOB_UID_ENV = "KUBETRAIN_JOB_UID"  # a local run's stand-in for metadata.uid, one per `kubetrain run --local`
 
 
 
-def checkpoint_prefix(uri: str, namespace: str, name: str) -> str:
-    """<checkpoint.uri>/<namespace>/<job>: one job's checkpoints, whatever else shares the bucket."""
-    return f"{uri.rstrip('/')}/{namespace}/{name}"
+def checkpoint_prefix(uri: str, namespace: str, name: str, uid: str | None = None) -> str:
+    """<checkpoint.uri>/<namespace>/<job>: one job's checkpoints, whatever else shares the bucket; with
+    checkpoint.resume: never, <.../job>/<uid>: one TrainingJob object's own (pass its uid)."""
+    return f"{uri.rstrip('/')}/{namespace}/{name}" + (f"/{uid}" if uid else "")
+
+
+def job_checkpoint_prefix(job: TrainingJob, uri: str | None = None, uid: str | None = None) -> str:
+    """Where `job` keeps its checkpoints; `uid` (default: metadata.uid) counts only under resume: never."""
+    own = (uid or job.metadata.uid) if job.spec.checkpoint.resume == "never" else None
+    return checkpoint_prefix(uri or job.spec.checkpoint.uri, job.metadata.namespace, job.metadata.name, own)
 
 
 def step_dir_name(step: int) -> str:
@@ -390,8 +398,23 @@ class CheckpointRef(_Model):
     time: str | None = None
 
 
+class StartedFrom(_Model):
+    """Where the current attempt's trainer started, as it reported it."""
+
+    attempt: int = Field(..., ge=0)
+    step: int = Field(0, ge=0)
+    checkpoint: str | None = Field(None, description="The checkpoint resumed; absent: from scratch.")
+    why: str | None = None
+    changed: list[str] = Field(default_factory=list, description="Settings changed since that checkpoint (old -> new); "
+                               "the job's spec applies from the resumed step.")
+
+
 class TrainingJobStatus(_Model):
     phase: Phase | None = None
+    observed_generation: int | None = Field(None, description="The metadata.generation this status reflects; the "
+                                            "running group runs it once it equals groupGeneration.")
+    group_generation: int | None = Field(None, description="The metadata.generation the current pod group was created from.")
+    started_from: StartedFrom | None = None
     conditions: list[Condition] = Field(default_factory=list)
     restarts: int = Field(0, description="Group recreations after a preemption or a failure.")
     preemptions: int = Field(0, description="Restarts caused by a preemption (do not count against backoffLimit).")
@@ -410,6 +433,7 @@ class ObjectMeta(_Model):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
     name: Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL)]
     namespace: Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL)] = "default"
+    uid: Annotated[str | None, Field(max_length=64, pattern=r"^[A-Za-z0-9-]+$")] = None  # set by the API server
 
 
 class TrainingJob(_Model):

@@ -107,6 +107,7 @@ class TrainerMetric(StrEnum):
     SAMPLES = "kubetrain_train_samples"  # counter
     TOKENS = "kubetrain_train_tokens"  # counter
     RESUMED_FROM_STEP = "kubetrain_resumed_from_step"
+    STARTED_FROM = "kubetrain_train_started_from"  # value: the step; labels checkpoint, why, changed
     WORLD_SIZE = "kubetrain_world_size"
 
 

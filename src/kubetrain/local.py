@@ -12,9 +12,10 @@ import secrets
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
-from .api import EXIT_PREEMPTED, TrainingJob
+from .api import EXIT_PREEMPTED, JOB_UID_ENV, TrainingJob
 from .ports import free_port
 from .torchrun import torchrun_options
 
@@ -39,6 +40,7 @@ def group_exit_code(codes: list[int]) -> int:
 def run_local(job: TrainingJob, config: Path, trainer_args: list[str], env: dict[str, str] | None = None) -> int:
     port = free_port()
     child_env = {**os.environ, **(env or {})}
+    child_env.setdefault(JOB_UID_ENV, str(uuid.uuid4()))  # this run is the "object": checkpoint.resume never counts it
     child_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (job.spec.nodes * job.spec.procs_per_node))))
     rdzv_id = f"{job.metadata.name}-{secrets.token_hex(16)}"
     procs = [subprocess.Popen(cmd, env=child_env) for cmd in node_commands(job, config, trainer_args, port, rdzv_id)]

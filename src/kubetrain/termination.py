@@ -27,11 +27,16 @@ class TrainerReport:
     reason: str | None = None
     message: str | None = None
     permanent: bool = False
+    # where the run started: {step, checkpoint (uri or None: scratch), why, changed: ["field old -> new"]}
+    start: dict | None = None
 
     def encode(self) -> str:
         doc = asdict(self)
         if doc["message"] and len(doc["message"]) > MAX_BYTES // 2:
             doc["message"] = doc["message"][: MAX_BYTES // 2] + "..."
+        if doc["start"]:  # bounded: the kubelet keeps MAX_BYTES of the whole message
+            doc["start"] = {**doc["start"], "why": str(doc["start"].get("why", ""))[:300],
+                            "changed": [str(c)[:200] for c in doc["start"].get("changed", [])[:8]]}
         return json.dumps({"kubetrain": {k: v for k, v in doc.items() if v is not None}}, separators=(",", ":"))
 
 

@@ -296,3 +296,33 @@ def test_packed_batches_train_and_evaluate(task, corpus, tmp_path):
     micro_batches = 16 * doc["spec"]["nodes"]
     assert micro_batches * 512 * 0.8 < state["tokens_seen"] <= micro_batches * 512  # packed to the real-token budget
     assert math.isfinite(state["last_eval"]["eval_loss"])
+
+
+def test_a_rerun_names_its_start_applies_changed_settings_and_refuses_another_models_checkpoint(corpus, tmp_path):
+    ckpt = tmp_path / "ckpt"
+
+    def run(name: str = "same", **overrides) -> tuple[int, str]:
+        doc = tiny.job_doc(name, corpus["train"], None, corpus["tokenizer"], str(ckpt), **overrides)
+        done = tiny.LocalRun(tiny.write_job(tmp_path / f"{name}.yaml", doc), env={}, work_dir=tmp_path / "work")
+        return done.finish(), done.output
+
+    code, out = run(training__maxSteps=8)
+    assert code == 0 and f"training from scratch: no complete checkpoint under {ckpt}/tests/same" in out
+    # learning rate and steps changed: resumed, said, and the new learning rate is the one used
+    code, out = run(training__maxSteps=12, training__learningRate=5e-4, training__warmupRatio=0)
+    assert code == 0, out
+    assert f"resumed from {ckpt}/tests/same/step-000000008 at step 8" in out
+    assert ("settings changed since that checkpoint; this job's spec applies from step 8: training.maxSteps 8 -> 12; "
+            "training.learningRate 0.001 -> 0.0005; training.warmupRatio 0.1 -> 0.0") in out
+    lr_at_9 = float(re.search(r"step 9/12 .*\| lr (\S+) ", out)[1])
+    assert lr_at_9 == pytest.approx(5e-4 * (1 - 9 / 12), rel=1e-3)  # linear decay from the new peak, new horizon
+    # another model under the same name and prefix: refused, naming the checkpoint and the field
+    code, out = run(model__numLabels=3, training__maxSteps=16)
+    assert code == EXIT_PERMANENT
+    assert (f"launch: checkpoint refused: {ckpt}/tests/same/step-000000012 was written for another model "
+            "(model.numLabels 2 -> 3); refusing to resume it.") in out
+    # resume: never trains this run from scratch, in a directory of its own
+    code, out = run(model__numLabels=3, training__maxSteps=4, checkpoint__resume="never")
+    assert code == 0, out
+    started = re.search(rf"training from scratch: no complete checkpoint under {ckpt}/tests/same/([0-9a-f-]{{36}})", out)
+    assert started and (ckpt / "tests/same" / started[1] / "step-000000004/manifest.json").exists()

@@ -10,8 +10,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import yaml
 
-from kubetrain.api import EXIT_PREEMPTED, SpecError, parse_training_job
+from kubetrain.api import EXIT_PREEMPTED, CheckpointRef, SpecError, parse_training_job
 from kubetrain.termination import TrainerReport
+from kubetrain_operator.records import PodReport, Progress
 from kubetrain_operator import builders
 from kubetrain_operator.builders import ClusterDefaults
 from kubetrain_operator.names import LABEL_ATTEMPT, LABEL_JOB, LABEL_RANK
@@ -185,9 +186,12 @@ class Cluster:
         self.events: list[tuple[str, str]] = []
         self.now = T0
         self.created: list[str] = []
+        self.reports: list[PodReport] = []
+        self.predecessors = 0
 
     def step(self, live=None):
-        p = plan(Observed(copy.deepcopy(self.job), list(self.pods.values()), self.service, self.now, live), self.defaults)
+        p = plan(Observed(copy.deepcopy(self.job), list(self.pods.values()), self.service, self.now, live,
+                          reports=self.reports, predecessor_pods=self.predecessors), self.defaults)
         if p.status is not None:
             self.job["status"] = p.status
         for m in p.create:
@@ -331,7 +335,7 @@ def test_suspend_deletes_pods_and_resume_starts_a_new_attempt_without_counting_a
     # The pods' final reports were seen on watch events only: they were deleted before this reconcile listed them.
     uri = "s3://ckpt/runs/ml/bert/step-000000045"
     p = plan(Observed(copy.deepcopy(c.job), [], c.service, c.now,
-                      reports=[TrainerReport("preempted", 45, 45, uri, "2026-11-23T12:20:00Z")]))
+                      reports=[PodReport(1, TrainerReport("preempted", 45, 45, uri, "2026-11-23T12:20:00Z"))]))
     c.job["status"] = p.status
     suspended = next(x for x in c.status["conditions"] if x["type"] == "Suspended")
     assert (suspended["status"], suspended["reason"]) == ("True", "JobSuspended")
@@ -512,3 +516,98 @@ def test_a_group_comes_with_its_rendezvous_secret_and_a_network_policy_isolating
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
     off = plan(Observed(body, [], False, T0, token="x"), ClusterDefaults(network_policy=False))
     assert "NetworkPolicy" not in [m["kind"] for m in off.create]
+
+
+# ---------------------------------------------------------------- identity, spec edits, the truth about checkpoints
+
+
+def running(c: Cluster) -> None:
+    c.step()
+    c.set_pods(phase="Running")
+    c.step()
+    assert c.status["phase"] == "Running"
+
+
+def test_a_spec_edit_restarts_the_group_gracefully_and_the_new_group_runs_the_new_spec():
+    c = Cluster(job_body())
+    c.job["metadata"]["generation"] = 1
+    running(c)
+    assert (c.status["observedGeneration"], c.status["groupGeneration"]) == (1, 1)
+    c.job["spec"]["runPolicy"]["backoffLimit"] = 5  # acts without new pods
+    c.job["metadata"]["generation"] = 2
+    assert c.step().delete_pods == [] and c.status["observedGeneration"] == 2
+    c.job["spec"]["checkpoint"]["everySteps"] = 10
+    c.job["metadata"]["generation"] = 3
+    p = c.step()
+    assert c.status["phase"] == "Restarting" and len(p.delete_pods) == 2
+    assert c.events[-1][0] == "SpecChanged" and "generation 1 -> 3" in c.events[-1][1]
+    c.set_pods(phase="Failed", exit_code=EXIT_PREEMPTED)  # each saved its emergency checkpoint
+    c.pods.clear()
+    p = c.step()
+    s = c.status
+    assert (s["attempt"], s["restarts"], s["preemptions"], s["failures"], s["groupGeneration"]) == (2, 1, 0, 0, 3)
+    config = yaml.safe_load(p.replace_config["data"]["job.yaml"])
+    assert config["spec"]["checkpoint"]["everySteps"] == 10
+    c.set_pods(phase="Running")
+    assert c.step().delete_pods == [] and c.status["phase"] == "Running"
+
+
+def test_pods_of_a_deleted_job_of_the_same_name_are_waited_for_not_adopted():
+    c = Cluster(job_body())
+    c.predecessors = 2
+    p = c.step()
+    assert [m["kind"] for m in p.create if m["kind"] == "Pod"] == []
+    assert "waiting for 2 pod(s) of a deleted TrainingJob" in c.status["message"]
+    c.predecessors = 0
+    p = c.step()
+    assert [m["metadata"]["name"] for m in p.create if m["kind"] == "Pod"] == ["bert-0", "bert-1"]
+
+
+def test_reports_of_a_predecessors_pods_are_not_this_jobs():
+    from kubetrain_operator.handlers import JobRegistry
+
+    jobs = JobRegistry()
+    old = TrainerReport("finished", 1432, 1400, "s3://ckpt/runs/ml/bert/step-000001400")
+    jobs.reports[("ml", "bert")]["pod-a"] = ("uid-old", PodReport(1, old))
+    assert jobs.reports_of(("ml", "bert"), "uid-new") == []
+    assert jobs.reports_of(("ml", "bert"), "uid-old") == [PodReport(1, old)]
+
+
+PREFIX = "s3://ckpt/runs/ml/bert"
+
+
+def test_when_every_checkpoint_is_gone_status_resets_to_scratch_with_a_warning():
+    c = Cluster(job_body())
+    running(c)
+    c.step(live=Progress(1432, CheckpointRef(step=1400, uri=f"{PREFIX}/step-000001400")))
+    assert (c.status["step"], c.status["lastCheckpoint"]["step"]) == (1432, 1400)
+    c.step(live=Progress(3, None, {"step": 0, "checkpoint": None, "why": f"no complete checkpoint under {PREFIX}"}))
+    s = c.status
+    assert s["step"] == 3 and "lastCheckpoint" not in s
+    assert s["startedFrom"] == {"attempt": 1, "step": 0, "why": f"no complete checkpoint under {PREFIX}", "changed": []}
+    assert c.events[-1] == ("CheckpointsLost", f"attempt 1 started from scratch (no complete checkpoint under {PREFIX}); "
+                            f"status had step 1432 and lastCheckpoint {PREFIX}/step-000001400: reset to step 0")
+
+
+def test_a_checkpoint_the_fallback_skipped_does_not_stay_last_checkpoint():
+    c = Cluster(job_body())
+    c.reports = [PodReport(1, TrainerReport("preempted", 32, 32, f"{PREFIX}/step-000000032"))]
+    running(c)
+    assert c.status["lastCheckpoint"]["step"] == 32
+    start = {"step": 30, "checkpoint": f"{PREFIX}/step-000000030", "why": "1 newer one(s) corrupt, skipped",
+             "changed": ["training.learningRate 2e-05 -> 0.0001"]}
+    c.set_pods(phase="Failed", exit_code=EXIT_PREEMPTED)
+    c.step()
+    c.pods.clear()
+    c.step()
+    c.set_pods(phase="Running")
+    c.step()
+    assert (c.status["attempt"], c.status["phase"]) == (2, "Running")
+    c.step(live=Progress(31, None, start))
+    s = c.status
+    assert (s["step"], s["lastCheckpoint"]["step"], s["startedFrom"]["attempt"]) == (31, 30, 2)
+    assert [e[0] for e in c.events[-2:]] == ["CheckpointsLost", "SettingsChanged"]
+    assert c.events[-1][1] == (f"settings changed since {PREFIX}/step-000000030; the spec applies from step 30: "
+                               "training.learningRate 2e-05 -> 0.0001")
+    c.step(live=Progress(40, None, start))  # the old attempt's report of step 32 is history now
+    assert (c.status["step"], c.status["lastCheckpoint"]["step"]) == (40, 30)

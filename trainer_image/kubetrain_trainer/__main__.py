@@ -10,7 +10,7 @@ from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from kubetrain.api import EXIT_INVALID_SPEC, EXIT_PERMANENT, SpecError, checkpoint_prefix
+from kubetrain.api import EXIT_INVALID_SPEC, EXIT_PERMANENT, JOB_UID_ENV, SpecError, job_checkpoint_prefix
 
 from .exit_markers import write_exit_marker
 from .failures import describe
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - a missing local input: permanent, said in one line
         return failed(err, local_rank)
     uri = args.checkpoint_uri or job.spec.checkpoint.uri
+    uid = job.metadata.uid or os.environ.get(JOB_UID_ENV, "")  # the object's (pods), or one per local run
     port = job.spec.metrics.port if args.metrics_port is None else args.metrics_port
 
     from .build import RunOptions, build_run  # torch and transformers load only for a valid job
@@ -40,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
 
     opts = RunOptions(
         work_dir=Path(args.work_dir) / job.metadata.namespace / job.metadata.name,
-        checkpoint_prefix_uri=checkpoint_prefix(uri, job.metadata.namespace, job.metadata.name),
+        checkpoint_prefix_uri=job_checkpoint_prefix(job, uri, uid),
         metrics_port=port or None,
         metrics_addr=os.environ.get("KUBETRAIN_METRICS_ADDR", "0.0.0.0"),
-        job_uid=os.environ.get("KUBETRAIN_JOB_UID", ""),
+        job_uid=uid,
     )
     try:
         return train(build_run(job, opts))

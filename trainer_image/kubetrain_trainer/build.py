@@ -23,7 +23,7 @@ from . import data as D
 from .batching import DeviceBatcher
 from .checkpoint import Checkpointer, reserve_pinned_memory
 from .checkpoint_state import CheckpointContent, Group, ModelWeights, RankRNG, TrainState
-from .checkpoint_store import CheckpointInfo, CheckpointStore
+from .checkpoint_store import CheckpointStore
 from .compile import compile_for_training
 from .distributed import Runtime, configure_determinism, init_distributed, seed_everything
 from .graphs import StepGraphs, one_batch_per_shape, one_sample_per_shape
@@ -31,6 +31,7 @@ from .metrics import TrainerMetrics
 from .model import build_model, load_tokenizer
 from .optim import build_optimizer, build_scheduler
 from .packing import PackedBatcher, PackedModel, position_offset
+from .resume import Start, apply_learning_rate, model_identity, run_settings
 from .storage import open_storage
 from .tasks import Task, task_for
 
@@ -72,7 +73,7 @@ class Run:
     metrics: TrainerMetrics | None  # rank 0 only
     checkpointer: Checkpointer
     state: TrainState
-    resumed_from: CheckpointInfo | None
+    start: Start  # the checkpoint resumed (or scratch), why, and the settings changed since
 
 
 @dataclass
@@ -132,15 +133,23 @@ def build_run(job: TrainingJob, opts: RunOptions) -> Run:
     storage, prefix = open_storage(opts.checkpoint_prefix_uri, **s3)
     store = CheckpointStore(storage, prefix, keep=spec.checkpoint.keep, attempts=spec.checkpoint.upload_attempts,
                             on_retry=metrics.checkpoint_retries.inc if metrics else None)
-    checkpointer = Checkpointer(store, opts.work_dir, rt, metrics, content, state)
+    record = {"identity": model_identity(spec), "settings": run_settings(spec, rt.world_size), "job_uid": opts.job_uid}
+    checkpointer = Checkpointer(store, opts.work_dir, rt, metrics, content, state, record)
     if rt.is_main:  # only rank 0 snapshots; pay for fresh pinned memory now, not at the first checkpoint
         reserve_pinned_memory(model, lora=lora)
-    resumed_from = checkpointer.restore()
-    if resumed_from:
-        log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", resumed_from.uri, state.step, state.epoch, state.cursor)
+    start = checkpointer.restore()
+    if start.checkpoint:
+        apply_learning_rate(optimizer, scheduler, spec)  # the job's spec applies from here on (resume.py)
+        log.info("resumed from %s at step %d (epoch %d, micro-batch %d): %s", start.checkpoint, state.step, state.epoch,
+                 state.cursor, start.why)
+        if start.changed:
+            log.warning("settings changed since that checkpoint; this job's spec applies from step %d: %s", state.step,
+                        "; ".join(start.changed))
+    else:
+        log.info("training from scratch: %s", start.why)
 
     return Run(job, opts, rt, task, tokenizer, train_set, eval_set, eval_batches, schedule, total_steps, model, optimizer,
-               scheduler, scaler, autocast_for(t.precision, rt.device), metrics, checkpointer, state, resumed_from)
+               scheduler, scaler, autocast_for(t.precision, rt.device), metrics, checkpointer, state, start)
 
 
 def prepare(run: Run) -> Prepared:

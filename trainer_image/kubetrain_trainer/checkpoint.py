@@ -24,9 +24,10 @@ import torch
 from .checkpoint_state import CheckpointContent, TrainState
 from .checkpoint_store import CheckpointInfo, CheckpointStore
 from .distributed import Runtime, barrier, broadcast_object
-from .failures import PermanentError
+from .failures import IncompatibleCheckpoint, PermanentError
 from .metrics import TrainerMetrics
 from .model import trainable_state_dict
+from .resume import Start, differences, refusal
 
 log = logging.getLogger("kubetrain.checkpoint")
 
@@ -113,9 +114,10 @@ class Checkpointer:
     """Saves and restores the registered `content`; `state` (the TrainState, registered too) gives the step."""
 
     def __init__(self, store: CheckpointStore, work_dir: Path, rt: Runtime, metrics: TrainerMetrics | None,
-                 content: CheckpointContent, state: TrainState):
+                 content: CheckpointContent, state: TrainState, record: dict | None = None):
         self.store, self.work_dir, self.rt, self.metrics = store, work_dir, rt, metrics
         self.content, self.state = content, state
+        self.record = record or {}  # written into every manifest's meta: the model identity, the settings, the job uid
         self.submitted_step: int | None = None
         self.pending: Future | None = None  # the newest submitted save, done once accounted (rank 0)
         self.latest: CheckpointInfo | None = None  # the newest complete checkpoint known (rank 0)
@@ -156,7 +158,8 @@ class Checkpointer:
             snapshot = snapshot_to_cpu(live)
             stall = time.perf_counter() - started
             staging = self.work_dir / "staging" / f"step-{step:09d}-{reason}"
-            meta = {"reason": reason, "world_size": self.rt.world_size, "state": self.state.state_dict(), "stall_seconds": stall}
+            meta = {"reason": reason, "world_size": self.rt.world_size, "state": self.state.state_dict(), "stall_seconds": stall,
+                    **self.record}
             landed = self.pending = Future()  # done after _landed: a waiter sees the metrics updated
             upload = self._writer.submit(lambda: self._write_and_upload(step, staging, snapshot, meta))
             upload.add_done_callback(lambda f: self._landed(f, step, staging, reason, stall, landed))
@@ -209,18 +212,41 @@ class Checkpointer:
             m.last_checkpoint_step.set(result.info.step)
             m.last_checkpoint_timestamp.set(time.time())
 
-    def restore(self) -> CheckpointInfo | None:
-        """Load the newest complete checkpoint into every component on every rank; rank 0 chooses it (with fallback)."""
+    def restore(self) -> Start:
+        """Load the newest complete checkpoint that this job may resume into every component on every rank.
+
+        Rank 0 chooses (falling back past corrupt ones) and every rank learns the choice: a checkpoint of
+        another model is refused on every rank at once (IncompatibleCheckpoint), not left to a hang.
+        """
         dest = self.work_dir / "restore" / f"rank-{self.rt.rank}"
         shutil.rmtree(dest, ignore_errors=True)
-        chosen = None
+        decision = None
         if self.rt.is_main:
-            found = self.store.restore_latest(dest)
-            chosen = found[0] if found else None
-        chosen = broadcast_object(chosen)
+            skipped: list[str] = []
+            try:
+                found = self.store.restore_latest(dest, accept=self._accept, skipped=skipped)
+                decision = ("found", found[0] if found else None, skipped)
+            except IncompatibleCheckpoint as err:
+                decision = ("refused", str(err), skipped)
+        kind, chosen, skipped = broadcast_object(decision)
+        if kind == "refused":
+            raise IncompatibleCheckpoint(chosen)
         self.latest = chosen
+        where = self.store.storage.uri(self.store.prefix)
         if chosen is None:
-            return None
+            why = (f"all {len(skipped)} checkpoint(s) under {where} were corrupt or torn" if skipped
+                   else f"no complete checkpoint under {where}")
+            return Start(0, None, why)
         self.content.load(found[1] if self.rt.is_main else self.store.download(chosen, dest))
         shutil.rmtree(dest, ignore_errors=True)
-        return chosen
+        why = f"newest complete checkpoint under {where}" + (f" ({len(skipped)} newer one(s) corrupt, skipped)" if skipped else "")
+        settings = chosen.meta.get("settings")
+        changed = differences(settings, self.record.get("settings", {})) if isinstance(settings, dict) else []
+        return Start(self.state.step, chosen.uri, why, changed)
+
+    def _accept(self, info: CheckpointInfo) -> None:
+        fields = refusal(info.meta, self.record.get("identity", {}))
+        if fields:
+            raise IncompatibleCheckpoint(
+                f"{info.uri} was written for another model ({'; '.join(fields)}); refusing to resume it. Train from "
+                "scratch with spec.checkpoint.resume: never, or give this job another name or checkpoint.uri")

@@ -386,15 +386,22 @@ class CheckpointStore:
                 f"checkpoint step {info.step}: {self.storage.uri(key)} is missing"
             ) from e
 
-    def restore_latest(self, dest_dir: Path) -> tuple[CheckpointInfo, dict[str, Path]] | None:
+    def restore_latest(self, dest_dir: Path, accept: Callable[[CheckpointInfo], None] | None = None,
+                       skipped: list[str] | None = None) -> tuple[CheckpointInfo, dict[str, Path]] | None:
         """Download the newest usable checkpoint, falling back past corrupt ones; None if none.
 
         Only corruption triggers the fallback: any other error (network, permissions) propagates,
         since silently resuming from an older checkpoint would throw away training progress.
+        `accept(info)` may refuse a checkpoint by raising (before anything is downloaded); each corrupt
+        one skipped is appended to `skipped` ("<uri>: why").
         """
         for info in self.list_complete():
+            if accept is not None:
+                accept(info)
             try:
                 return info, self.download(info, dest_dir)
             except CorruptCheckpoint as e:
                 log.warning("skipping corrupt checkpoint step %d: %s", info.step, e)
+                if skipped is not None:
+                    skipped.append(f"{info.uri}: {e}")
         return None

@@ -123,6 +123,9 @@ def serve_metrics(run: Run) -> None:
     if not metrics:
         return
     metrics.resumed_from_step.set(run.state.step)
+    metrics.step.set(run.state.step)  # the operator learns where the run started before its first log step
+    start = run.start
+    metrics.started_from.labels(start.checkpoint or "", start.why[:300], "; ".join(start.changed)[:1000]).set(start.step)
     metrics.world_size.set(run.rt.world_size)
     metrics.total_steps.set(run.total_steps)
     if opts.metrics_port:
@@ -137,7 +140,7 @@ def report_outcome(run: Run, outcome: str) -> None:
     if run.rt.is_main:
         ckpt = run.checkpointer.latest
         write_report(TrainerReport(outcome, run.state.step, ckpt.step if ckpt else None, ckpt.uri if ckpt else None,
-                                   ckpt.created if ckpt else None))
+                                   ckpt.created if ckpt else None, start=run.start.to_json()))
 
 
 def train_step(module, optimizer, scaler, batcher, batches: StepBatches, *, task: Task, rt: Runtime,

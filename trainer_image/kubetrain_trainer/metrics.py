@@ -56,6 +56,9 @@ class TrainerMetrics:
         self.tokens = Counter(M.TOKENS, "Real training tokens processed, all ranks.", registry=r)
         self.resumed_from_step = gauge(M.RESUMED_FROM_STEP, "Step this process resumed from (0: fresh start).")
         self.world_size = gauge(M.WORLD_SIZE, "Training processes in the group.")
+        self.started_from = gauge(M.STARTED_FROM, "Step this run started at; labels: the checkpoint it resumed (empty: "
+                                  "from scratch), why, and the settings changed since that checkpoint.",
+                                  ("checkpoint", "why", "changed"))
 
     def serve(self, port: int, addr: str = "0.0.0.0"):
         """Start the /metrics HTTP server in a daemon thread; returns (server, thread)."""
