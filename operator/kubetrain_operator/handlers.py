@@ -1,7 +1,7 @@
-"""kopf glue: every trigger -- the job changed, one of its pods changed, a timer -- runs one reconcile.
+"""kopf glue: every trigger -- the job changed, one of its pods changed, a recheck -- runs one reconcile.
 
 The decision is `reconcile.plan` (pure); `kube.Kube` reads and writes. Per-job state lives in the
-operator's kopf memo (`JobRegistry`): a lock per job, so a pod event and the timer never act on the
+operator's kopf memo (`JobRegistry`): a lock per job, so a pod event and a recheck never act on the
 same job at once, and the trainer reports seen on pod watch events.
 """
 
@@ -23,6 +23,7 @@ from . import live_progress
 from .builders import ClusterDefaults, controller_of, job_from_object
 from .kube import Conflict, ForeignObject, Kube, Predecessor
 from .metrics import OperatorMetrics
+from .rechecks import Rechecks
 from .names import LABEL_ATTEMPT, LABEL_JOB
 from .reconcile import RECHECK_SECONDS, plan, pod_attempt
 from .records import Observed, Plan, PodReport, Progress
@@ -155,15 +156,46 @@ def pod_changed(memo: kopf.Memo, namespace: str, labels: dict, body: kopf.Body, 
     _guarded(memo, namespace, labels[LABEL_JOB])
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=RECHECK_SECONDS)
-def recheck(memo: kopf.Memo, namespace: str, name: str, **_) -> None:
-    """Deadlines, TTLs, and live progress: what no watch event announces."""
+def recheck(memo: kopf.Memo, namespace: str, name: str) -> float | None:
+    """Deadlines, TTLs, and live progress: what no watch event announces (run by `Rechecks`, not a kopf timer).
+    Returns when to look again; None once the job is gone."""
     started = time.monotonic()
-    _guarded(memo, namespace, name, scrape=True)
+    try:
+        decided = reconcile(memo, namespace, name, scrape=True)
+    except kopf.TemporaryError as err:
+        memo.metrics.errors.labels("conflict").inc()
+        return err.delay or RECHECK_SECONDS
+    except ApiException as err:
+        memo.metrics.errors.labels("api").inc()
+        return None if err.status == 404 else RECHECK_SECONDS
+    except Exception:  # a bug must not stop the operator from serving other jobs
+        memo.metrics.errors.labels("internal").inc()
+        log.exception("recheck of %s/%s failed", namespace, name)
+        return RECHECK_SECONDS
     log.debug("recheck of %s/%s took %.3fs", namespace, name, time.monotonic() - started)
+    if decided is None:
+        memo.jobs.forget((namespace, name))
+        return None
+    return decided.requeue_after or RECHECK_SECONDS
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
-def job_deleted(memo: kopf.Memo, namespace: str, name: str, **_) -> None:
-    memo.jobs.forget((namespace, name))
-    memo.metrics.observe_phase(namespace, name, None)
+@kopf.on.startup()
+def start_rechecks(memo: kopf.Memo, **_) -> None:
+    memo.rechecks = Rechecks(lambda ns, name: recheck(memo, ns, name), RECHECK_SECONDS).start()
+
+
+@kopf.on.cleanup()
+def stop_rechecks(memo: kopf.Memo, **_) -> None:
+    if getattr(memo, "rechecks", None):
+        memo.rechecks.stop()
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def job_seen(memo: kopf.Memo, type: str, namespace: str, name: str, **_) -> None:  # noqa: A002 - kopf's name
+    """Every job the watch shows is rechecked; a deleted one is dropped (no finalizer holds it)."""
+    if type == "DELETED":
+        memo.jobs.forget((namespace, name))
+        memo.rechecks.forget((namespace, name))
+        memo.metrics.observe_phase(namespace, name, None)
+    else:
+        memo.rechecks.track((namespace, name))

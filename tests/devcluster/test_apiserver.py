@@ -601,11 +601,14 @@ def test_kubectl_apply_get_delete(server: Server, core: client.CoreV1Api, tmp_pa
     core.create_namespaced_pod(ns, pod("x", {"a": "b"}, node="node-1"))
     core.create_namespaced_pod(ns, pod("y", {"a": "c"}))
     assert [line.split()[0] for line in kubectl("get", "-n", ns, "pods", "-l", "a=b").splitlines()] == ["NAME", "x"]
-    assert kubectl("delete", "-n", ns, "pod", "x", "--wait=false").strip() == 'pod "x" deleted'
+    # kubectl 1.37 names the namespace when it is not the kubeconfig's (where the environment decides that)
+    assert kubectl("delete", "-n", ns, "pod", "x", "--wait=false").strip() in ('pod "x" deleted',
+                                                                            f'pod "x" deleted from {ns} namespace')
     assert core.read_namespaced_pod("x", ns).metadata.deletion_timestamp is not None  # graceful
     assert "Terminating" in kubectl("get", "-n", ns, "pod", "x")
     deleted = kubectl("delete", "-n", ns, "tj", "sentiment-minilm").strip()
-    assert deleted == 'trainingjob.kubetrain.io "sentiment-minilm" deleted'
+    assert deleted in ('trainingjob.kubetrain.io "sentiment-minilm" deleted',
+                       f'trainingjob.kubetrain.io "sentiment-minilm" deleted from {ns} namespace')
     assert "No resources found" in subprocess.run(
         ["kubectl", "--kubeconfig", str(server.kubeconfig), "--cache-dir", str(tmp_path), "get", "-n", ns, "tj"],
         capture_output=True, text=True, timeout=30).stderr

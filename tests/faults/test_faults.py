@@ -36,7 +36,7 @@ from kubetrain.contracts import CheckpointReason
 from kubetrain_devcluster.cluster import BUCKET, DevCluster
 from kubetrain_testkit import REPO
 from kubetrain_testkit.clusterkit import (NS, assert_operator_calls_granted, create, events, kubectl, newest_step,
-                                          operator_metrics, patch_spec, pod_logs, pods, rank0_logs, rank0_pod, s3_manifests,
+                                          get_job, operator_metrics, patch_spec, pod_logs, pods, rank0_logs, rank0_pod, s3_manifests,
                                           status, tiny_job, wait_for, wait_phase)
 from kubetrain_testkit.prometheus import scrape
 
@@ -179,8 +179,9 @@ def outcome(s: dict) -> str:
 
 # ---------------------------------------------------------------- RELIABILITY.md, written by the suite
 
-SCENARIOS = ["reference", "hostile-jobs", "worker-sigkill", "sigterm-upload", "s3-outage", "corrupt-newest",
-             "operator-killed", "api-errors", "three-preemptions", "group-deleted", "node-lost"]
+SCENARIOS = ["reference", "hostile-jobs", "bad-data", "divergence", "worker-sigkill", "sigterm-upload", "s3-outage",
+             "corrupt-newest", "lost-checkpoints", "spec-edit", "recreate-same-name", "operator-killed", "api-errors",
+             "three-preemptions", "group-deleted", "node-lost"]
 ROWS: dict[str, dict] = {}
 
 
@@ -592,6 +593,149 @@ def test_losing_a_node(cluster, corpus, reference):
     assert v.steps_lost < 2 * EVERY
     record(name, f"node local-1 deleted (`kubectl delete node`): its pod SIGKILLed, no grace ({victim.metadata.name})",
            f"{outcome(final)}; new group on local-0", v.steps_lost, v.data_lost, time.monotonic() - started)
+
+
+def bad_data_cases(corpus: dict, tmp: Path) -> list[tuple[str, dict, str, str]]:
+    """(job name, spec changes, reason, the message's start): data no retry can fix, each one line naming where."""
+    rows = corpus["train"].read_text().splitlines()
+    files = {"missing-field.jsonl": "\n".join(rows[:200] + ['{"txt": "no text here", "label": 1}'] + rows[200:]),
+             "bad-label.jsonl": "\n".join(rows[:7] + ['{"text": "five", "label": 5}'] + rows[7:]),
+             "empty.jsonl": "", "latin1.jsonl": "\n".join(rows[:3]) + '\n{"text": "caf\xe9", "label": 1}\n'}
+    for file, text in files.items():
+        (tmp / file).write_bytes(text.encode("latin-1" if file == "latin1.jsonl" else "utf-8"))
+    return [
+        ("bd-missing-field", {"data": {"train": str(tmp / "missing-field.jsonl")}}, "DataError",
+         f"data error: {tmp / 'missing-field.jsonl'} row 201: missing field 'text' (spec.data.textField)"),
+        ("bd-bad-label", {"data": {"train": str(tmp / "bad-label.jsonl")}}, "DataError",
+         f"data error: {tmp / 'bad-label.jsonl'} row 8: label '5' is outside 0..1 (spec.model.numLabels=2)"),
+        ("bd-empty", {"data": {"train": str(tmp / "empty.jsonl")}}, "DataError", f"data error: {tmp / 'empty.jsonl'}: no rows"),
+        ("bd-latin1", {"data": {"train": str(tmp / "latin1.jsonl")}}, "DataError",
+         f"data error: {tmp / 'latin1.jsonl'} line 4: not valid UTF-8"),
+        ("bd-typo", {"data": {"train": str(tmp / "trian.jsonl")}}, "DataError",
+         f"data error: spec.data.train: {tmp / 'trian.jsonl'}: no such file or directory"),
+        ("bd-no-bucket", {"data": {"train": f"s3://{BUCKET}-gone/train.jsonl"}}, "StorageError",
+         f"storage error: bucket '{BUCKET}-gone' does not exist (s3://{BUCKET}-gone/train.jsonl)"),
+    ]
+
+
+def test_bad_data_fails_at_the_first_attempt_in_one_line_naming_where(cluster, corpus, tmp_path):
+    started = time.monotonic()
+    cases = bad_data_cases(corpus, tmp_path)
+    for name, change, _, _ in cases:
+        doc = job(cluster, corpus, name)
+        for section, fields in change.items():
+            doc["spec"][section].update(fields)
+        create(cluster, doc)
+    for name, _, reason, message in cases:
+        s = wait_phase(cluster, name, {"Failed", "Succeeded"}, timeout=120)
+        assert (s["phase"], s["attempt"], s["restarts"], s["failures"]) == ("Failed", 1, 0, 0), (name, s)
+        assert s["message"].startswith(message) and "\n" not in s["message"] and len(s["message"]) < 400, s["message"]
+        assert {c["type"]: c["reason"] for c in s["conditions"]}["Failed"] == reason
+        assert ("Warning", reason, s["message"]) in events(cluster, name)
+        kubectl(cluster, "delete", "trainingjob", name, "-n", NS)
+    record("bad-data", f"{len(cases)} jobs with data no retry can fix: a row missing its text field, a label outside "
+           "numLabels, an empty file, invalid UTF-8, a typo in the data path, a bucket that does not exist",
+           "each Failed at the first attempt (0 restarts, 0 failures counted), reason DataError or StorageError, status "
+           "and Event one line naming file and row and field, or the bucket", 0, "-", time.monotonic() - started)
+
+
+def test_a_diverging_job_fails_naming_the_step_and_its_newest_checkpoint_is_the_last_good_one(cluster, corpus):
+    name, started = "divergence", time.monotonic()
+    create(cluster, job(cluster, corpus, name, training__precision="fp16", training__learningRate=10,
+                        training__warmupRatio=0, checkpoint__everySteps=1))
+    final = wait_phase(cluster, name, {"Failed", "Succeeded"}, 180)
+    assert (final["phase"], final["attempt"], final["failures"]) == ("Failed", 1, 0), final
+    bad = int(re.match(r"diverged: non-finite loss at step (\d+) \(training.onNonFinite: fail\)", final["message"])[1])
+    manifests = s3_manifests(cluster, prefix(name))
+    assert manifests and max(manifests) < bad, (sorted(manifests), bad)
+    assert final["lastCheckpoint"]["step"] == max(manifests)
+    weights = final_weights(cluster, name, max(manifests))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    record(name, "fp16 at learning rate 10: the loss overflows to NaN within a few steps (no injection)",
+           f"Failed (Diverged) at the first attempt: '{final['message'][:60]}...'; no checkpoint at or after step "
+           f"{bad}: the newest (step {max(manifests)}) holds finite weights and is status.lastCheckpoint", "-", "-",
+           time.monotonic() - started)
+
+
+def test_every_checkpoint_lost_while_suspended_resets_status_and_trains_from_scratch(cluster, corpus, reference):
+    name, started = "lost-checkpoints", time.monotonic()
+    create(cluster, job(cluster, corpus, name))
+    wait_step(cluster, name, EVERY + 5)
+    patch_spec(cluster, name, {"runPolicy": {"suspend": True}})
+    before = suspended(cluster, name)
+    assert before["lastCheckpoint"]["step"] >= EVERY
+    client = cluster.s3.client()
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix=prefix(name))["Contents"]]
+    client.delete_objects(Bucket=BUCKET, Delete={"Objects": [{"Key": k} for k in keys]})
+    patch_spec(cluster, name, {"runPolicy": {"suspend": False}})
+    final = succeeded(cluster, name)
+    warnings = [m for t, r, m in events(cluster, name) if (t, r) == ("Warning", "CheckpointsLost")]
+    assert len(warnings) == 1 and "started from scratch (no complete checkpoint under" in warnings[0], warnings
+    assert f"status had step {before['step']} and lastCheckpoint {before['lastCheckpoint']['uri']}" in warnings[0]
+    assert final["startedFrom"]["attempt"] == 2 and "checkpoint" not in final["startedFrom"]
+    v = check_run(cluster, name, reference)
+    assert v.attempts[1].resumed == 0 and v.steps_lost == v.attempts[0].last
+    record(name, f"every checkpoint of a suspended job deleted from S3 ({len(keys)} objects, status at step "
+           f"{before['step']}, lastCheckpoint step {before['lastCheckpoint']['step']})",
+           f"{outcome(final)}; the resumed group said it started from scratch: status reset to step 0 with a Warning "
+           "(CheckpointsLost) naming the lost checkpoint, startedFrom says why", v.steps_lost, v.data_lost,
+           time.monotonic() - started)
+
+
+def test_a_spec_edit_restarts_the_group_gracefully_and_is_applied(cluster, corpus, reference):
+    name, started = "spec-edit", time.monotonic()
+    create(cluster, job(cluster, corpus, name))
+    wait_step(cluster, name, EVERY + 5)
+    patch_spec(cluster, name, {"training": {"maxSteps": STEPS + 20}})
+    final = succeeded(cluster, name)
+    generation = get_job(cluster, name)["metadata"]["generation"]
+    assert (final["failures"], final["preemptions"], final["restarts"], final["attempt"]) == (0, 0, 1, 2), final
+    assert final["observedGeneration"] == final["groupGeneration"] == generation == 2
+    kinds = [(t, r) for t, r, _ in events(cluster, name)]
+    assert ("Normal", "SpecChanged") in kinds and ("Normal", "SettingsChanged") in kinds
+    changed = final["startedFrom"]["changed"]
+    assert changed == [f"training.maxSteps {STEPS} -> {STEPS + 20}"], changed
+    v = check_run(cluster, name, reference, steps=STEPS + 20, weights=False, losses=False)  # a longer LR schedule
+    assert v.steps_lost == 0
+    record(name, f"`kubectl patch` of spec.training.maxSteps {STEPS} -> {STEPS + 20} while running",
+           f"{outcome(final)}; Event SpecChanged, then the group saved its checkpoint and the new one resumed there "
+           f"with the new spec (Event SettingsChanged: training.maxSteps {STEPS} -> {STEPS + 20}); observedGeneration "
+           f"{generation}; ended at step {STEPS + 20}", v.steps_lost, "none: every step trained the reference's samples "
+           "in its order (losses differ after the edit: a longer LR schedule)", time.monotonic() - started)
+
+
+def test_a_job_deleted_and_created_again_with_the_same_name_never_inherits_the_old_one(cluster, corpus):
+    name, started = "recreate", time.monotonic()
+    create(cluster, job(cluster, corpus, name))
+    wait_step(cluster, name, EVERY + 5)
+    old = status(cluster, name)
+    kubectl(cluster, "delete", "trainingjob", name, "-n", NS, "--wait=false")
+    wait_for("the old job gone", lambda: not [j for j in kubectl(cluster, "get", "tj", "-n", NS, "-o", "name").stdout.split()
+                                              if j.endswith(f"/{name}")], 30, cluster)
+    other = job(cluster, corpus, name)
+    other["spec"]["model"]["numLabels"] = 3  # another model: the old checkpoints are not its own
+    create(cluster, other)
+    seen = []
+    final = wait_for(f"{name} finished", lambda: seen.append(s := status(cluster, name)) or (
+        s.get("phase") in ("Failed", "Succeeded") and s), 120, cluster)
+    assert all((s.get("step") or 0) == 0 and not s.get("lastCheckpoint") for s in seen), "the old job's progress shown"
+    assert (final["phase"], final["attempt"], final["failures"]) == ("Failed", 1, 0), final
+    assert {c["type"]: c["reason"] for c in final["conditions"]}["Failed"] == "CheckpointIncompatible"
+    assert re.match(rf"checkpoint refused: s3://{BUCKET}/{prefix(name)}step-\d{{9}} was written for another model "
+                    r"\(model.numLabels 2 -> 3\)", final["message"]), final["message"]
+    kubectl(cluster, "delete", "trainingjob", name, "-n", NS)
+    other["spec"]["checkpoint"]["resume"] = "never"
+    create(cluster, other)
+    fresh = succeeded(cluster, name)
+    uid = get_job(cluster, name)["metadata"]["uid"]
+    assert fresh["startedFrom"] == {"attempt": 1, "step": 0, "changed": [], "why": fresh["startedFrom"]["why"]}
+    assert f"no complete checkpoint under s3://{BUCKET}/{prefix(name)}{uid}" in fresh["startedFrom"]["why"]
+    assert fresh["lastCheckpoint"]["uri"] == f"s3://{BUCKET}/{prefix(name)}{uid}/step-{STEPS:09d}"
+    record("recreate-same-name", f"a running job deleted at step {old.get('step')} and created again at once with the "
+           "same name and another model (numLabels 2 -> 3); then again with checkpoint.resume: never",
+           "status never showed the old job's step or checkpoint; the first Failed (CheckpointIncompatible) at the "
+           "first attempt naming the refused checkpoint and the field; the second trained from scratch in its own "
+           f"directory (<job>/<uid>/) and Succeeded at step {STEPS}", "-", "-", time.monotonic() - started)
 
 
 def test_everything_the_operator_did_is_granted_by_the_charts_cluster_role(cluster):

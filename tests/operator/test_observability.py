@@ -375,11 +375,11 @@ def stack(tmp_path_factory):
             # increase() counts only what comes after a series' first sample: the operator's restart counter
             # must be scraped at 0 before the failing job below restarts, or its restart does not show
             wait_for("the operator scraped", lambda: prom.query("kubetrain_operator_restarts_total"), 60, s)
-            # a job that fails in the cluster: a missing data file, backoffLimit 1 (one restart, then Failed);
-            # its first status write hits an injected API error (a reconcile error)
+            # a job that fails in the cluster with a transient error (its S3 endpoint refuses connections), backoffLimit
+            # 1: one restart, then Failed; its first status write hits an injected API error (a reconcile error)
             cluster.api_faults("POST", {"status": 500, "methods": ["PATCH"], "pathRegex": f"trainingjobs/{FAILING_JOB}/status"})
-            failing = tiny.job_doc(FAILING_JOB, Path(str(train) + ".missing"), None, tokenizer, "checkpoints",
-                                   runPolicy={"backoffLimit": 1})  # a local URI: the cluster's S3 default
+            failing = tiny.job_doc(FAILING_JOB, train, None, tokenizer, "s3://nowhere/ckpt", runPolicy={"backoffLimit": 1},
+                                   checkpoint__endpoint=f"http://127.0.0.1:{free_port()}", checkpoint__s3Secret="s3-creds")
             failing["metadata"]["namespace"] = cluster.namespace
             cluster.custom_api().create_namespaced_custom_object("kubetrain.io", "v1alpha1", cluster.namespace,
                                                                  "trainingjobs", failing)

@@ -13,6 +13,8 @@ import re
 
 import pytest
 
+from kubetrain.ports import free_port
+
 from kubetrain_devcluster.cluster import BUCKET
 from kubetrain_testkit import REPO
 from kubetrain_testkit.clusterkit import (NS, assert_operator_calls_granted, create, events, kubectl, pod_logs, pods,
@@ -39,25 +41,39 @@ def test_kubectl_apply_of_the_example_succeeds_with_checkpoints_in_s3(cluster):
     assert (final["attempt"], final["restarts"], final["preemptions"]) == (1, 0, 0)
     assert sorted(p.status.phase for p in pods(cluster, "sentiment-minilm")) == ["Succeeded", "Succeeded"]
     reasons = [r for _, r, _ in events(cluster, "sentiment-minilm")]
-    assert reasons[:3] == ["Created", "GroupRunning", "JobSucceeded"], reasons
+    assert reasons[:2] == ["Created", "GroupRunning"] and reasons[-1] == "JobSucceeded", reasons
+    assert "StartedFromScratch" in reasons, reasons  # the trainer said where it started
     phase = kubectl(cluster, "get", "tj", "sentiment-minilm", "-o", "jsonpath={.status.phase} {.status.step}").stdout
     assert phase == f"Succeeded {finished}"
 
 
-def test_a_real_error_four_times_with_backoff_limit_3_fails_the_job(cluster, corpus):
+def test_a_transient_error_four_times_with_backoff_limit_3_fails_the_job(cluster, corpus):
+    """The S3 endpoint refuses connections (the network: transient), every attempt: retried, then Failed."""
     name = "always-fails"
     doc = tiny_job(cluster, corpus, name, runPolicy={"backoffLimit": 3})
-    doc["spec"]["data"]["train"] = str(corpus["train"]) + ".missing"
+    doc["spec"]["checkpoint"]["endpoint"] = f"http://127.0.0.1:{free_port()}"
     create(cluster, doc)
     final = wait_phase(cluster, name, {"Failed", "Succeeded"}, timeout=300)
     assert final["phase"] == "Failed"
     assert (final["failures"], final["restarts"], final["preemptions"], final["attempt"]) == (4, 3, 0, 4)
-    assert "backoffLimit 3" in final["message"] and "FileNotFoundError" in final["message"], final["message"]
+    assert "backoffLimit 3" in final["message"] and "EndpointConnectionError" in final["message"], final["message"]
+    assert "Traceback" not in final["message"] and "\n" not in final["message"]
     failed = [c for c in final["conditions"] if c["type"] == "Failed"][0]
     assert failed["status"] == "True" and failed["reason"] == "BackoffLimitExceeded"
     warnings = [(r, m) for t, r, m in events(cluster, name) if t == "Warning"]
     assert [r for r, _ in warnings].count("PodFailed") == 4 and warnings[-1][0] == "BackoffLimitExceeded"
-    assert "FileNotFoundError" in warnings[-1][1]
+    assert "EndpointConnectionError" in warnings[-1][1]
+
+
+def test_a_permanent_error_fails_the_job_at_the_first_attempt_in_one_line(cluster, corpus):
+    name = "bad-path"
+    doc = tiny_job(cluster, corpus, name, runPolicy={"backoffLimit": 3})
+    doc["spec"]["data"]["train"] = str(corpus["train"]) + ".missing"
+    create(cluster, doc)
+    final = wait_phase(cluster, name, {"Failed", "Succeeded"}, timeout=120)
+    assert (final["phase"], final["failures"], final["restarts"], final["attempt"]) == ("Failed", 0, 0, 1), final
+    assert re.fullmatch(re.escape(f"data error: spec.data.train: {corpus['train']}.missing: no such file or directory ")
+                        + rf"\(pod {name}-[01], exit code 65\)", final["message"]), final["message"]
 
 
 def test_kubectl_apply_of_the_cpu_smoke_example(cluster):

@@ -43,7 +43,9 @@ def test_hf_compare_benchmark_runs_every_side_on_the_same_data(tmp_path):
         assert side["mfu_real_tokens"] is None and side["peak_memory_gib"] is None  # CPU: no peak FLOP/s, no GPU memory
         assert 0.3 < side["eval_loss"] < 1.5
     assert sides["hf-default"]["samples_per_step"] == sides["hf-best"]["samples_per_step"] == 8
-    assert 6 < sides["kubetrain"]["samples_per_step"] <= 8  # token-budget batches, capped at the same 8 samples
+    # token-budget batches, capped at the same 8 samples; the bench estimates samples from the trainer's logged rate
+    # times the time between log lines, which differ by the log call itself: a 2% margin
+    assert 6 < sides["kubetrain"]["samples_per_step"] <= 8 * 1.02
     assert sides["kubetrain-packed"]["samples_per_step"] > 7.5  # packed: the budget (8 x 128 real tokens) never binds
     # The bench evaluates kubetrain's final checkpoint itself; it must be the model the trainer evaluated.
     trainer_eval = float(sides["kubetrain"]["trainer_eval"].split("eval_loss ")[1].split(" ")[0])

@@ -1,0 +1,80 @@
+"""The periodic reconcile of every known TrainingJob (deadlines, TTLs, live progress), without kopf timers.
+
+A kopf timer makes kopf put its finalizer on every TrainingJob, and a delete that lands while a timer's
+reconcile runs then waits for kopf's cancellation polling (60 s by default). The operator needs no
+finalizer: owner references make the garbage collector delete a job's pods, Service, ConfigMap and
+Secret. So this thread reconciles each known job again every `interval` seconds (sooner when a plan
+asks), and a deleted job drops out: its reconcile finds no object.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+log = logging.getLogger("kubetrain.rechecks")
+JobKey = tuple[str, str]
+TICK_SECONDS = 0.25
+
+
+class Rechecks:
+    def __init__(self, reconcile: Callable[[str, str], float | None], interval: float, workers: int = 8):
+        """`reconcile(namespace, name)` -> seconds until the next look, or None when the job is gone."""
+        self.reconcile, self.interval = reconcile, interval
+        self._due: dict[JobKey, float] = {}
+        self._running: set[JobKey] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kubetrain-recheck")
+        self._thread = threading.Thread(target=self._loop, name="kubetrain-rechecks", daemon=True)
+
+    def track(self, key: JobKey, after: float | None = None) -> None:
+        """Look at `key` again `after` seconds from now (default: the interval); a sooner wish wins."""
+        due = time.monotonic() + (self.interval if after is None else after)
+        with self._lock:
+            self._due[key] = min(due, self._due.get(key, due))
+
+    def forget(self, key: JobKey) -> None:
+        with self._lock:
+            self._due.pop(key, None)
+
+    def known(self) -> set[JobKey]:
+        with self._lock:
+            return set(self._due) | set(self._running)
+
+    def start(self) -> Rechecks:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(TICK_SECONDS):
+            now = time.monotonic()
+            with self._lock:
+                ready = [k for k, due in self._due.items() if due <= now and k not in self._running]
+                for key in ready:
+                    del self._due[key]
+                    self._running.add(key)
+            for key in ready:
+                try:
+                    self._pool.submit(self._one, key)
+                except RuntimeError:  # shut down
+                    return
+
+    def _one(self, key: JobKey) -> None:
+        after: float | None = self.interval
+        try:
+            after = self.reconcile(*key)
+        except Exception:  # noqa: BLE001 - the reconcile logs and counts its own errors; look again later
+            log.debug("recheck of %s/%s failed", *key, exc_info=True)
+        finally:
+            with self._lock:
+                self._running.discard(key)
+        if after is not None:
+            self.track(key, min(after, self.interval))
