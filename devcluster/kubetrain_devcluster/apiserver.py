@@ -368,7 +368,10 @@ class KubeApiEmulator(WatchMixin, DeletionMixin, CrdMixin, TablesMixin, FaultsMi
         if self._get((t.res, namespace, name)) is not None:
             raise api_error(409, f'{describe(t.res)} "{name}" already exists', reason="AlreadyExists",
                             name=name, group=t.res.group, kind=t.res.plural)
-        return await self._commit((t.res, namespace, name), obj, None)
+        created = await self._commit((t.res, namespace, name), obj, None)
+        if meta(created).get("ownerReferences"):
+            self._background(self._collect_if_orphaned((t.res, namespace, name)))
+        return created
 
     def _create_namespace(self, t: Target, body: Obj) -> str | None:
         """The namespace from the URL; it must match the body's and exist, and not be terminating."""

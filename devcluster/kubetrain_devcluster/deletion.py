@@ -136,6 +136,18 @@ class DeletionMixin:
                 if owner_uid in owners and not owners & live_uids and (current := self._get(key)) is not None:
                     await self._delete(key, current, {})
 
+    async def _collect_if_orphaned(self, key: Key) -> None:
+        """Background GC of a new object whose owners are all absent already (created by a controller that
+        read its owner just before the owner was deleted): the real garbage collector deletes those too."""
+        async with self._lock:
+            current = self._get(key)
+            if current is None:
+                return
+            owners = {ref.get("uid") for ref in meta(current).get("ownerReferences") or []}
+            live_uids = {meta(obj).get("uid") for _, obj in self._live()}
+            if owners and not owners & live_uids:
+                await self._delete(key, current, {})
+
     # -- pods ----------------------------------------------------------------------------------
 
     async def _serve_eviction(self, request: kmock.Request, t: Target) -> aiohttp.web.StreamResponse:

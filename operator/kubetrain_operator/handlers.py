@@ -25,7 +25,7 @@ from .kube import Conflict, ForeignObject, Kube, Predecessor
 from .metrics import OperatorMetrics
 from .rechecks import Rechecks
 from .names import LABEL_ATTEMPT, LABEL_JOB
-from .reconcile import RECHECK_SECONDS, plan, pod_attempt
+from .reconcile import IDLE_RECHECK_SECONDS, RECHECK_SECONDS, plan, pod_attempt
 from .records import Observed, Plan, PodReport, Progress
 from .recovery import trainer_report
 
@@ -176,12 +176,12 @@ def recheck(memo: kopf.Memo, namespace: str, name: str) -> float | None:
     if decided is None:
         memo.jobs.forget((namespace, name))
         return None
-    return decided.requeue_after or RECHECK_SECONDS
+    return decided.requeue_after or IDLE_RECHECK_SECONDS
 
 
 @kopf.on.startup()
 def start_rechecks(memo: kopf.Memo, **_) -> None:
-    memo.rechecks = Rechecks(lambda ns, name: recheck(memo, ns, name), RECHECK_SECONDS).start()
+    memo.rechecks = Rechecks(lambda ns, name: recheck(memo, ns, name), IDLE_RECHECK_SECONDS).start()
 
 
 @kopf.on.cleanup()

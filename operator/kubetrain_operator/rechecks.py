@@ -26,6 +26,7 @@ class Rechecks:
         self.reconcile, self.interval = reconcile, interval
         self._due: dict[JobKey, float] = {}
         self._running: set[JobKey] = set()
+        self._dropped: set[JobKey] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kubetrain-recheck")
@@ -40,6 +41,8 @@ class Rechecks:
     def forget(self, key: JobKey) -> None:
         with self._lock:
             self._due.pop(key, None)
+            if key in self._running:
+                self._dropped.add(key)  # its recheck in flight must not schedule another
 
     def known(self) -> set[JobKey]:
         with self._lock:
@@ -76,5 +79,8 @@ class Rechecks:
         finally:
             with self._lock:
                 self._running.discard(key)
+                if key in self._dropped:
+                    self._dropped.discard(key)
+                    after = None
         if after is not None:
             self.track(key, min(after, self.interval))

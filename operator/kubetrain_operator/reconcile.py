@@ -25,7 +25,8 @@ from .names import ANNOTATION_SPEC_HASH, LABEL_ATTEMPT, LABEL_RANK, pod_name
 from .records import Event, Observed, Plan, Progress
 from .recovery import PodOutcome, classify, disruption, trainer_report
 
-RECHECK_SECONDS = 5.0
+RECHECK_SECONDS = 5.0  # a running job's live progress
+IDLE_RECHECK_SECONDS = 30.0  # any other job, when its plan asks for nothing sooner (its events drive it)
 
 
 def current_status(job: dict) -> TrainingJobStatus:
@@ -286,7 +287,7 @@ def _watch_group(b: Decision, job: TrainingJob, pods: list[dict]) -> Plan:
         b.enter(Phase.RUNNING, Reason.GROUP_RUNNING, f"all {job.spec.nodes} pods running (attempt {attempt})")
     elif b.status["phase"] != Phase.PENDING and not running_before:
         b.set(phase=Phase.PENDING)
-    if b.plan.requeue_after is None and b.status["phase"] in (Phase.PENDING, Phase.RUNNING):
+    if b.plan.requeue_after is None and b.status["phase"] == Phase.RUNNING:  # live progress: scrape again soon
         b.plan.requeue_after = RECHECK_SECONDS
     return b.finish()
 
