@@ -18,7 +18,7 @@ from kubetrain.ports import free_port
 from kubetrain_devcluster.cluster import BUCKET
 from kubetrain_testkit import REPO
 from kubetrain_testkit.clusterkit import (NS, assert_operator_calls_granted, create, events, kubectl, pod_logs, pods,
-                                          s3_manifests, tiny_job, wait_phase)
+                                          s3_manifests, tiny_job, wait_for, wait_phase)
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -128,6 +128,18 @@ def test_a_job_nested_1500_levels_deep_fails_alone_and_the_operator_serves_the_n
     create(cluster, tiny_job(cluster, corpus, "after-deep", training__maxSteps=4))
     assert wait_phase(cluster, "after-deep", {"Succeeded", "Failed"}, timeout=240)["phase"] == "Succeeded"
     assert cluster.operator.running
+
+
+def test_a_running_job_carries_no_finalizer_and_a_delete_takes_it_and_its_pods_at_once(cluster, corpus):
+    name = "deleted-running"
+    create(cluster, tiny_job(cluster, corpus, name, training__maxSteps=100000))
+    wait_phase(cluster, name, {"Running"}, timeout=120)
+    job = cluster.custom_api().get_namespaced_custom_object("kubetrain.io", "v1alpha1", NS, "trainingjobs", name)
+    assert not job["metadata"].get("finalizers"), job["metadata"]
+    kubectl(cluster, "delete", "trainingjob", name, "-n", NS, "--wait=false")
+    gone = lambda: name not in kubectl(cluster, "get", "tj", "-n", NS, "-o", "name").stdout  # noqa: E731
+    assert gone(), "deleted at once: nothing holds it"
+    wait_for("its pods gone", lambda: not pods(cluster, name), 60, cluster)  # each saves a checkpoint first (grace)
 
 
 def test_everything_the_operator_did_is_granted_by_the_charts_cluster_role(cluster):
