@@ -53,9 +53,10 @@ TABLE = REPO / "RELIABILITY.md"
 # ---------------------------------------------------------------- cluster, jobs, the reference
 
 def job(cluster: DevCluster, corpus: dict, name: str, steps: int = STEPS, **overrides) -> dict:
-    return tiny_job(cluster, corpus, name, training__maxSteps=steps, training__deterministic=True,
-                    training__logEverySteps=1, training__evalEverySteps=10**6, checkpoint__everySteps=EVERY,
-                    checkpoint__keep=100, runPolicy={"backoffLimit": 3}, **overrides)
+    settings = {"training__maxSteps": steps, "training__deterministic": True, "training__logEverySteps": 1,
+                "training__evalEverySteps": 10**6, "checkpoint__everySteps": EVERY, "checkpoint__keep": 100,
+                "runPolicy": {"backoffLimit": 3}}
+    return tiny_job(cluster, corpus, name, **{**settings, **overrides})
 
 
 def prefix(name: str) -> str:
@@ -147,7 +148,8 @@ def check_run(cluster: DevCluster, name: str, ref: Reference, steps: int | None 
         if i:
             previous = runs[i - 1]
             assert run.resumed <= previous.last, f"attempt {i + 1} resumed at {run.resumed}, past step {previous.last}: steps skipped"
-            assert run.resumed in manifests, f"attempt {i + 1} resumed at {run.resumed}, which is not a complete checkpoint"
+            assert run.resumed == 0 or run.resumed in manifests, (  # 0: from scratch, when every checkpoint is gone
+                f"attempt {i + 1} resumed at {run.resumed}, which is not a complete checkpoint")
             lost += previous.last - run.resumed
             retrained += list(range(run.resumed + 1, previous.last + 1))
         for step, rec in run.steps.items():
