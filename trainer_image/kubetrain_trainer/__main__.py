@@ -65,8 +65,36 @@ def failed(err: Exception, local_rank: int) -> int:
     write_exit_marker(local_rank, "failed", **failure.to_json())
     if failure.permanent:
         return EXIT_PERMANENT
+    err.kubetrain_reported = True  # printed: the exit below need not print it again
     raise err
 
 
+def exit_process(code: int) -> None:
+    """End the worker without interpreter finalization, once its own cleanup is done.
+
+    A worker that finished (final checkpoint complete, process group destroyed) was seen aborting at
+    exit: "terminate called without an active exception", SIGABRT, which is libstdc++'s std::terminate
+    from a C++ std::thread object destroyed while still joinable, during the static destruction that
+    runs after Python's finalization (a native thread pool outliving the interpreter). Nothing of ours
+    needs finalization after main (logs flushed here, checkpoints complete, markers written), so the
+    process leaves with os._exit: no static destructors run, and its exit code is main's.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        status = main()
+    except SystemExit as stop:  # argparse
+        status = stop.code if isinstance(stop.code, int) else 1
+    except BaseException as err:  # noqa: BLE001 - a transient failure; @record wrote torchrun's error file
+        if not getattr(err, "kubetrain_reported", False):
+            traceback.print_exc()
+        status = 1
+    exit_process(status)
