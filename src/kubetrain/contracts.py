@@ -77,6 +77,7 @@ class CheckpointReason(StrEnum):
     PERIODIC = "periodic"
     PREEMPTION = "preemption"
     FINAL = "final"
+    RESCUE = "rescue"  # written by rank 0 alone after a peer died without grace
 
 
 class TrainerMetric(StrEnum):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import signal
 import subprocess
@@ -326,3 +327,53 @@ def test_a_rerun_names_its_start_applies_changed_settings_and_refuses_another_mo
     assert code == 0, out
     started = re.search(rf"training from scratch: no complete checkpoint under {ckpt}/tests/same/([0-9a-f-]{{36}})", out)
     assert started and (ckpt / "tests/same" / started[1] / "step-000000004/manifest.json").exists()
+
+
+def worker_of_rank(root_pid: int, rank: int) -> int:
+    """The torchrun worker process of global `rank` among the descendants of `root_pid` (read from /proc)."""
+    def children(pid: int) -> list[int]:
+        found = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            found += [int(c) for c in (task / "children").read_text().split()]
+        return found
+
+    todo, seen = [root_pid], []
+    while todo:
+        pid = todo.pop()
+        seen.append(pid)
+        todo += children(pid)
+    for pid in seen:
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"TORCHELASTIC_RUN_ID" in b"".join(env):
+            return pid
+    raise AssertionError(f"no worker of rank {rank} under {root_pid}")
+
+
+def test_a_worker_killed_without_grace_loses_no_step_rank_0_saves_a_rescue_checkpoint(corpus, s3_server, s3_bucket,
+                                                                                       tmp_path):
+    common = dict(nodes=2, training__maxSteps=120, training__deterministic=True, checkpoint__everySteps=50,
+                  checkpoint__keep=20, training__evalEverySteps=1000)
+    env = s3_server.env()
+    straight = tiny.LocalRun(make_job(tmp_path, corpus, "straight", f"s3://{s3_bucket}/ckpt", **common), env=env,
+                             work_dir=tmp_path / "w1")
+    assert straight.finish() == 0, straight.output
+
+    job = make_job(tmp_path, corpus, "killed", f"s3://{s3_bucket}/ckpt", **common)
+    first = tiny.LocalRun(job, env=env, work_dir=tmp_path / "w2")
+    first.wait_for(r"step 20/120")
+    os.kill(worker_of_rank(first.proc.pid, 1), signal.SIGKILL)  # no grace: rank 1 vanishes mid-step
+    assert first.finish() not in (0, 75), first.output
+    rescued = int(first.wait_for(r"rescue checkpoint of step (\d+) complete").group(1))
+    last_trained = max(int(m.group(1)) for m in first.matches(r"step (\d+)/120"))
+    assert rescued == last_trained >= 20  # every step rank 0 finished is in it
+    assert manifests(s3_server, s3_bucket, "ckpt/tests/killed/")[rescued]["meta"]["reason"] == "rescue"
+
+    second = tiny.LocalRun(job, env=env, work_dir=tmp_path / "w3")
+    assert second.finish() == 0, second.output
+    assert int(second.wait_for(r"resumed from \S+ at step (\d+)").group(1)) == rescued  # 0 steps lost
+    a = load_model_state(s3_server, s3_bucket, "ckpt/tests/straight", 120, tmp_path)
+    b = load_model_state(s3_server, s3_bucket, "ckpt/tests/killed", 120, tmp_path)
+    assert not [k for k in a if not torch.equal(a[k], b[k])], "a rescued run ends bitwise equal to an uninterrupted one"

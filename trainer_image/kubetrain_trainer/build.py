@@ -22,7 +22,7 @@ from kubetrain.api import TrainingJob
 from . import data as D
 from .batching import DeviceBatcher
 from .checkpoint import Checkpointer, reserve_pinned_memory
-from .checkpoint_state import CheckpointContent, Group, ModelWeights, RankRNG, TrainState
+from .checkpoint_state import CheckpointContent, Group, ModelWeights, TrainState
 from .checkpoint_store import CheckpointStore
 from .compile import compile_for_training
 from .distributed import Runtime, configure_determinism, init_distributed, seed_everything
@@ -128,7 +128,7 @@ def build_run(job: TrainingJob, opts: RunOptions) -> Run:
     content = CheckpointContent()
     content.register("model.pt", ModelWeights(model, lora))
     content.register("optimizer.pt", optimizer)
-    content.register("training.pt", Group(scheduler=scheduler, scaler=scaler, rng=RankRNG(rt)))
+    content.register("training.pt", Group(scheduler=scheduler, scaler=scaler))  # RNG: seeded per step
     content.register("state.json", state)
     storage, prefix = open_storage(opts.checkpoint_prefix_uri, **s3)
     store = CheckpointStore(storage, prefix, keep=spec.checkpoint.keep, attempts=spec.checkpoint.upload_attempts,

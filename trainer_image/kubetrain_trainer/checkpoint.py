@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from kubetrain.contracts import CheckpointReason
+
 from .checkpoint_state import CheckpointContent, TrainState
 from .checkpoint_store import CheckpointInfo, CheckpointStore
 from .distributed import Runtime, barrier, broadcast_object
@@ -140,6 +142,16 @@ class Checkpointer:
                 # This save's own outcome: an earlier periodic failure was already logged and counted.
                 self.pending.result()
             barrier()  # no rank exits (or reports the checkpoint) before it is complete in the store
+
+    def rescue(self) -> CheckpointInfo | None:
+        """Rank 0 alone, after a peer died: save the current (complete, consistent) state unless a save of
+        this step is under way already, and wait until it is complete in the store. No collectives."""
+        if not self.rt.is_main:
+            return None
+        if self.state.step != self.submitted_step:
+            self._submit(CheckpointReason.RESCUE)
+        self.pending.result()
+        return self.latest
 
     def drain(self) -> None:
         """Let a save already under way land before the process exits on a failure (rank 0; never raises)."""

@@ -1,9 +1,9 @@
 """What a checkpoint holds: a registry of Stateful components, one file each, built by the composition root.
 
 A component has `state_dict()` and `load_state_dict(state)` (torch's Stateful protocol, which
-torch.distributed.checkpoint also speaks). Every rank calls `state_dict()` at a save, so a
-component may run collectives there (the RNG streams are gathered to rank 0; sharded state will
-gather or write shards); rank 0 writes what it returns. A file name ending in `.json` is written as
+torch.distributed.checkpoint also speaks). Under DDP every component is local: any rank holds the
+whole state (the RNG streams are no state: distributed.seed_step), so a survivor can save it alone
+when a peer died (the rescue checkpoint). Rank 0 writes what it returns. A file name ending in `.json` is written as
 JSON, any other with torch.save and read back with `weights_only=True`.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,11 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .distributed import Runtime, gather_objects, rng_state, set_rng_state
 from .model import load_trainable_state, trainable_state_dict
-
-log = logging.getLogger("kubetrain.checkpoint")
-
 
 class Stateful(Protocol):
     def state_dict(self) -> Any: ...
@@ -68,25 +63,6 @@ class ModelWeights:
         load_trainable_state(self.model, state, self.lora)
 
 
-class RankRNG:
-    """Every rank's RNG streams (dropout, data): gathered to rank 0 on save, each rank's own put back.
-
-    A checkpoint from another world size keeps the data position; the streams are then reseeded.
-    """
-
-    def __init__(self, rt: Runtime):
-        self.rt = rt
-
-    def state_dict(self) -> list[dict] | None:
-        return gather_objects(rng_state())  # collective
-
-    def load_state_dict(self, states: list[dict]) -> None:
-        if len(states) == self.rt.world_size:
-            set_rng_state(states[self.rt.rank])
-        else:
-            log.warning("world size changed %d -> %d: RNG streams reseeded, data position kept", len(states), self.rt.world_size)
-
-
 class Group:
     """Several components in one file, under their names (e.g. scheduler, scaler and RNG in training.pt)."""
 
@@ -97,8 +73,11 @@ class Group:
         return {name: part.state_dict() for name, part in self.parts.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Parts the file has no entry for keep their state; entries without a part (an older
+        checkpoint's "rng": streams are seeded per step now) are ignored."""
         for name, part in self.parts.items():
-            part.load_state_dict(state[name])
+            if name in state:
+                part.load_state_dict(state[name])
 
 
 class CheckpointContent:

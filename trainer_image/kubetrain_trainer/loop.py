@@ -21,7 +21,7 @@ from kubetrain.termination import TrainerReport, write_report
 from .build import Run, prepare
 from .compile import unwrapped
 from .data import StepBatches
-from .distributed import Runtime
+from .distributed import Runtime, seed_step
 from .divergence import NonFiniteGuard, update_skipped_if_non_finite
 from .evaluate import evaluate
 from .failures import Diverged
@@ -40,6 +40,33 @@ def train(run: Run) -> int:
     except Diverged:
         run.checkpointer.drain()  # the last good checkpoint, if still uploading, lands before the exit
         raise
+    except Exception as err:
+        if lost_a_peer(err):
+            rescue(run, err)
+        raise
+
+
+def lost_a_peer(err: BaseException) -> bool:
+    """A collective failed because another rank is gone (killed, its node lost), not a bug of ours."""
+    text = str(err)
+    return isinstance(err, torch.distributed.DistError) or (isinstance(err, RuntimeError) and any(
+        sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL")))
+
+
+def rescue(run: Run, err: BaseException) -> None:
+    """A peer died mid-step. The loop's only collectives run while the state is consistent (DDP's gradient
+    all-reduce before the optimizer step; the log, stop and guard reductions after `advance`), so rank 0
+    holds the complete state of step `state.step`: it saves it, and the restart loses no step."""
+    if not run.rt.is_main:
+        return
+    step = run.state.step
+    log.warning("a peer is gone (%s): saving a rescue checkpoint of step %d", str(err).splitlines()[0][:200], step)
+    try:
+        info = run.checkpointer.rescue()
+    except Exception as failure:  # noqa: BLE001 - the newest complete checkpoint stays the fallback
+        log.error("rescue checkpoint of step %d failed (%s); a restart resumes from the newest complete one", step, failure)
+        return
+    log.warning("rescue checkpoint of step %d complete: %s", step, info.uri if info else "-")
 
 
 def train_loop(run: Run) -> int:
@@ -58,6 +85,7 @@ def train_loop(run: Run) -> int:
             state.epoch, state.cursor = state.epoch + 1, 0
             continue
         batches = run.schedule.step(state.epoch, state.cursor, rt.rank)
+        seed_step(t.seed, rt.rank, state.step)  # this step's dropout, from (seed, rank, step) alone
         started = time.perf_counter()
         loss_sum, grad_norm = train_step(prepared.module, run.optimizer, run.scaler, prepared.batcher, batches, task=run.task,
                                          rt=rt, autocast=run.autocast, max_grad_norm=t.max_grad_norm, graphs=prepared.graphs)
