@@ -110,15 +110,28 @@ def test_two_node_run_checkpoints_to_s3_and_serves_metrics(corpus, s3_server, s3
     assert final["kubetrain_last_checkpoint_timestamp_seconds"] > time.time() - 600
 
 
+def uninterrupted(tmp_path: Path, corpus: dict, bucket: str, env: dict, **common) -> tiny.LocalRun:
+    """The reference: the same job, straight through, under the name `straight`."""
+    straight = tiny.LocalRun(make_job(tmp_path, corpus, "straight", f"s3://{bucket}/ckpt", **common), env=env,
+                             work_dir=tmp_path / "w1")
+    assert straight.finish() == 0, straight.output
+    return straight
+
+
+def assert_final_weights_equal(s3: S3Server, bucket: str, name: str, step: int, tmp_path: Path) -> None:
+    a = load_model_state(s3, bucket, "ckpt/tests/straight", step, tmp_path)
+    b = load_model_state(s3, bucket, f"ckpt/tests/{name}", step, tmp_path)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ after resume: {different[:5]}"
+
+
 def test_sigterm_resumes_exactly_with_no_step_lost(corpus, s3_server, s3_bucket, tmp_path):
     """Preempted + resumed == uninterrupted, bitwise, in deterministic CPU mode."""
     common = dict(nodes=2, training__maxSteps=120, training__deterministic=True, checkpoint__everySteps=25,
                   checkpoint__keep=20, training__evalEverySteps=40)
     env = s3_server.env()
-
-    straight = tiny.LocalRun(make_job(tmp_path, corpus, "straight", f"s3://{s3_bucket}/ckpt", **common), env=env,
-                             work_dir=tmp_path / "w1")
-    assert straight.finish() == 0, straight.output
+    straight = uninterrupted(tmp_path, corpus, s3_bucket, env, **common)
 
     job = make_job(tmp_path, corpus, "preempted", f"s3://{s3_bucket}/ckpt", **common)
     first = tiny.LocalRun(job, env=env, work_dir=tmp_path / "w2")
@@ -146,12 +159,7 @@ def test_sigterm_resumes_exactly_with_no_step_lost(corpus, s3_server, s3_bucket,
     after = {s: v for s, v in losses(second).items() if s > stopped_at}
     assert after and after == {s: v for s, v in losses(straight).items() if s > stopped_at}
 
-    # exact resume: final weights bitwise equal
-    a = load_model_state(s3_server, s3_bucket, "ckpt/tests/straight", 120, tmp_path)
-    b = load_model_state(s3_server, s3_bucket, "ckpt/tests/preempted", 120, tmp_path)
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"tensors differ after resume: {different[:5]}"
+    assert_final_weights_equal(s3_server, s3_bucket, "preempted", 120, tmp_path)  # exact resume: bitwise equal
 
 
 def test_torn_checkpoint_is_ignored_on_resume(corpus, s3_server, s3_bucket, tmp_path):
@@ -357,9 +365,7 @@ def test_a_worker_killed_without_grace_loses_no_step_rank_0_saves_a_rescue_check
     common = dict(nodes=2, training__maxSteps=120, training__deterministic=True, checkpoint__everySteps=50,
                   checkpoint__keep=20, training__evalEverySteps=1000)
     env = s3_server.env()
-    straight = tiny.LocalRun(make_job(tmp_path, corpus, "straight", f"s3://{s3_bucket}/ckpt", **common), env=env,
-                             work_dir=tmp_path / "w1")
-    assert straight.finish() == 0, straight.output
+    uninterrupted(tmp_path, corpus, s3_bucket, env, **common)
 
     job = make_job(tmp_path, corpus, "killed", f"s3://{s3_bucket}/ckpt", **common)
     first = tiny.LocalRun(job, env=env, work_dir=tmp_path / "w2")
@@ -374,6 +380,4 @@ def test_a_worker_killed_without_grace_loses_no_step_rank_0_saves_a_rescue_check
     second = tiny.LocalRun(job, env=env, work_dir=tmp_path / "w3")
     assert second.finish() == 0, second.output
     assert int(second.wait_for(r"resumed from \S+ at step (\d+)").group(1)) == rescued  # 0 steps lost
-    a = load_model_state(s3_server, s3_bucket, "ckpt/tests/straight", 120, tmp_path)
-    b = load_model_state(s3_server, s3_bucket, "ckpt/tests/killed", 120, tmp_path)
-    assert not [k for k in a if not torch.equal(a[k], b[k])], "a rescued run ends bitwise equal to an uninterrupted one"
+    assert_final_weights_equal(s3_server, s3_bucket, "killed", 120, tmp_path)  # bitwise equal to an uninterrupted run

@@ -383,9 +383,7 @@ PERMANENT = TrainerReport("failed", reason="DataError", permanent=True,
 
 def test_a_permanent_failure_fails_the_job_at_the_first_attempt_with_the_trainers_reason_and_message():
     c = Cluster(job_body(runPolicy={"backoffLimit": 3}))
-    c.step()
-    c.set_pods(phase="Running")
-    c.step()
+    running(c)
     c.pods["bert-0"] = observed_pod(c.pods["bert-0"], "Failed", exit_code=65, message=PERMANENT.encode(), uid="z")
     p = c.step()
     s = c.status
@@ -398,9 +396,7 @@ def test_a_permanent_failure_fails_the_job_at_the_first_attempt_with_the_trainer
 
 def test_a_permanent_failure_seen_after_the_peer_failure_it_caused_still_fails_at_once():
     c = Cluster(job_body(runPolicy={"backoffLimit": 3}))
-    c.step()
-    c.set_pods(phase="Running")
-    c.step()
+    running(c)
     c.pods["bert-1"] = observed_pod(c.pods["bert-1"], "Failed", exit_code=1, message="RuntimeError: peer closed", uid="a")
     c.step()
     assert c.status["phase"] == "Restarting"
