@@ -371,7 +371,9 @@ def _resume(b: Decision, job: TrainingJob, pods: list[dict]) -> Plan:
 
 
 def _finished(b: Decision, job: TrainingJob, pods: list[dict]) -> Plan:
-    """Clean up per cleanPodPolicy; delete the job itself ttlSecondsAfterFinished after completion."""
+    """Clean up per cleanPodPolicy; delete the job itself ttlSecondsAfterFinished after completion. A report
+    that arrives after the end (rank 0's pod terminating after its peer's failure decided it) still counts."""
+    _progress(b, pods)
     policy = job.spec.run_policy
     if policy.clean_pod_policy == "All":
         _delete_all(b, pods)

@@ -20,7 +20,7 @@ from kubetrain.termination import decode_report
 from kubetrain_testkit.tiny import job_doc, write_job
 from kubetrain_trainer import launch
 from kubetrain_trainer.exit_markers import EXIT_DIR_ENV, write_exit_marker
-from kubetrain_trainer.failures import DataError, describe
+from kubetrain_trainer.failures import DataError, Diverged, describe
 
 TORCHRUN = ["--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:1", "--rdzv-id=x"]
 
@@ -35,8 +35,9 @@ def job_yaml(tmp_path: Path) -> Path:
 
 def torchrun_where(markers: dict[int, tuple[str, dict]], exitcode: int, tmp_path: Path):
     def run(_args) -> None:
-        for local_rank, (outcome, fields) in markers.items():
-            write_exit_marker(local_rank, outcome, **fields)  # what each worker wrote before it exited
+        for local_rank, written in markers.items():
+            for outcome, fields in written if isinstance(written, list) else [written]:
+                write_exit_marker(local_rank, outcome, **fields)  # what each worker wrote before it exited
         error_file = tmp_path / "error.json"
         error_file.write_text(json.dumps({"message": "Signal 6 (SIGABRT) received"}))
         raise ChildFailedError("kubetrain_trainer", {1: ProcessFailure(1, 4242, exitcode, str(error_file))})
@@ -105,3 +106,13 @@ def test_an_invalid_spec_is_refused_before_torchrun_starts(monkeypatch, job_yaml
     write_job(job_yaml, doc)
     code, message = launch_with(monkeypatch, job_yaml, {})
     assert code == EXIT_INVALID_SPEC and "spec.training.learningRate" in decode_report(message).message
+
+
+def test_a_failure_report_keeps_the_newest_checkpoint_a_failing_worker_knew_of(monkeypatch, job_yaml):
+    progress = ("progress", {"step": 3, "checkpoint_step": 2, "checkpoint_uri": "s3://b/j/step-000000002",
+                             "checkpoint_time": "2026-12-01T12:00:00Z", "start": {"step": 0, "checkpoint": None}})
+    diverged = ("failed", describe(Diverged("non-finite loss at step 3")).to_json())
+    _, message = launch_with(monkeypatch, job_yaml, {0: [progress, diverged], 1: [diverged]}, exitcode=65)
+    report = decode_report(message)
+    assert (report.reason, report.step, report.checkpoint_step, report.checkpoint_uri) == (
+        "Diverged", 3, 2, "s3://b/j/step-000000002")

@@ -607,3 +607,17 @@ def test_a_checkpoint_the_fallback_skipped_does_not_stay_last_checkpoint():
                                "training.learningRate 2e-05 -> 0.0001")
     c.step(live=Progress(40, None, start))  # the old attempt's report of step 32 is history now
     assert (c.status["step"], c.status["lastCheckpoint"]["step"]) == (40, 30)
+
+
+def test_a_report_arriving_after_the_job_failed_still_gives_its_last_checkpoint():
+    c = Cluster(job_body())
+    running(c)
+    diverged = TrainerReport("failed", reason="Diverged", permanent=True, message="diverged: non-finite loss at step 3")
+    c.pods["bert-1"] = observed_pod(c.pods["bert-1"], "Failed", exit_code=65, message=diverged.encode(), uid="a")
+    c.step()
+    assert c.status["phase"] == "Failed" and "lastCheckpoint" not in c.status
+    with_checkpoint = TrainerReport("failed", 3, 2, f"{PREFIX}/step-000000002", reason="Diverged", permanent=True,
+                                    message="diverged: non-finite loss at step 3")
+    c.pods["bert-0"] = observed_pod(c.pods["bert-0"], "Failed", exit_code=65, message=with_checkpoint.encode(), uid="b")
+    c.step()
+    assert (c.status["phase"], c.status["lastCheckpoint"]["step"]) == ("Failed", 2)

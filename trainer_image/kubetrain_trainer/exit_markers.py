@@ -3,7 +3,8 @@
 torchrun reports neither a worker's own account of its exit nor a clean message, so each worker
 writes `<outcome>-<local rank>.json` into the directory the launcher gave it (KUBETRAIN_EXIT_DIR):
 preempted (its emergency checkpoint is complete), finished (its final checkpoint is complete), or
-failed (the reason, the one-line message, and whether another attempt could help).
+failed (the reason, the one-line message, and whether another attempt could help); and, from a
+worker whose loop failed, progress (its step and the newest complete checkpoint it knows of).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 from pathlib import Path
 
 EXIT_DIR_ENV = "KUBETRAIN_EXIT_DIR"
-OUTCOMES = ("preempted", "finished", "failed")
+OUTCOMES = ("preempted", "finished", "failed", "progress")
 
 
 def write_exit_marker(local_rank: int, outcome: str, **fields) -> None:

@@ -46,10 +46,13 @@ def failure_report(exit_dir: Path, failures: dict) -> tuple[TrainerReport, int]:
     """What the pod says when its workers failed: the worker's own one-line account where it wrote one (a
     permanent failure first: it decides the job), else torchrun's record of the first failed rank."""
     written = read_markers(exit_dir, "failed")
+    # the newest checkpoint a failing worker knew of (rank 0's), so status keeps it
+    progress = max(read_markers(exit_dir, "progress").values(), key=lambda p: p.get("checkpoint_step") or -1, default={})
+    known = {k: progress.get(k) for k in ("step", "checkpoint_step", "checkpoint_uri", "checkpoint_time", "start")}
     if written:
         local_rank = min(written, key=lambda r: (not written[r].get("permanent"), r))
         f = written[local_rank]
-        report = TrainerReport("failed", f.get("step"), reason=f.get("reason"), message=f.get("message"),
+        report = TrainerReport("failed", **known, reason=f.get("reason"), message=f.get("message"),
                                permanent=bool(f.get("permanent")))
         return report, EXIT_PERMANENT if report.permanent else 1
     rank = min(failures)  # keyed by global rank
@@ -63,7 +66,7 @@ def failure_report(exit_dir: Path, failures: dict) -> tuple[TrainerReport, int]:
         how = f"exited {first.exitcode}"
     detail = first.message if isinstance(first.message, str) and first.message not in ("", "<N/A>") else ""
     text = f"worker rank {rank} {how}" + (f": {detail}" if detail else "")
-    return TrainerReport("failed", None, reason="WorkerFailed", message=" ".join(text.split())[:600]), (
+    return TrainerReport("failed", **known, reason="WorkerFailed", message=" ".join(text.split())[:600]), (
         first.exitcode if 0 < first.exitcode < 256 else 1)
 
 

@@ -39,11 +39,22 @@ def train(run: Run) -> int:
         return train_loop(run)
     except Diverged:
         run.checkpointer.drain()  # the last good checkpoint, if still uploading, lands before the exit
+        leave_progress(run)
         raise
     except Exception as err:
         if lost_a_peer(err):
             rescue(run, err)
+        leave_progress(run)
         raise
+
+
+def leave_progress(run: Run) -> None:
+    """A failing worker's step and newest complete checkpoint, for the launcher's failure report: status keeps
+    its lastCheckpoint even when the job fails before the operator ever scraped it."""
+    ckpt = run.checkpointer.latest
+    write_exit_marker(run.rt.local_rank, "progress", step=run.state.step, checkpoint_step=ckpt.step if ckpt else None,
+                      checkpoint_uri=ckpt.uri if ckpt else None, checkpoint_time=ckpt.created if ckpt else None,
+                      start=run.start.to_json())
 
 
 def lost_a_peer(err: BaseException) -> bool:
