@@ -74,7 +74,7 @@ WORKDIR /tmp
 # 29400: torchrun's c10d rendezvous (node 0); 9400: the default /metrics port (spec.metrics.port)
 EXPOSE 29400 9400
 # HEALTHCHECK NONE, on purpose: a trainer is a batch process, not a service. Its health is its exit code (0 done,
-# 75 preempted, 2 invalid spec), which the operator acts on; only global rank 0 serves /metrics, so an
+# 75 preempted, 2 invalid spec, 65 a permanent error), which the operator acts on; only global rank 0 serves /metrics, so an
 # HTTP check would mark every other node unhealthy; and Kubernetes ignores image HEALTHCHECKs.
 HEALTHCHECK NONE
 ENTRYPOINT ["python", "-m", "kubetrain_trainer.launch"]
