@@ -718,8 +718,7 @@ def test_a_spec_edit_restarts_the_group_gracefully_and_is_applied(cluster, corpu
 def test_a_job_deleted_and_created_again_with_the_same_name_never_inherits_the_old_one(cluster, corpus):
     name, started = "recreate", time.monotonic()
     create(cluster, job(cluster, corpus, name))
-    wait_step(cluster, name, EVERY + 5)
-    old = status(cluster, name)
+    deleted_at = wait_step(cluster, name, EVERY + 5)
     kubectl(cluster, "delete", "trainingjob", name, "-n", NS, "--wait=false")
     wait_for("the old job gone", lambda: not [j for j in kubectl(cluster, "get", "tj", "-n", NS, "-o", "name").stdout.split()
                                               if j.endswith(f"/{name}")], 30, cluster)
@@ -742,7 +741,7 @@ def test_a_job_deleted_and_created_again_with_the_same_name_never_inherits_the_o
     assert fresh["startedFrom"] == {"attempt": 1, "step": 0, "changed": [], "why": fresh["startedFrom"]["why"]}
     assert f"no complete checkpoint under s3://{BUCKET}/{prefix(name)}{uid}" in fresh["startedFrom"]["why"]
     assert fresh["lastCheckpoint"]["uri"] == f"s3://{BUCKET}/{prefix(name)}{uid}/step-{STEPS:09d}"
-    record("recreate-same-name", f"a running job deleted at step {old.get('step')} and created again at once with the "
+    record("recreate-same-name", f"a running job deleted at step {deleted_at} and created again at once with the "
            "same name and another model (numLabels 2 -> 3); then again with checkpoint.resume: never",
            "status never showed the old job's step or checkpoint; the first Failed (CheckpointIncompatible) at the "
            "first attempt naming the refused checkpoint and the field; the second trained from scratch in its own "
