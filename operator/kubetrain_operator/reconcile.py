@@ -23,7 +23,7 @@ from . import builders
 from .builders import ClusterDefaults
 from .names import ANNOTATION_SPEC_HASH, LABEL_ATTEMPT, LABEL_RANK, pod_name
 from .records import Event, Observed, Plan, Progress
-from .recovery import PodOutcome, classify, disruption, trainer_report
+from .recovery import PodOutcome, classify, disruption, terminated_state, trainer_report
 
 RECHECK_SECONDS = 5.0  # a running job's live progress
 IDLE_RECHECK_SECONDS = 30.0  # any other job, when its plan asks for nothing sooner (its events drive it)
@@ -273,7 +273,7 @@ def _watch_group(b: Decision, job: TrainingJob, pods: list[dict]) -> Plan:
         o = first("permanent")
         _fail(b, o.reason, o.message, list(mine.values()))
     elif "failed" in kinds:
-        o = first("failed")
+        o = cause([o for o in outcomes.values() if o.kind == "failed"])
         b.enter(Phase.RESTARTING, Reason.POD_FAILED, o.message, "Warning")
         _delete_all(b, list(mine.values()))
     elif not missing and kinds == {"succeeded"}:
@@ -290,6 +290,18 @@ def _watch_group(b: Decision, job: TrainingJob, pods: list[dict]) -> Plan:
     if b.plan.requeue_after is None and b.status["phase"] == Phase.RUNNING:  # live progress: scrape again soon
         b.plan.requeue_after = RECHECK_SECONDS
     return b.finish()
+
+
+def cause(failures: list[PodOutcome]) -> PodOutcome:
+    """Of a group's failed pods, the one that says why: not a peer that only lost contact with it."""
+    return next((o for o in failures if not o.symptom), failures[0])
+
+
+def classify_terminated(pod: dict) -> PodOutcome:
+    """A pod of the old group as it ended, being deleted or not (deletion alone reads as a preemption)."""
+    if not terminated_state(pod):
+        return PodOutcome("pending")
+    return classify({**pod, "metadata": {k: v for k, v in pod["metadata"].items() if k != "deletionTimestamp"}})
 
 
 def _outdated(b: Decision, job: TrainingJob, pods) -> str | None:
@@ -318,6 +330,11 @@ def _restarting(b: Decision, job: TrainingJob, pods: list[dict]) -> Plan:
     if reason == Reason.POD_FAILED and permanent:  # a peer's failure was seen first; the cause is permanent
         _fail(b, permanent.reason or Reason.POD_FAILED, permanent.message, pods)
         return b.finish()
+    failed = [o for o in map(classify_terminated, pods) if o.kind == "failed"]
+    if reason == Reason.POD_FAILED and failed and not cause(failed).symptom and cause(failed).message != message:
+        message = cause(failed).message  # the failed pod's own account, seen after its peers' "lost contact"
+        b.condition(Phase.RESTARTING, "True", reason, message)
+        b.set(message=message)
     if pods:
         _delete_all(b, pods)
         b.plan.requeue_after = 1.0

@@ -32,6 +32,7 @@ class PodOutcome:
     kind: Kind
     reason: str = ""
     message: str = ""
+    symptom: bool = False  # failed because a peer did (the trainer said PeerLost): the peer's account says why
 
 
 def container_status(pod: dict) -> dict:
@@ -91,7 +92,7 @@ def classify(pod: dict) -> PodOutcome:
             return PodOutcome("invalid", Reason.INVALID_SPEC, why)
         if report.permanent or code == EXIT_PERMANENT:
             return PodOutcome("permanent", report.reason or Reason.POD_FAILED, why)
-        return PodOutcome("failed", Reason.POD_FAILED, why)
+        return PodOutcome("failed", Reason.POD_FAILED, why, symptom=report.reason == Reason.PEER_LOST)
     if terminated.get("reason") == "OOMKilled":
         return PodOutcome("failed", Reason.POD_FAILED, f"pod {name} was OOM-killed (exit code {code}): the container "
                           "ran out of memory; raise spec.resources memory or lower data.maxTokensPerBatch")

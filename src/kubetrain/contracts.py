@@ -63,6 +63,7 @@ class Reason(StrEnum):
     CHECKPOINT_INCOMPATIBLE = "CheckpointIncompatible"
     DIVERGED = "Diverged"
     OUT_OF_MEMORY = "OutOfMemory"
+    PEER_LOST = "PeerLost"  # transient, and a symptom: another worker's failure is the cause
     # what the operator learns from a running trainer and from spec edits
     RESUMED_FROM_CHECKPOINT = "ResumedFromCheckpoint"
     STARTED_FROM_SCRATCH = "StartedFromScratch"

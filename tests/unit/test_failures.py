@@ -24,7 +24,7 @@ def client_error(code: str, status: int) -> ClientError:
     (client_error("SlowDown", 503), False, "PodFailed"),
     (client_error("InternalError", 500), False, "PodFailed"),
     (EndpointConnectionError(endpoint_url="http://s3:9000"), False, "PodFailed"),
-    (RuntimeError("Connection closed by peer [10.0.0.2]:29500"), False, "PodFailed"),
+    (RuntimeError("Connection closed by peer [10.0.0.2]:29500"), False, "PeerLost"),
     (FileNotFoundError(2, "No such file or directory", "/data/train.jsonl"), True, "DataError"),
 ])
 def test_permanent_or_transient(err, permanent, reason):

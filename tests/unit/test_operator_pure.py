@@ -621,3 +621,22 @@ def test_a_report_arriving_after_the_job_failed_still_gives_its_last_checkpoint(
     c.pods["bert-0"] = observed_pod(c.pods["bert-0"], "Failed", exit_code=65, message=with_checkpoint.encode(), uid="b")
     c.step()
     assert (c.status["phase"], c.status["lastCheckpoint"]["step"]) == ("Failed", 2)
+
+
+def test_a_peers_lost_contact_seen_first_gives_way_to_the_failed_pods_own_account():
+    c = Cluster(job_body())
+    running(c)
+    lost = TrainerReport("failed", reason="PeerLost", message="lost contact with another worker (RuntimeError: closed)")
+    cause = TrainerReport("failed", reason="PodFailed", message="EndpointConnectionError: Could not connect to s3")
+    c.pods["bert-1"] = observed_pod(c.pods["bert-1"], "Failed", exit_code=1, message=lost.encode(), uid="a")
+    c.step()
+    assert c.status["phase"] == "Restarting" and c.status["message"].startswith("lost contact")
+    c.pods["bert-0"] = observed_pod(c.pods["bert-0"], "Failed", exit_code=1, message=cause.encode(), uid="b")
+    c.step()
+    assert c.status["message"] == "EndpointConnectionError: Could not connect to s3 (pod bert-0, exit code 1)"
+    both = Cluster(job_body())
+    running(both)
+    both.pods["bert-0"] = observed_pod(both.pods["bert-0"], "Failed", exit_code=1, message=lost.encode(), uid="c")
+    both.pods["bert-1"] = observed_pod(both.pods["bert-1"], "Failed", exit_code=1, message=cause.encode(), uid="d")
+    both.step()
+    assert both.status["message"].startswith("EndpointConnectionError")

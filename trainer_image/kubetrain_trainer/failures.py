@@ -93,6 +93,15 @@ def s3_error_code(err: BaseException | None) -> str | None:
     return None
 
 
+def lost_a_peer(err: BaseException) -> bool:
+    """A collective failed because another rank is gone (killed, its node lost), not a bug of ours."""
+    import torch.distributed
+
+    text = str(err)
+    return isinstance(err, torch.distributed.DistError) or (isinstance(err, RuntimeError) and any(
+        sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL")))
+
+
 def describe(err: BaseException) -> Failure:
     """The failure `err` stands for: reason, one-line message, permanent or not."""
     if isinstance(err, PermanentError):
@@ -109,4 +118,7 @@ def describe(err: BaseException) -> Failure:
             "out of GPU memory: lower spec.data.maxTokensPerBatch or maxSamplesPerBatch (or use LoRA); "
             f"{str(err).splitlines()[0] if str(err) else ''}"), True)
     first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if lost_a_peer(err):  # a symptom: the operator prefers the failed peer's own account
+        return Failure(Reason.PEER_LOST, one_line(f"lost contact with another worker ({type(err).__name__}: {first})"),
+                       False)
     return Failure(Reason.POD_FAILED, one_line(f"{type(err).__name__}: {first}" if first else type(err).__name__), False)

@@ -24,7 +24,7 @@ from .data import StepBatches
 from .distributed import Runtime, seed_step
 from .divergence import NonFiniteGuard, update_skipped_if_non_finite
 from .evaluate import evaluate
-from .failures import Diverged
+from .failures import Diverged, lost_a_peer
 from .graphs import StepGraphs
 from .exit_markers import write_exit_marker
 from .preemption import StopSignal
@@ -55,13 +55,6 @@ def leave_progress(run: Run) -> None:
     write_exit_marker(run.rt.local_rank, "progress", step=run.state.step, checkpoint_step=ckpt.step if ckpt else None,
                       checkpoint_uri=ckpt.uri if ckpt else None, checkpoint_time=ckpt.created if ckpt else None,
                       start=run.start.to_json())
-
-
-def lost_a_peer(err: BaseException) -> bool:
-    """A collective failed because another rank is gone (killed, its node lost), not a bug of ours."""
-    text = str(err)
-    return isinstance(err, torch.distributed.DistError) or (isinstance(err, RuntimeError) and any(
-        sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL")))
 
 
 def rescue(run: Run, err: BaseException) -> None:
