@@ -76,10 +76,11 @@ class Attempt:
     resumed: int
     steps: dict[int, StepRecord]
     text: str
+    rescued: int = 0  # the step of a rescue checkpoint: trained, though a peer died before it was logged
 
     @property
     def last(self) -> int:
-        return max(self.steps, default=self.resumed)
+        return max(max(self.steps, default=self.resumed), self.rescued)
 
 
 STEP_LINE = re.compile(r"step (\d+)/\d+ .*\| loss (\S+) .*\| data ([0-9a-f]{8})")
@@ -91,7 +92,8 @@ def attempts(cluster: DevCluster, name: str) -> list[Attempt]:
     for text in rank0_logs(cluster, name).values():
         resumed = re.search(r"resumed from \S+ at step (\d+)", text)
         steps = {int(m.group(1)): StepRecord(m.group(2), m.group(3)) for m in STEP_LINE.finditer(text)}
-        found.append(Attempt(int(resumed.group(1)) if resumed else 0, steps, text))
+        rescued = re.search(r"rescue checkpoint of step (\d+) complete", text)
+        found.append(Attempt(int(resumed.group(1)) if resumed else 0, steps, text, int(rescued.group(1)) if rescued else 0))
     return found
 
 
@@ -144,7 +146,9 @@ def check_run(cluster: DevCluster, name: str, ref: Reference, steps: int | None 
     lost, retrained, compared = 0, [], 0
     for i, run in enumerate(runs):
         trained = sorted(run.steps)
-        assert trained == list(range(run.resumed + 1, run.last + 1)), f"attempt {i + 1}: steps not consecutive from its resume"
+        logged = max(run.steps, default=run.resumed)
+        assert trained == list(range(run.resumed + 1, logged + 1)), f"attempt {i + 1}: steps not consecutive from its resume"
+        assert run.last - logged <= 1, f"attempt {i + 1}: rescued step {run.rescued} is past the next step after {logged}"
         if i:
             previous = runs[i - 1]
             assert run.resumed <= previous.last, f"attempt {i + 1} resumed at {run.resumed}, past step {previous.last}: steps skipped"
