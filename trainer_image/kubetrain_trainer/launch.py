@@ -101,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
             log.info("all %d local workers saved the emergency checkpoint: exit %d (preempted)", local_workers, EXIT_PREEMPTED)
             return EXIT_PREEMPTED
         if isinstance(err, SignalException):
+            if read_markers(exit_dir, "failed"):  # a worker had failed already: its account is the pod's report
+                report, _ = failure_report(exit_dir, {0: None})
+                write_report(report)
+                log.error("stopped by signal %s after a worker failed: %s", err.sigval, report.message)
+                return EXIT_PERMANENT if report.permanent else EXIT_SIGTERM
             log.error("stopped by signal %s before an emergency checkpoint completed", err.sigval)
             return EXIT_SIGTERM
         report, code = failure_report(exit_dir, err.failures)
