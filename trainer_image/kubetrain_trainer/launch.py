@@ -25,6 +25,7 @@ from kubetrain.contracts import Reason
 from kubetrain.termination import TrainerReport, write_report
 
 from .exit_markers import EXIT_DIR_ENV, read_markers
+from .failures import one_line
 
 EXIT_SIGTERM = 128 + 15
 # Seconds torchrun gives workers after SIGTERM before SIGKILL: time to finish the step and upload the
@@ -42,18 +43,23 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-def failure_report(exit_dir: Path, failures: dict) -> tuple[TrainerReport, int]:
-    """What the pod says when its workers failed: the worker's own one-line account where it wrote one (a
-    permanent failure first: it decides the job), else torchrun's record of the first failed rank."""
+def workers_account(exit_dir: Path) -> TrainerReport | None:
+    """The failed workers' own one-line account (a permanent failure first: it decides the job), with the
+    newest checkpoint a failing worker knew of (rank 0's), so status keeps it; None if no worker wrote one."""
     written = read_markers(exit_dir, "failed")
-    # the newest checkpoint a failing worker knew of (rank 0's), so status keeps it
+    if not written:
+        return None
     progress = max(read_markers(exit_dir, "progress").values(), key=lambda p: p.get("checkpoint_step") or -1, default={})
     known = {k: progress.get(k) for k in ("step", "checkpoint_step", "checkpoint_uri", "checkpoint_time", "start")}
-    if written:
-        local_rank = min(written, key=lambda r: (not written[r].get("permanent"), r))
-        f = written[local_rank]
-        report = TrainerReport("failed", **known, reason=f.get("reason"), message=f.get("message"),
-                               permanent=bool(f.get("permanent")))
+    f = written[min(written, key=lambda r: (not written[r].get("permanent"), r))]
+    return TrainerReport("failed", **known, reason=f.get("reason"), message=f.get("message"),
+                         permanent=bool(f.get("permanent")))
+
+
+def failure_report(exit_dir: Path, failures: dict) -> tuple[TrainerReport, int]:
+    """What the pod says when its workers failed: their own account, else torchrun's record of the first failed rank."""
+    report = workers_account(exit_dir)
+    if report is not None:
         return report, EXIT_PERMANENT if report.permanent else 1
     rank = min(failures)  # keyed by global rank
     first = failures[rank]
@@ -65,8 +71,8 @@ def failure_report(exit_dir: Path, failures: dict) -> tuple[TrainerReport, int]:
     else:
         how = f"exited {first.exitcode}"
     detail = first.message if isinstance(first.message, str) and first.message not in ("", "<N/A>") else ""
-    text = f"worker rank {rank} {how}" + (f": {detail}" if detail else "")
-    return TrainerReport("failed", **known, reason="WorkerFailed", message=" ".join(text.split())[:600]), (
+    message = one_line(f"worker rank {rank} {how}" + (f": {detail}" if detail else ""))
+    return TrainerReport("failed", reason="WorkerFailed", message=message), (
         first.exitcode if 0 < first.exitcode < 256 else 1)
 
 
@@ -101,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             log.info("all %d local workers saved the emergency checkpoint: exit %d (preempted)", local_workers, EXIT_PREEMPTED)
             return EXIT_PREEMPTED
         if isinstance(err, SignalException):
-            if read_markers(exit_dir, "failed"):  # a worker had failed already: its account is the pod's report
-                report, _ = failure_report(exit_dir, {0: None})
+            report = workers_account(exit_dir)
+            if report is not None:  # a worker had failed already: its account is the pod's report
                 write_report(report)
                 log.error("stopped by signal %s after a worker failed: %s", err.sigval, report.message)
                 return EXIT_PERMANENT if report.permanent else EXIT_SIGTERM
