@@ -25,9 +25,8 @@ from .kube import Conflict, ForeignObject, Kube, Predecessor
 from .metrics import OperatorMetrics
 from .rechecks import Rechecks
 from .names import LABEL_ATTEMPT, LABEL_JOB
-from .reconcile import IDLE_RECHECK_SECONDS, RECHECK_SECONDS, plan, pod_attempt
+from .reconcile import IDLE_RECHECK_SECONDS, RECHECK_SECONDS, plan
 from .records import Observed, Plan, PodReport, Progress
-from .recovery import trainer_report
 
 log = logging.getLogger("kubetrain.operator")
 CONFLICT_RETRIES = 5
@@ -148,11 +147,10 @@ def job_changed(memo: kopf.Memo, namespace: str, name: str, **_) -> None:
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
 def pod_changed(memo: kopf.Memo, namespace: str, labels: dict, body: kopf.Body, **_) -> None:
-    report = trainer_report(dict(body))
+    report = PodReport.of(dict(body))
     owner = (controller_of(dict(body)) or {}).get("uid")
     if report and owner:  # kept until the job is deleted: one small record per pod that ever terminated with one
-        memo.jobs.reports[(namespace, labels[LABEL_JOB])][body["metadata"]["uid"]] = (
-            owner, PodReport(pod_attempt(dict(body)), report))
+        memo.jobs.reports[(namespace, labels[LABEL_JOB])][body["metadata"]["uid"]] = (owner, report)
     _guarded(memo, namespace, labels[LABEL_JOB])
 
 

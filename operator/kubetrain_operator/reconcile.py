@@ -21,9 +21,9 @@ from kubetrain.contracts import TERMINAL_PHASES, Phase, Reason, parse_timestamp,
 
 from . import builders
 from .builders import ClusterDefaults
-from .names import ANNOTATION_SPEC_HASH, LABEL_ATTEMPT, LABEL_RANK, pod_name
+from .names import ANNOTATION_SPEC_HASH, LABEL_RANK, pod_name
 from .records import Event, Observed, Plan, Progress
-from .recovery import PodOutcome, classify, disruption, terminated_state, trainer_report
+from .recovery import PodOutcome, classify, classify_terminated, disruption, pod_attempt, trainer_report
 
 RECHECK_SECONDS = 5.0  # a running job's live progress
 IDLE_RECHECK_SECONDS = 30.0  # any other job, when its plan asks for nothing sooner (its events drive it)
@@ -34,13 +34,6 @@ def current_status(job: dict) -> TrainingJobStatus:
         return TrainingJobStatus.model_validate(job.get("status") or {})
     except ValidationError:  # status written by someone else: start over rather than crash
         return TrainingJobStatus()
-
-
-def pod_attempt(pod: dict) -> int:
-    try:
-        return int(pod["metadata"].get("labels", {}).get(LABEL_ATTEMPT, -1))
-    except ValueError:
-        return -1
 
 
 def pod_rank(pod: dict) -> int:
@@ -297,13 +290,6 @@ def cause(failures: list[PodOutcome]) -> PodOutcome:
     return next((o for o in failures if not o.symptom), failures[0])
 
 
-def classify_terminated(pod: dict) -> PodOutcome:
-    """A pod of the old group as it ended, being deleted or not (deletion alone reads as a preemption)."""
-    if not terminated_state(pod):
-        return PodOutcome("pending")
-    return classify({**pod, "metadata": {k: v for k, v in pod["metadata"].items() if k != "deletionTimestamp"}})
-
-
 def _outdated(b: Decision, job: TrainingJob, pods) -> str | None:
     """Why the running group must be replaced to run the current spec (None: it runs it)."""
     want = builders.spec_hash(job)
@@ -330,7 +316,10 @@ def _restarting(b: Decision, job: TrainingJob, pods: list[dict]) -> Plan:
     if reason == Reason.POD_FAILED and permanent:  # a peer's failure was seen first; the cause is permanent
         _fail(b, permanent.reason or Reason.POD_FAILED, permanent.message, pods)
         return b.finish()
-    failed = [o for o in map(classify_terminated, pods) if o.kind == "failed"]
+    # this attempt's failed pods, listed now or seen terminating on a watch event before they went
+    ended = [*map(classify_terminated, pods),
+             *(x.outcome for x in b.obs.reports if x.attempt == b.status["attempt"] and x.outcome)]
+    failed = [o for o in ended if o.kind == "failed"]
     if reason == Reason.POD_FAILED and failed and not cause(failed).symptom and cause(failed).message != message:
         message = cause(failed).message  # the failed pod's own account, seen after its peers' "lost contact"
         b.condition(Phase.RESTARTING, "True", reason, message)

@@ -12,6 +12,8 @@ from datetime import datetime
 from kubetrain.api import CheckpointRef
 from kubetrain.termination import TrainerReport
 
+from .recovery import PodOutcome, classify_terminated, pod_attempt, trainer_report
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -28,6 +30,13 @@ class PodReport:
 
     attempt: int
     report: TrainerReport
+    outcome: PodOutcome | None = None  # how the pod ended, read as `recovery` reads it (its name, exit code)
+
+    @classmethod
+    def of(cls, pod: dict) -> PodReport | None:
+        """The report a terminated pod carries, if any."""
+        report = trainer_report(pod)
+        return cls(pod_attempt(pod), report, classify_terminated(pod)) if report else None
 
 
 @dataclass

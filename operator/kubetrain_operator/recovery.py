@@ -20,7 +20,7 @@ from kubetrain.api import EXIT_INVALID_SPEC, EXIT_PERMANENT, EXIT_PREEMPTED
 from kubetrain.contracts import Reason
 from kubetrain.termination import TrainerReport, decode_report
 
-from .names import CONTAINER
+from .names import CONTAINER, LABEL_ATTEMPT
 
 NODE_GONE_REASONS = frozenset({"NodeLost", "Evicted", "Shutdown", "NodeShutdown", "Terminated", "Preempting",
                                "DeletionByTaintManager", "NodeRestarted"})
@@ -105,3 +105,17 @@ def classify(pod: dict) -> PodOutcome:
     if code == EXIT_PERMANENT:
         return PodOutcome("permanent", Reason.POD_FAILED, why)
     return PodOutcome("failed", Reason.POD_FAILED, why)
+
+
+def classify_terminated(pod: dict) -> PodOutcome:
+    """A pod of the old group as it ended, being deleted or not (deletion alone reads as a preemption)."""
+    if not terminated_state(pod):
+        return PodOutcome("pending")
+    return classify({**pod, "metadata": {k: v for k, v in pod["metadata"].items() if k != "deletionTimestamp"}})
+
+
+def pod_attempt(pod: dict) -> int:
+    try:
+        return int(pod["metadata"].get("labels", {}).get(LABEL_ATTEMPT, -1))
+    except ValueError:
+        return -1

@@ -102,6 +102,7 @@ class TrainerMetric(StrEnum):
     LAST_CHECKPOINT_TIMESTAMP = "kubetrain_last_checkpoint_timestamp_seconds"
     CHECKPOINT_BYTES = "kubetrain_checkpoint_bytes"
     CHECKPOINT_DURATION = "kubetrain_checkpoint_duration_seconds"  # histogram
+    LAST_CHECKPOINT_DURATION = "kubetrain_last_checkpoint_duration_seconds"  # label phase
     CHECKPOINTS = "kubetrain_checkpoints"  # counter
     CHECKPOINT_FAILURES = "kubetrain_checkpoint_failures"  # counter
     CHECKPOINT_RETRIES = "kubetrain_checkpoint_retries"  # counter

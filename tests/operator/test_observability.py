@@ -114,7 +114,7 @@ def test_dashboards_cover_the_issue():
             "Step": "kubetrain_train_step", "ETA": "kubetrain_eta_seconds", "Progress": "kubetrain_train_total_steps",
             "Samples/s": "kubetrain_samples_per_second", "Real tokens/s": "kubetrain_tokens_per_second",
             "MFU": "kubetrain_mfu_ratio", "Goodput": "kubetrain_goodput_ratio",
-            "Checkpoint duration": "kubetrain_checkpoint_duration_seconds_bucket",
+            "Checkpoint duration": "kubetrain_last_checkpoint_duration_seconds",
             "Age of last checkpoint": "kubetrain_last_checkpoint_timestamp_seconds",
         },
         "kubetrain-fleet": {

@@ -107,6 +107,8 @@ def test_two_node_run_checkpoints_to_s3_and_serves_metrics(corpus, s3_server, s3
     assert final["kubetrain_checkpoints_total{reason=final}"] == 1
     assert final["kubetrain_checkpoint_duration_seconds_count{phase=upload}"] == 6
     assert final["kubetrain_checkpoint_duration_seconds_sum{phase=stall}"] > 0
+    assert 0 < final["kubetrain_last_checkpoint_duration_seconds{phase=upload}"] <= final[
+        "kubetrain_checkpoint_duration_seconds_sum{phase=upload}"]
     assert final["kubetrain_last_checkpoint_timestamp_seconds"] > time.time() - 600
 
 

@@ -640,3 +640,32 @@ def test_a_peers_lost_contact_seen_first_gives_way_to_the_failed_pods_own_accoun
     both.pods["bert-1"] = observed_pod(both.pods["bert-1"], "Failed", exit_code=1, message=cause.encode(), uid="d")
     both.step()
     assert both.status["message"].startswith("EndpointConnectionError")
+
+
+def test_the_failed_pods_own_account_counts_when_that_pod_was_gone_before_a_reconcile_listed_it():
+    """Seen in CI: rank 0's "lost contact" was read first; the failed peer terminated and was deleted between
+    two reconciles, so only its watch event carried why (EndpointConnectionError), and the job failed saying
+    "lost contact"."""
+    c = Cluster(job_body())
+    running(c)
+    lost = TrainerReport("failed", reason="PeerLost", message="lost contact with another worker (RuntimeError: closed)")
+    cause = TrainerReport("failed", reason="PodFailed", message="EndpointConnectionError: Could not connect to s3")
+    c.pods["bert-0"] = observed_pod(c.pods["bert-0"], "Failed", exit_code=1, message=lost.encode(), uid="a")
+    c.step()
+    assert c.status["message"].startswith("lost contact")
+    peer = observed_pod(c.pods["bert-1"], "Failed", exit_code=1, message=cause.encode(), uid="b")
+    c.reports = [PodReport.of(peer), PodReport.of(c.pods["bert-0"])]
+    del c.pods["bert-1"]
+    c.step()
+    assert c.status["message"] == "EndpointConnectionError: Could not connect to s3 (pod bert-1, exit code 1)"
+    c.gone()
+    c.step()
+    assert c.status["phase"] == "Pending" and c.status["attempt"] == 2
+    assert c.events[-1][1].endswith("PodFailed: EndpointConnectionError: Could not connect to s3 (pod bert-1, exit code 1)")
+    # the next attempt's own failure is not explained by the last attempt's report
+    c.set_pods(phase="Running")
+    c.step()
+    for name in c.pods:
+        c.pods[name] = observed_pod(c.pods[name], "Failed", exit_code=1, message=lost.encode(), uid=f"x-{name}")
+    c.step()
+    assert c.status["message"].startswith("lost contact")

@@ -219,6 +219,8 @@ class Checkpointer:
             m = self.metrics
             m.checkpoint_duration.labels("stall").observe(stall)
             m.checkpoint_duration.labels("upload").observe(result.seconds)
+            m.last_checkpoint_duration.labels("stall").set(stall)
+            m.last_checkpoint_duration.labels("upload").set(result.seconds)
             m.checkpoints.labels(reason).inc()
             m.checkpoint_bytes.set(result.info.bytes)
             m.last_checkpoint_step.set(result.info.step)

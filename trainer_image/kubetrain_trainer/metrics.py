@@ -39,6 +39,10 @@ class TrainerMetrics:
         self.last_checkpoint_step = gauge(M.LAST_CHECKPOINT_STEP, "Step of the newest complete checkpoint.")
         self.last_checkpoint_timestamp = gauge(M.LAST_CHECKPOINT_TIMESTAMP, "Unix time of the newest complete checkpoint.")
         self.checkpoint_bytes = gauge(M.CHECKPOINT_BYTES, "Size of the newest complete checkpoint.")
+        # Checkpoints are minutes apart: a rate() over a dashboard interval is NaN between two of them, so the
+        # newest one's durations are a gauge too (the histogram stays, for percentiles over long windows).
+        self.last_checkpoint_duration = gauge(M.LAST_CHECKPOINT_DURATION, "Durations of the newest complete "
+                                              "checkpoint, by phase: stall (training blocked) or upload.", ("phase",))
         self.checkpoint_duration = Histogram(
             M.CHECKPOINT_DURATION,
             "Checkpoint time from snapshot to manifest, by phase: stall (training blocked) or upload.",

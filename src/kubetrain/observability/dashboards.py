@@ -164,8 +164,6 @@ def build(spec: DashboardSpec) -> dm.Dashboard:
 
 # ------------------------------------------------------------------------------------------ training
 
-_ckpt_bucket = f"{M.CHECKPOINT_DURATION}_bucket{SEL}"
-
 TRAINING = DashboardSpec(
     name="kubetrain-training",
     title="kubetrain / Training jobs",
@@ -232,13 +230,12 @@ TRAINING = DashboardSpec(
             st("Checkpoint failures", "Checkpoint saves that failed after retries, over the interval.",
                Query(f"sum by ({BY_JOB}) (increase({total(M.CHECKPOINT_FAILURES)}{SEL}[$__range]))"),
                width=6),
-            ts("Checkpoint duration", "Time per checkpoint by phase: stall (training blocked while the state is "
-               "written locally) and upload (in the background); p95 and mean over the interval.",
-               Query(f"histogram_quantile(0.95, sum by ({BY_JOB}, phase, le) (rate({_ckpt_bucket}[{RATE}])))",
-                     legend=f"{LEGEND} {{{{phase}}}} p95"),
-               Query(f"sum by ({BY_JOB}, phase) (rate({M.CHECKPOINT_DURATION}_sum{SEL}[{RATE}])) / "
-                     f"sum by ({BY_JOB}, phase) (rate({M.CHECKPOINT_DURATION}_count{SEL}[{RATE}]))",
-                     legend=f"{LEGEND} {{{{phase}}}} mean"),
+            ts("Checkpoint duration", "The newest complete checkpoint's time by phase: stall (training blocked "
+               "while the state is written locally) and upload (in the background). A step up is a slower "
+               "checkpoint; flat means none since. Percentiles over long windows: "
+               f"histogram_quantile over {M.CHECKPOINT_DURATION}_bucket.",
+               Query(f"max by ({BY_JOB}, phase) ({M.LAST_CHECKPOINT_DURATION}{SEL})",
+                     legend=f"{LEGEND} {{{{phase}}}}"),
                unit="s", width=12),
             ts("Checkpoints by reason", "Completed checkpoints per interval: periodic, final, preemption.",
                Query(f"sum by ({BY_JOB}, reason) (increase({total(M.CHECKPOINTS)}{SEL}[{RATE}]))",
