@@ -8,7 +8,8 @@ Runs kubetrain's real training loop in this process on a tiny BERT, bf16, and ch
    resumed from its emergency checkpoint ends with weights bitwise equal to an uninterrupted run;
 3. graphs were used: the trainer logged its captures.
 With `--packing` every run uses `spec.data.packing`, and a fourth check compares the packed model (varlen
-flash attention) with the padded one (SDPA) on the same samples: loss and gradients, bf16, RoBERTa and GPT-2.
+flash attention) with the padded one (SDPA) on the same samples: loss and gradients, bf16, RoBERTa, GPT-2
+and a grouped-query Llama.
 Prints one JSON line; exits 1 if a check fails. `tests/unit/test_step_graphs.py` runs it where CUDA exists.
 
     python bench/step_graphs_check.py [--work /tmp/step-graphs] [--steps 24] [--packing]
@@ -94,7 +95,8 @@ def final_weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def packed_matches_padded() -> dict:
     """Loss and gradients of one batch, packed (flash varlen) against padded (SDPA), bf16 autocast, no dropout."""
-    from transformers import GPT2Config, GPT2LMHeadModel, RobertaConfig, RobertaForSequenceClassification
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, RobertaConfig,
+                              RobertaForSequenceClassification)
 
     from kubetrain_trainer.data import Encoded, collate
     from kubetrain_trainer.packing import PackedBatcher, PackedModel, position_offset
@@ -112,6 +114,10 @@ def packed_matches_padded() -> dict:
             num_labels=3))),
         "gpt2": (task_for("causal-lm"), GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_embd=256, n_layer=2, n_head=4, n_positions=128,
                                                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0))),
+        # grouped-query attention (8 query heads, 2 key/value heads) and rotary embeddings in fp32 under autocast
+        "llama-gqa": (task_for("causal-lm"), LlamaForCausalLM(LlamaConfig(
+            vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+            num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0))),
     }
     for name, (task, model) in cases.items():
         model = model.to(cuda)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, RobertaConfig,
-                          RobertaForSequenceClassification)
+from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, RobertaConfig, RobertaForSequenceClassification)
 
 from kubetrain_trainer.data import Encoded, collate, pack_by_budget, plan_epoch
 from kubetrain_trainer.packing import PackedBatcher, PackedModel, PackedShapes, PackingError, position_offset
@@ -39,10 +39,18 @@ def models():
         RobertaConfig(num_labels=3, max_position_embeddings=66, pad_token_id=1, **SMALL)), False
     yield "gpt2", LM, GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64,
                                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)), False
+    yield "llama-gqa", LM, gqa_llama(), False
+
+
+def gqa_llama() -> LlamaForCausalLM:
+    """Grouped-query attention: 4 query heads share 2 key/value heads (as in Llama 3, Mistral, Qwen)."""
+    return LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        pad_token_id=0))
 
 
 @pytest.mark.parametrize("shapes", [None, PackedShapes(samples=6, max_segment=32, min_step=16)], ids=["exact", "shaped"])
-@pytest.mark.parametrize("name", ["bert", "roberta", "gpt2"])
+@pytest.mark.parametrize("name", ["bert", "roberta", "gpt2", "llama-gqa"])
 def test_packed_loss_and_gradients_equal_padded(name, shapes):
     _, task, model, with_types = next(m for m in models() if m[0] == name)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
@@ -69,6 +77,24 @@ def test_packed_loss_and_gradients_equal_padded(name, shapes):
     for n, p in model.named_parameters():
         if n in want_grads:
             torch.testing.assert_close(p.grad, want_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_packed_gqa_under_bf16_autocast_equals_padded():
+    """Seen on an H200: Llama's rotary embedding returns fp32 q/k under bf16 autocast, and the packed path
+    then fell back to a dense mask that ignored grouped-query heads ("Attempting to broadcast a dimension")."""
+    torch.manual_seed(0)
+    model = gqa_llama()
+    enc = encoded(LM)
+    indices = [4, 0, 2, 5]
+    padded = collate(enc, indices, pad_id=0)
+    labels = padded.pop("labels", None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, _ = LM.summed_loss(model(**padded).logits, padded, labels)
+    batch = PackedBatcher(enc, 0, CPU, LM, position_offset(model), PackedShapes(samples=6, max_segment=32, min_step=16))(indices)
+    labels = batch.pop("labels")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = LM.summed_loss(PackedModel(model, LM, max_segment=32)(**batch).logits, batch, labels)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
 def test_packed_row_layout():

@@ -58,19 +58,25 @@ def _segment_mask(cu_seqlens: torch.Tensor, total: int, causal: bool) -> torch.T
 
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                      cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None, **kwargs):
-    """Attention over a packed row ([1, heads, T, dim]) within each `cu_seq_lens_q` segment; else SDPA."""
+    """Attention over a packed row ([1, heads, T, dim]) within each `cu_seq_lens_q` segment; else SDPA.
+
+    Grouped-query models pass fewer key/value heads than query heads: flash takes them as they are, the
+    dense path through SDPA's enable_gqa."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     causal = bool(getattr(module, "is_causal", False))
+    if query.dtype != value.dtype:  # e.g. Llama's rotary embedding returns fp32 q/k under bf16 autocast
+        query, key = query.to(value.dtype), key.to(value.dtype)
     if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, dim]
         out = torch.ops.aten._flash_attention_forward(
             q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, dropout, causal, False, scale=scaling)[0]
         return out.unsqueeze(0), None  # [1, T, heads, dim], as transformers' attention functions return
     mask = _segment_mask(cu_seq_lens_q, query.shape[2], causal)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])  # grouped-query heads
     return out.transpose(1, 2).contiguous(), None
 
 
