@@ -199,6 +199,11 @@ class ModelSpec(_Model):
     task: Literal["sequence-classification", "causal-lm"]
     num_labels: int = Field(2, ge=2, le=100000, description="Classes (sequence-classification).")
     lora: LoraSpec | None = None
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none",
+        description="Load the frozen base quantized with bitsandbytes (QLoRA): 4bit is NF4 with double "
+        "quantization, computing in the training precision. Needs lora and a CUDA GPU.",
+    )
 
     _locations = field_validator("name", "tokenizer")(check_location)
 
@@ -220,6 +225,9 @@ class ModelSpec(_Model):
             raise ValueError("`tokenizer` is required when the model is built from `config` alone")
         if self.config is not None and self.name is None and "model_type" not in self.config:
             raise ValueError("`config.model_type` is required to build a model from config")
+        if self.quantization != "none" and self.lora is None:
+            raise ValueError(f"quantization {self.quantization} needs `lora`: a quantized base is frozen, only "
+                             "adapters train (QLoRA)")
         return self
 
 
@@ -265,6 +273,16 @@ class EarlyStoppingSpec(_Model):
     min_delta: float = Field(0.0, ge=0)
 
 
+class FsdpSpec(_Model):
+    shard_across: Literal["world", "node"] = Field(
+        "world",
+        description="world: every process holds 1/worldSize of the parameters, gradients and optimizer state. "
+        "node: shard inside each node and replicate across nodes (hybrid sharding: less inter-node traffic).",
+    )
+    cpu_offload: bool = Field(False, description="Keep the sharded parameters and optimizer state in host memory "
+                              "(fits larger models, slower).")
+
+
 class TrainingSpec(_Model):
     epochs: float = Field(3, gt=0, le=10000)
     max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Optimizer steps; overrides epochs.")
@@ -289,10 +307,21 @@ class TrainingSpec(_Model):
         "update (up to nonFiniteSkipLimit steps). fp16 steps the grad scaler skips for overflow do not count.",
     )
     non_finite_skip_limit: int = Field(10, ge=0, le=MAX_STEPS, description="Skipped steps allowed under onNonFinite: skip.")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every process holds the whole model and optimizer state. fsdp: torch FSDP2 shards them "
+        "(per transformer block, bf16/fp16 parameters in compute, fp32 gradient reduction and optimizer state), "
+        "and checkpoints are sharded (every process writes its shards; resumable on another world size).",
+    )
+    fsdp: FsdpSpec = Field(default_factory=FsdpSpec)
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each transformer block's activations in the backward pass: far less activation "
+        "memory (longer rows, bigger batches) for about a third more compute.",
+    )
     compile: Literal["off", "default", "reduce-overhead"] = Field(
         "off",
         description="torch.compile the forward/backward (GPU speed; costs a minute at startup). "
-        "reduce-overhead also replays the whole step as CUDA graphs (one GPU, gradientAccumulation 1, "
+        "reduce-overhead also replays the whole step as CUDA graphs (one GPU, ddp, gradientAccumulation 1, "
         "bf16 or fp32; else default).",
     )
 
@@ -378,6 +407,17 @@ class TrainingJobSpec(_Model):
     checkpoint: CheckpointSpec
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
+
+    @model_validator(mode="after")
+    def _strategy_fits(self) -> TrainingJobSpec:
+        if self.training.strategy == "fsdp":
+            if self.training.precision == "fp16":
+                raise ValueError("training.precision fp16 with strategy fsdp: use bf16 (fsdp has no sharded fp16 grad "
+                                 "scaler here) or strategy ddp")
+            if self.model.quantization != "none":
+                raise ValueError(f"model.quantization {self.model.quantization} with training.strategy fsdp: a "
+                                 "quantized base is small already; use strategy ddp (QLoRA)")
+        return self
 
 
 Phase = Literal[tuple(p.value for p in contracts.Phase)]  # the wire type of contracts.Phase

@@ -28,10 +28,12 @@ from .compile import compile_for_training
 from .distributed import Runtime, configure_determinism, init_distributed, seed_everything
 from .graphs import StepGraphs, one_batch_per_shape, one_sample_per_shape
 from .metrics import TrainerMetrics
-from .model import build_model, load_tokenizer
+from .model import build_model, enable_activation_checkpointing, load_tokenizer
 from .optim import build_optimizer, build_scheduler
 from .packing import PackedBatcher, PackedModel, position_offset
-from .resume import Start, apply_learning_rate, model_identity, run_settings
+from .resume import Start, accumulation_for, apply_learning_rate, model_identity, run_settings
+from .sharded_checkpoint import Shards
+from .sharding import ShardedState, local_bytes, materialize, shard_model
 from .storage import open_storage
 from .tasks import Task, task_for
 
@@ -62,7 +64,7 @@ class Run:
     tokenizer: object
     train_set: D.Encoded
     eval_set: D.Encoded | None
-    eval_batches: list[list[int]]  # this rank's share
+    eval_batches: list[list[int]]  # this rank's share; under fsdp padded with [] (a forward not counted)
     schedule: D.TrainSchedule
     total_steps: int
     model: torch.nn.Module
@@ -108,36 +110,52 @@ def build_run(job: TrainingJob, opts: RunOptions) -> Run:
     eval_set = None
     if spec.data.eval:
         eval_set = task.encode(D.read_rows(spec.data.eval, spec.data.format, **s3), tokenizer, spec.data, spec.data.eval, labels)
-    schedule = D.TrainSchedule(train_set, spec.data, task, t.seed, rt.world_size, t.gradient_accumulation)
-    total_steps = schedule.total_steps(t.epochs, t.max_steps)
-    eval_batches = (D.plan_eval(eval_set.lengths, spec.data.max_tokens_per_batch, spec.data.max_samples_per_batch)
-                    [rt.rank :: rt.world_size] if eval_set else [])
+    eval_plan = D.plan_eval(eval_set.lengths, spec.data.max_tokens_per_batch, spec.data.max_samples_per_batch) if eval_set else []
+    eval_batches = eval_plan[rt.rank :: rt.world_size]
+    if t.strategy == "fsdp" and eval_plan:  # every rank runs as many forwards (each gathers the shards): empty = filler
+        eval_batches += [[]] * (-(-len(eval_plan) // rt.world_size) - len(eval_batches))
 
-    # model and optimizer: same init on every rank, then per-rank dropout streams
+    # model and optimizer: same init on every rank (fsdp: rank 0's, sharded out), then per-rank dropout streams
     seed_everything(t.seed)
-    model = build_model(spec.model, task, tokenizer, cache_dir, **s3).to(rt.device)
+    model = build_sharded_model(job, rt, tokenizer, cache_dir, **s3) if t.strategy == "fsdp" else build_model(
+        spec.model, task, tokenizer, cache_dir, precision=t.precision, device=rt.device, **s3)
+    if t.activation_checkpointing and t.strategy != "fsdp":  # (fsdp: enabled before sharding)
+        log_blocks(enable_activation_checkpointing(model))
     optimizer = build_optimizer(model, t, rt.device)
-    scheduler = build_scheduler(optimizer, t, total_steps)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=t.precision == "fp16")
     seed_everything(t.seed + rt.rank)
 
-    # checkpoints: what they hold, where they go, and the newest one restored into it all
+    # checkpoints: where they go, and the newest one this job may resume
     lora = spec.model.lora is not None
     metrics = TrainerMetrics() if rt.is_main else None
-    state = TrainState()
-    content = CheckpointContent()
-    content.register("model.pt", ModelWeights(model, lora))
-    content.register("optimizer.pt", optimizer)
-    content.register("training.pt", Group(scheduler=scheduler, scaler=scaler))  # RNG: seeded per step
-    content.register("state.json", state)
     storage, prefix = open_storage(opts.checkpoint_prefix_uri, **s3)
     store = CheckpointStore(storage, prefix, keep=spec.checkpoint.keep, attempts=spec.checkpoint.upload_attempts,
                             on_retry=metrics.checkpoint_retries.inc if metrics else None)
-    record = {"identity": model_identity(spec), "settings": run_settings(spec, rt.world_size), "job_uid": opts.job_uid}
-    checkpointer = Checkpointer(store, opts.work_dir, rt, metrics, content, state, record)
-    if rt.is_main:  # only rank 0 snapshots; pay for fresh pinned memory now, not at the first checkpoint
+    state, content = TrainState(), CheckpointContent()
+    shards = Shards(ShardedState(model, optimizer, lora), rt, store) if t.strategy == "fsdp" else None
+    record = {"identity": model_identity(spec), "job_uid": opts.job_uid}
+    checkpointer = Checkpointer(store, opts.work_dir, rt, metrics, content, state, record, shards)
+    chosen = checkpointer.choose()
+
+    # the step: world size x accumulation micro-batches of the plan, kept as the checkpoint had it if only
+    # the world size changed; the learning-rate schedule follows from the steps
+    accumulation, why = accumulation_for(chosen.info.meta if chosen.info else None, t.gradient_accumulation, rt.world_size)
+    if why:
+        log.warning("%s", why)
+    record["settings"] = run_settings(spec, rt.world_size, accumulation)
+    schedule = D.TrainSchedule(train_set, spec.data, task, t.seed, rt.world_size, accumulation)
+    total_steps = schedule.total_steps(t.epochs, t.max_steps)
+    scheduler = build_scheduler(optimizer, t, total_steps)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=t.precision == "fp16")
+
+    # what a checkpoint holds, and the chosen one restored into it all
+    if shards is None:  # else the weights and optimizer state are sharded (Shards)
+        content.register("model.pt", ModelWeights(model, lora))
+        content.register("optimizer.pt", optimizer)
+    content.register("training.pt", Group(scheduler=scheduler, scaler=scaler))  # RNG: seeded per step
+    content.register("state.json", state)
+    if rt.is_main and shards is None:  # only rank 0 snapshots; pay for fresh pinned memory now, not at the first checkpoint
         reserve_pinned_memory(model, lora=lora)
-    start = checkpointer.restore()
+    start = checkpointer.load(chosen)
     if start.checkpoint:
         apply_learning_rate(optimizer, scheduler, spec)  # the job's spec applies from here on (resume.py)
         log.info("resumed from %s at step %d (epoch %d, micro-batch %d): %s", start.checkpoint, state.step, state.epoch,
@@ -152,6 +170,27 @@ def build_run(job: TrainingJob, opts: RunOptions) -> Run:
                scheduler, scaler, autocast_for(t.precision, rt.device), metrics, checkpointer, state, start)
 
 
+def build_sharded_model(job: TrainingJob, rt: Runtime, tokenizer, cache_dir: Path, **s3) -> torch.nn.Module:
+    """FSDP2: rank 0 builds the real weights on the CPU; every rank shards a meta-device copy and receives its
+    shards from rank 0 (sharding.py)."""
+    spec, t = job.spec, job.spec.training
+    task = task_for(spec.model.task)
+    full = (build_model(spec.model, task, tokenizer, cache_dir, precision=t.precision, device="cpu", **s3).state_dict()
+            if rt.is_main else None)
+    model = build_model(spec.model, task, tokenizer, cache_dir, precision=t.precision, weights=False, **s3)
+    if t.activation_checkpointing:
+        log_blocks(enable_activation_checkpointing(model))
+    shard_model(model, rt, t.fsdp, t.precision)
+    materialize(model, rt.device, full, t.fsdp.cpu_offload)
+    del full
+    log.info("fsdp: %.1f MB of parameters on this rank", local_bytes(model) / 1e6)
+    return model
+
+
+def log_blocks(count: int) -> None:
+    log.info("activation checkpointing: %d transformer blocks recompute their activations in the backward", count)
+
+
 def prepare(run: Run) -> Prepared:
     """Wrap the model for training: packed rows, DDP, torch.compile; then the batcher and the step graphs."""
     spec, t, rt = run.job.spec, run.job.spec.training, run.rt
@@ -159,10 +198,10 @@ def prepare(run: Run) -> Prepared:
     if spec.data.packing and rt.device.type == "cuda" and t.precision == "fp32":
         log.warning("packing with precision fp32 attends through a dense block mask (memory grows with the row length "
                     "squared); flash attention needs bf16 or fp16")
-    if rt.world_size > 1:
+    if rt.world_size > 1 and t.strategy == "ddp":
         module = DistributedDataParallel(module, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    compiled = compile_for_training(module, t.compile, spec.data, world_size=rt.world_size, grad_accum=t.gradient_accumulation,
-                                    device=rt.device, precision=t.precision)
+    compiled = compile_for_training(module, t.compile, spec.data, world_size=rt.world_size, grad_accum=run.schedule.grad_accum,
+                                    device=rt.device, precision=t.precision, strategy=t.strategy)
     pad_id = run.tokenizer.pad_token_id
     if spec.data.packing:
         batcher = PackedBatcher(run.train_set, pad_id, rt.device, run.task, position_offset(run.model), compiled.shapes)

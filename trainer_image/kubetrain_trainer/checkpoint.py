@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from .failures import IncompatibleCheckpoint, PermanentError
 from .metrics import TrainerMetrics
 from .model import trainable_state_dict
 from .resume import Start, differences, refusal
+from .sharded_checkpoint import SHARDS_DIR, Shards
 
 log = logging.getLogger("kubetrain.checkpoint")
 
@@ -112,13 +114,24 @@ class LatestWinsWriter:
                 future.set_exception(e)
 
 
+@dataclass(frozen=True)
+class Chosen:
+    """The checkpoint a run resumes (None: from scratch), the newer corrupt ones skipped, rank 0's verified files."""
+
+    info: CheckpointInfo | None
+    skipped: list[str]
+    paths: dict[str, Path] | None = None
+
+
 class Checkpointer:
     """Saves and restores the registered `content`; `state` (the TrainState, registered too) gives the step."""
 
     def __init__(self, store: CheckpointStore, work_dir: Path, rt: Runtime, metrics: TrainerMetrics | None,
-                 content: CheckpointContent, state: TrainState, record: dict | None = None):
+                 content: CheckpointContent, state: TrainState, record: dict | None = None,
+                 shards: Shards | None = None):
         self.store, self.work_dir, self.rt, self.metrics = store, work_dir, rt, metrics
         self.content, self.state = content, state
+        self.shards = shards  # training.strategy fsdp: every rank saves and loads its shards (sharded_checkpoint)
         self.record = record or {}  # written into every manifest's meta: the model identity, the settings, the job uid
         self.submitted_step: int | None = None
         self.pending: Future | None = None  # the newest submitted save, done once accounted (rank 0)
@@ -135,6 +148,8 @@ class Checkpointer:
         """
         if self.permanent_failure is not None:  # e.g. access denied: training on would only lose more work
             raise self.permanent_failure
+        if self.shards is not None:
+            return self._save_sharded(reason, wait)
         if self.state.step != self.submitted_step:
             self._submit(reason)
         if wait:
@@ -143,10 +158,29 @@ class Checkpointer:
                 self.pending.result()
             barrier()  # no rank exits (or reports the checkpoint) before it is complete in the store
 
+    def _save_sharded(self, reason: str, wait: bool) -> None:
+        """Every rank writes its shards. One save is in flight at a time: all ranks agree (a collective) whether
+        the last one is still landing; if so a periodic save is skipped (storage is slower than the interval),
+        and a final or emergency one waits for it first."""
+        if self.state.step != self.submitted_step:
+            if self.shards.busy(self.pending):
+                if not wait:
+                    if self.rt.is_main:
+                        log.warning("checkpoint step %d (%s) skipped: the previous one is still being written "
+                                    "(storage is slower than the checkpoint interval)", self.state.step, reason)
+                        if self.metrics:
+                            self.metrics.checkpoints_superseded.inc()
+                    return
+                self.drain()
+            self._submit(reason)
+        if wait:
+            self.pending.result()  # every rank: each learns the outcome of every rank's part
+
     def rescue(self) -> CheckpointInfo | None:
         """Rank 0 alone, after a peer died: save the current (complete, consistent) state unless a save of
-        this step is under way already, and wait until it is complete in the store. No collectives."""
-        if not self.rt.is_main:
+        this step is under way already, and wait until it is complete in the store. No collectives.
+        Sharded state is spread over the ranks: no rank can save it alone."""
+        if not self.rt.is_main or self.shards is not None:
             return None
         if self.state.step != self.submitted_step:
             self._submit(CheckpointReason.RESCUE)
@@ -166,6 +200,19 @@ class Checkpointer:
         started = time.perf_counter()
         live = self.content.state_dicts()  # every rank: components may run collectives
         self.submitted_step = step = self.state.step  # `state` moves on while the writer works
+        if self.shards is not None:
+            staging = self.work_dir / "staging" / f"step-{step:09d}-{reason}-rank-{self.rt.rank}"
+            shutil.rmtree(staging, ignore_errors=True)
+            written = self.shards.stage(staging)  # this rank's shards copied to host memory: the stall
+            snapshot = snapshot_to_cpu(live) if self.rt.is_main else {}
+            stall = time.perf_counter() - started
+            meta = {"reason": reason, "world_size": self.rt.world_size, "state": self.state.state_dict(),
+                    "stall_seconds": stall, "sharded": True, **self.record}
+            landed = self.pending = Future()
+            upload = self._writer.submit(lambda: self.shards.land(
+                step, staging, written, lambda: self._write_files(staging, snapshot), meta, started))
+            upload.add_done_callback(lambda f: self._landed(f, step, staging, reason, stall, landed))
+            return
         if self.rt.is_main:
             snapshot = snapshot_to_cpu(live)
             stall = time.perf_counter() - started
@@ -179,11 +226,14 @@ class Checkpointer:
     def _write_and_upload(self, step: int, staging: Path, snapshot: dict, meta: dict):
         """Background: serialize the snapshot, then upload it (manifest last) through the store."""
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        return self.store.save(step, self._write_files(staging, snapshot), meta)
+
+    def _write_files(self, staging: Path, snapshot: dict) -> dict[str, Path]:
+        staging.mkdir(parents=True, exist_ok=True)
         files = {name: staging / name for name in snapshot}
         for name, state in snapshot.items():
             self.content.write(name, state, files[name])
-        return self.store.save(step, files, meta)
+        return files
 
     def _landed(self, future: Future, step: int, staging: Path, reason: str, stall: float, landed: Future) -> None:
         if future.cancelled():  # a newer snapshot was taken before this one could be written
@@ -227,38 +277,62 @@ class Checkpointer:
             m.last_checkpoint_timestamp.set(time.time())
 
     def restore(self) -> Start:
-        """Load the newest complete checkpoint that this job may resume into every component on every rank.
+        return self.load(self.choose())
 
-        Rank 0 chooses (falling back past corrupt ones) and every rank learns the choice: a checkpoint of
-        another model is refused on every rank at once (IncompatibleCheckpoint), not left to a hang.
+    def choose(self) -> Chosen:
+        """Collective: the newest complete checkpoint that this job may resume (None: scratch).
+
+        Rank 0 chooses (falling back past corrupt ones, downloading and verifying the one it takes) and
+        every rank learns the choice: a checkpoint of another model is refused on every rank at once
+        (IncompatibleCheckpoint), not left to a hang. The composition root reads its settings (e.g. the
+        micro-batches per step) before building what depends on them, then calls `load`.
         """
-        dest = self.work_dir / "restore" / f"rank-{self.rt.rank}"
+        dest = self._restore_dir()
         shutil.rmtree(dest, ignore_errors=True)
-        decision = None
+        decision, paths = None, None
         if self.rt.is_main:
             skipped: list[str] = []
             try:
                 found = self.store.restore_latest(dest, accept=self._accept, skipped=skipped)
                 decision = ("found", found[0] if found else None, skipped)
+                paths = found[1] if found else None
             except IncompatibleCheckpoint as err:
                 decision = ("refused", str(err), skipped)
         kind, chosen, skipped = broadcast_object(decision)
         if kind == "refused":
             raise IncompatibleCheckpoint(chosen)
-        self.latest = chosen
+        return Chosen(chosen, skipped, paths)
+
+    def load(self, chosen: Chosen) -> Start:
+        """Collective: load the chosen checkpoint into every registered component on every rank."""
+        self.latest = info = chosen.info
         where = self.store.storage.uri(self.store.prefix)
-        if chosen is None:
-            why = (f"all {len(skipped)} checkpoint(s) under {where} were corrupt or torn" if skipped
+        if info is None:
+            why = (f"all {len(chosen.skipped)} checkpoint(s) under {where} were corrupt or torn" if chosen.skipped
                    else f"no complete checkpoint under {where}")
             return Start(0, None, why)
-        self.content.load(found[1] if self.rt.is_main else self.store.download(chosen, dest))
+        dest = self._restore_dir()
+        self.content.load(chosen.paths if chosen.paths is not None else self.store.download(info, dest))
+        if self.shards is not None:
+            self.shards.load(dest)
         shutil.rmtree(dest, ignore_errors=True)
-        why = f"newest complete checkpoint under {where}" + (f" ({len(skipped)} newer one(s) corrupt, skipped)" if skipped else "")
-        settings = chosen.meta.get("settings")
+        why = f"newest complete checkpoint under {where}" + (
+            f" ({len(chosen.skipped)} newer one(s) corrupt, skipped)" if chosen.skipped else "")
+        settings = info.meta.get("settings")
         changed = differences(settings, self.record.get("settings", {})) if isinstance(settings, dict) else []
-        return Start(self.state.step, chosen.uri, why, changed)
+        return Start(self.state.step, info.uri, why, changed)
+
+    def _restore_dir(self) -> Path:
+        return self.work_dir / "restore" / f"rank-{self.rt.rank}"
 
     def _accept(self, info: CheckpointInfo) -> None:
+        sharded = any(name.startswith(SHARDS_DIR + "/") for name in info.files)
+        if sharded != (self.shards is not None):
+            was, now = ("fsdp", "ddp") if sharded else ("ddp", "fsdp")
+            raise IncompatibleCheckpoint(
+                f"{info.uri} was written with training.strategy {was} ({'sharded' if sharded else 'whole-model'} files); "
+                f"this job uses {now}. Resume it with strategy {was}, or train from scratch with "
+                "spec.checkpoint.resume: never")
         fields = refusal(info.meta, self.record.get("identity", {}))
         if fields:
             raise IncompatibleCheckpoint(

@@ -11,7 +11,9 @@ so a half-deleted checkpoint is never mistaken for a complete one. The manifest 
 size and sha256, so a restore verifies what it downloaded and falls back to an older checkpoint when
 the newest one is damaged.
 
-Exactly one process (rank 0) should write to a given prefix.
+Exactly one process (rank 0) writes manifests and deletes under a given prefix. A sharded checkpoint
+(training.strategy: fsdp) has files from every rank: each uploads its part (`upload_part`), then rank 0
+writes the manifest listing them all (`commit`), so it is complete only once every part landed.
 """
 
 from __future__ import annotations
@@ -210,27 +212,52 @@ class CheckpointStore:
         self.close()
 
     def _save(self, step: int, files: dict[str, Path], meta: dict[str, Any]) -> SaveResult:
-        """Every failure surfaces as a CheckpointError that names the step and where it was going."""
-        try:
-            return self._save_unchecked(step, files, meta)
-        except (CheckpointError, PermanentError):
-            raise  # a PermanentError names the bucket already, and must stay permanent
-        except Exception as e:
-            raise CheckpointError(
-                f"checkpoint step {step} to {self.storage.uri(self._step_key(step))} failed: "
-                f"{type(e).__name__}: {e}"
-            ) from e
+        """Every failure surfaces as a CheckpointError that names the step and where it was going (a
+        PermanentError names the bucket already, and stays permanent)."""
+        return self._guarded(step, lambda: self._save_unchecked(step, files, meta))
 
     def _save_unchecked(self, step: int, files: dict[str, Path], meta: dict[str, Any]) -> SaveResult:
         start = time.monotonic()
-        step_key = self._step_key(step)
         self._clear_existing(step)
+        return self._commit(step, self._upload(step, files), meta, start)
+
+    def upload_part(self, step: int, files: dict[str, Path]) -> dict[str, dict[str, Any]]:
+        """One rank's share of a sharded checkpoint: its files, uploaded and hashed; no manifest. Every rank
+        uploads its part after rank 0's `clear`, then rank 0 alone calls `commit` with all the parts."""
+        for name in files:
+            _check_file_name(name)
+        return self._guarded(step, lambda: self._upload(step, files))
+
+    def clear(self, step: int) -> None:
+        """Before the parts of a sharded checkpoint are uploaded (rank 0): an older save of the step goes first."""
+        self._guarded(step, lambda: self._clear_existing(step))
+
+    def commit(self, step: int, entries: dict[str, dict[str, Any]], meta: dict[str, Any], started: float) -> SaveResult:
+        """The manifest of a checkpoint whose files (every rank's parts) are all uploaded, then retention."""
+        meta = json.loads(json.dumps(meta))
+        return self._guarded(step, lambda: self._commit(step, entries, meta, started))
+
+    def _guarded(self, step: int, op: Callable[[], T]) -> T:
+        try:
+            return op()
+        except (CheckpointError, PermanentError):
+            raise
+        except Exception as e:
+            raise CheckpointError(f"checkpoint step {step} to {self.storage.uri(self._step_key(step))} failed: "
+                                  f"{type(e).__name__}: {e}") from e
+
+    def _upload(self, step: int, files: dict[str, Path]) -> dict[str, dict[str, Any]]:
+        step_key = self._step_key(step)
         entries: dict[str, dict[str, Any]] = {}
         for name, path in sorted(files.items()):
             entries[name] = _file_digest(Path(path))  # a missing local file is not retried
             key = join_key(step_key, name)
             self._retry(step, f"upload to {self.storage.uri(key)}",
                         lambda: self.storage.put_file(Path(path), key))
+        return entries
+
+    def _commit(self, step: int, entries: dict[str, dict[str, Any]], meta: dict[str, Any], start: float) -> SaveResult:
+        step_key = self._step_key(step)
         info = CheckpointInfo(step, self.storage.uri(step_key), entries, meta, timestamp())
         manifest = json.dumps(
             {"format": FORMAT, "step": step, "created": info.created, "files": entries, "meta": meta},

@@ -48,13 +48,14 @@ class Compiled:
 
 
 def compile_for_training(module: torch.nn.Module, mode: str, data: DataSpec, *, world_size: int, grad_accum: int,
-                         device: torch.device, precision: str) -> Compiled:
+                         device: torch.device, precision: str, strategy: str = "ddp") -> Compiled:
     """`module` itself when mode is off, else a compiled wrapper of it, with its batch shapes."""
     if mode == "off":
         return Compiled(module)
-    if mode == "reduce-overhead" and (world_size > 1 or grad_accum > 1 or device.type != "cuda" or precision == "fp16"):
-        log.warning("compile: reduce-overhead (CUDA graphs of the whole step) needs one GPU, gradientAccumulation 1 "
-                    "and bf16 or fp32; using default")
+    if mode == "reduce-overhead" and (world_size > 1 or grad_accum > 1 or device.type != "cuda" or precision == "fp16"
+                                      or strategy != "ddp"):
+        log.warning("compile: reduce-overhead (CUDA graphs of the whole step) needs one GPU, strategy ddp, "
+                    "gradientAccumulation 1 and bf16 or fp32; using default")
         mode = "default"
     compiled = Compiled(torch.compile(module, dynamic=True), batch_shapes(mode, data), step_graphs=mode == "reduce-overhead")
     log.info("compile: torch.compile (%s), batch shapes %s", mode, compiled.shapes)

@@ -1,6 +1,7 @@
 """Evaluation: the task's metrics (accuracy/precision/recall/F1, or loss and perplexity), exact over all ranks.
 
-Each rank evaluates its share of the batches; the loss sums and the task's counts (a confusion
+Each rank evaluates its share of the batches (under fsdp every rank runs as many forwards: an empty
+batch is a one-sample forward that is not counted); the loss sums and the task's counts (a confusion
 matrix for classification) are all-reduced in one collective, so the metrics are exact over the
 whole eval set.
 """
@@ -25,10 +26,13 @@ def evaluate(model: torch.nn.Module, encoded: Encoded, batches: list[list[int]],
     targets = torch.zeros((), dtype=torch.float64, device=device)
     counts = torch.zeros(task.eval_count_size(num_labels), dtype=torch.float64, device=device)
     for indices in batches:
-        batch = {k: v.to(device, non_blocking=True) for k, v in collate(encoded, indices, pad_id).items()}
+        filler = not indices  # a sharded model's ranks run as many forwards; this one is not counted
+        batch = {k: v.to(device, non_blocking=True) for k, v in collate(encoded, indices or [0], pad_id).items()}
         labels = batch.pop("labels", None)
         with autocast():
             logits = model(**batch).logits
+        if filler:
+            continue
         loss, count = task.summed_loss(logits, batch, labels)
         loss_sum += loss.double()
         targets += count

@@ -12,6 +12,7 @@ import math
 import time
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from kubetrain.api import EXIT_PREEMPTED
@@ -64,6 +65,10 @@ def rescue(run: Run, err: BaseException) -> None:
     if not run.rt.is_main:
         return
     step = run.state.step
+    if run.checkpointer.shards is not None:
+        log.warning("a peer is gone (%s): sharded state (fsdp) has no complete copy on one rank, so no rescue "
+                    "checkpoint; a restart resumes from the newest complete checkpoint", str(err).splitlines()[0][:200])
+        return
     log.warning("a peer is gone (%s): saving a rescue checkpoint of step %d", str(err).splitlines()[0][:200], step)
     try:
         info = run.checkpointer.rescue()
@@ -203,6 +208,8 @@ def train_step(module, optimizer, scaler, batcher, batches: StepBatches, *, task
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
+    if isinstance(grad_norm, DTensor):  # fsdp: the norm over every rank's shards
+        grad_norm = grad_norm.full_tensor()
     if scaler.is_enabled():
         scaler.step(optimizer)  # skips a step whose gradients overflowed, and lowers the scale
     else:

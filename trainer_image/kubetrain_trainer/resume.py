@@ -21,11 +21,11 @@ import torch
 from kubetrain.api import TrainingJobSpec
 
 # The spec.model fields a checkpoint's tensors depend on.
-IDENTITY_FIELDS = ("name", "config", "task", "num_labels", "tokenizer", "lora")
+IDENTITY_FIELDS = ("name", "config", "task", "num_labels", "tokenizer", "lora", "quantization")
 # Settings recorded with each checkpoint and compared on resume (spec path -> value).
 SETTING_FIELDS = {
     "training": ("epochs", "max_steps", "learning_rate", "weight_decay", "warmup_ratio", "warmup_steps", "schedule",
-                 "precision", "gradient_accumulation", "max_grad_norm", "seed"),
+                 "precision", "gradient_accumulation", "max_grad_norm", "seed", "strategy", "activation_checkpointing"),
     "data": ("train", "eval", "max_length", "max_tokens_per_batch", "max_samples_per_batch", "packing"),
 }
 
@@ -46,11 +46,38 @@ def model_identity(spec: TrainingJobSpec) -> dict:
     return {f"model.{_camel(f)}": _plain(getattr(spec.model, f)) for f in IDENTITY_FIELDS}
 
 
-def run_settings(spec: TrainingJobSpec, world_size: int) -> dict:
+def run_settings(spec: TrainingJobSpec, world_size: int, accumulation: int | None = None) -> dict:
     found = {f"{section}.{_camel(f)}": _plain(getattr(getattr(spec, section), f))
              for section, fields in SETTING_FIELDS.items() for f in fields}
     found["worldSize"] = world_size
+    found["microBatchesPerStep"] = world_size * (accumulation or spec.training.gradient_accumulation)
     return found
+
+
+def accumulation_for(meta: dict | None, spec_accumulation: int, world_size: int) -> tuple[int, str | None]:
+    """The gradient accumulation a resumed run uses, and why if it is not the spec's.
+
+    A step is a fixed number of the plan's micro-batches (world size x accumulation). When only the
+    world size changed since the checkpoint (a node lost, or added), accumulating so that a step takes
+    the same micro-batches keeps everything a step means: the same samples in the same steps (the
+    data fingerprints match), the same step count, so the same learning-rate schedule.
+    """
+    settings = (meta or {}).get("settings")
+    if not isinstance(settings, dict):
+        return spec_accumulation, None
+    was_world, was_accumulation = settings.get("worldSize"), settings.get("training.gradientAccumulation")
+    micro = settings.get("microBatchesPerStep")
+    if not isinstance(micro, int) and isinstance(was_world, int) and isinstance(was_accumulation, int):
+        micro = was_world * was_accumulation
+    if not isinstance(micro, int) or was_world == world_size or was_accumulation != spec_accumulation:
+        return spec_accumulation, None
+    if micro % world_size == 0:
+        accumulation = micro // world_size
+        return accumulation, (f"world size {was_world} -> {world_size}: gradient accumulation {accumulation} keeps "
+                              f"{micro} micro-batches per step (the same samples per step, steps and learning-rate schedule)")
+    return spec_accumulation, (f"world size {was_world} -> {world_size}: the checkpoint's {micro} micro-batches per step do "
+                               f"not split over {world_size} processes; steps now take {world_size * spec_accumulation}, "
+                               "so the step count and learning-rate schedule follow the remaining data")
 
 
 def differences(recorded: dict, current: dict) -> list[str]:
