@@ -29,6 +29,7 @@ from .failures import Diverged, lost_a_peer
 from .graphs import StepGraphs
 from .exit_markers import write_exit_marker
 from .preemption import StopSignal
+from .sharding import local_bytes
 from .step_log import EarlyStopping, StepLog
 from .tasks import Task
 
@@ -102,6 +103,9 @@ def train_loop(run: Run) -> int:
         guard.record(state.step + 1, loss_sum, grad_norm)
         epoch_done = advance(run, batches, time.perf_counter() - started)
         progress.record(batches, loss_sum, grad_norm, run.scheduler.get_last_lr()[0])
+        if state.step == run.start.step + 1:  # after the first step the optimizer state exists
+            log_if_main(rt, "memory on this rank (%s): parameters %.2f MB, optimizer state %.2f MB", t.strategy,
+                        local_bytes(run.model) / 1e6, local_bytes(run.optimizer) / 1e6)
 
         last = state.step == run.total_steps
         if state.step % t.log_every_steps == 0 or last:
