@@ -187,7 +187,7 @@ def outcome(s: dict) -> str:
 
 SCENARIOS = ["reference", "hostile-jobs", "bad-data", "divergence", "worker-sigkill", "sigterm-upload", "s3-outage",
              "corrupt-newest", "lost-checkpoints", "spec-edit", "recreate-same-name", "operator-killed", "api-errors",
-             "three-preemptions", "group-deleted", "node-lost"]
+             "three-preemptions", "group-deleted", "fsdp-preempted", "node-lost"]
 ROWS: dict[str, dict] = {}
 
 
@@ -214,8 +214,9 @@ def reliability_table():
         "final state; every resume point a complete checkpoint and every manifest's files present; each attempt's "
         "steps consecutive from its resume point and none skipped between attempts; every step trained (retrained "
         "ones included) with the reference's data fingerprint and loss; final weights bitwise equal to the "
-        "reference's. *Steps lost* are steps trained again after a resume (work since the last complete "
-        "checkpoint).", "",
+        "reference's (fsdp-preempted runs the job with training.strategy fsdp: its data order is checked the same "
+        "way, its losses within 2e-3, as FSDP reduces in another order). *Steps lost* are steps trained again after "
+        "a resume (work since the last complete checkpoint).", "",
         "| scenario | injected fault | outcome | steps lost | data lost | time |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
@@ -583,6 +584,29 @@ def test_the_whole_group_deleted_at_once(cluster, corpus, reference):
     assert v.steps_lost == 0
     record(name, "`kubectl delete pods -l kubetrain.io/job-name=...`: both pods at once", outcome(final),
            v.steps_lost, v.data_lost, time.monotonic() - started)
+
+
+def test_an_fsdp_job_preempted_resumes_from_every_ranks_shards(cluster, corpus, reference):
+    name, started = "fsdp-preempted", time.monotonic()
+    create(cluster, job(cluster, corpus, name, training__strategy="fsdp"))
+    wait_step(cluster, name, 15)
+    kubectl(cluster, "delete", "pod", f"{name}-1", "--wait=false")
+    final = succeeded(cluster, name)
+    assert (final["preemptions"], final["failures"], final["attempt"]) == (1, 0, 2), final
+    v = check_run(cluster, name, reference, weights=False, losses=False)  # the data order is the reference's
+    assert v.steps_lost == 0
+    resumed = v.attempts[1].resumed
+    manifest = s3_manifests(cluster, prefix(name))[resumed]
+    assert manifest["meta"]["reason"] in EMERGENCY_REASONS and manifest["meta"]["sharded"]
+    assert sorted(f for f in manifest["files"] if f.startswith("shards/")) == [
+        "shards/.metadata", "shards/__0_0.distcp", "shards/__1_0.distcp"], "each rank's part, listed by rank 0"
+    for attempt in v.attempts:  # the same model trained as under ddp, up to fp32 reduction order
+        for step, rec in attempt.steps.items():
+            assert float(rec.loss) == pytest.approx(float(reference.steps[step].loss), abs=2e-3), (step, rec)
+    record(name, "training.strategy fsdp, `kubectl delete pod` of rank 1: every rank saves its own shards, rank 0's "
+           "manifest lists them", f"{outcome(final)}; resumed the emergency sharded checkpoint of step {resumed}; "
+           "losses within 2e-3 of the ddp reference", v.steps_lost,
+           f"none: all {v.compared_steps} step(s) used the reference's samples in its order", time.monotonic() - started)
 
 
 def test_losing_a_node(cluster, corpus, reference):

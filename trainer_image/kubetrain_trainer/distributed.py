@@ -39,6 +39,13 @@ def init_distributed(timeout_s: int = 1800) -> Runtime:
     return Runtime(rank, local_rank, world_size, device)
 
 
+def ensure_process_group(rt: Runtime) -> None:
+    """A process group even for one process (FSDP's device mesh needs one): a local store, no rendezvous."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if rt.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=rt.rank,
+                                world_size=rt.world_size, device_id=rt.device if rt.device.type == "cuda" else None)
+
+
 def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=op)

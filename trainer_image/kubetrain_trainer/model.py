@@ -156,7 +156,10 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> int:
     if not getattr(inner, "supports_gradient_checkpointing", False):
         raise ModelError(f"spec.training.activationCheckpointing: {inner.config.model_type!r} does not support "
                          "gradient checkpointing in transformers")
-    inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name is deprecated there
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return sum(isinstance(m, GradientCheckpointingLayer) for m in inner.modules())
 
 

@@ -37,13 +37,42 @@ from .failures import StorageError, describe
 SHARDS_DIR = "shards"
 
 
+def _deepcopy_atomic(x, memo, **_):
+    return x
+
+
+class ReusedStager(DefaultStager):
+    """DCP's stager, kept across saves: its pinned host buffers are paid for once, not at every save.
+
+    Older torch releases (2.11, seen on an H200) lack classes in the stager's copy table, and some close a
+    stager they were given after its save, which empties the table: the next staging of a DTensor then
+    fails with "KeyError: <class 'type'>". The table is completed and kept here (a no-op on torch 2.13,
+    whose table has it), and closing is left to the end of the process."""
+
+    def __init__(self, options: StagingOptions):
+        super().__init__(options)
+        table = getattr(getattr(self, "_state_dict_stager", None), "_deepcopy_dispatch", None)
+        if isinstance(table, dict):
+            table.setdefault(type, _deepcopy_atomic)
+        self._table = dict(table) if isinstance(table, dict) else None
+
+    def stage(self, state_dict, **kwargs):
+        table = getattr(getattr(self, "_state_dict_stager", None), "_deepcopy_dispatch", None)
+        if self._table is not None and isinstance(table, dict) and len(table) < len(self._table):
+            table.update(self._table)
+        return super().stage(state_dict, **kwargs)
+
+    def close(self) -> None:
+        pass
+
+
 class Shards:
     def __init__(self, component, rt: Runtime, store: CheckpointStore):
         self.component, self.rt, self.store = component, rt, store
         # a CPU group for the background threads (DCP's async save needs one; NCCL's is training's)
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         on_gpu = rt.device.type == "cuda"
-        self.stager = DefaultStager(StagingOptions(use_pinned_memory=on_gpu, use_shared_memory=False,
+        self.stager = ReusedStager(StagingOptions(use_pinned_memory=on_gpu, use_shared_memory=False,
                                                    use_async_staging=False, use_non_blocking_copy=on_gpu))
 
     def busy(self, pending: Future | None) -> bool:

@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor
 
 from kubetrain.api import FsdpSpec
 
-from .distributed import Runtime
+from .distributed import Runtime, ensure_process_group
 
 log = logging.getLogger("kubetrain.sharding")
 
@@ -39,6 +39,7 @@ COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def device_mesh(rt: Runtime, shard_across: str) -> DeviceMesh:
     """1-D over the world, or (nodes, processes per node) with sharding inside a node."""
+    ensure_process_group(rt)
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", rt.world_size))
     if shard_across == "node" and per_node < rt.world_size and rt.world_size % per_node == 0:
         return init_device_mesh(rt.device.type, (rt.world_size // per_node, per_node), mesh_dim_names=("replicate", "shard"))
