@@ -623,11 +623,14 @@ def test_a_report_arriving_after_the_job_failed_still_gives_its_last_checkpoint(
     assert (c.status["phase"], c.status["lastCheckpoint"]["step"]) == ("Failed", 2)
 
 
+PEER_LOST = TrainerReport("failed", reason="PeerLost", message="lost contact with another worker (RuntimeError: closed)")
+S3_UNREACHABLE = TrainerReport("failed", reason="PodFailed", message="EndpointConnectionError: Could not connect to s3")
+
+
 def test_a_peers_lost_contact_seen_first_gives_way_to_the_failed_pods_own_account():
     c = Cluster(job_body())
     running(c)
-    lost = TrainerReport("failed", reason="PeerLost", message="lost contact with another worker (RuntimeError: closed)")
-    cause = TrainerReport("failed", reason="PodFailed", message="EndpointConnectionError: Could not connect to s3")
+    lost, cause = PEER_LOST, S3_UNREACHABLE
     c.pods["bert-1"] = observed_pod(c.pods["bert-1"], "Failed", exit_code=1, message=lost.encode(), uid="a")
     c.step()
     assert c.status["phase"] == "Restarting" and c.status["message"].startswith("lost contact")
@@ -648,8 +651,7 @@ def test_the_failed_pods_own_account_counts_when_that_pod_was_gone_before_a_reco
     "lost contact"."""
     c = Cluster(job_body())
     running(c)
-    lost = TrainerReport("failed", reason="PeerLost", message="lost contact with another worker (RuntimeError: closed)")
-    cause = TrainerReport("failed", reason="PodFailed", message="EndpointConnectionError: Could not connect to s3")
+    lost, cause = PEER_LOST, S3_UNREACHABLE
     c.pods["bert-0"] = observed_pod(c.pods["bert-0"], "Failed", exit_code=1, message=lost.encode(), uid="a")
     c.step()
     assert c.status["message"].startswith("lost contact")
