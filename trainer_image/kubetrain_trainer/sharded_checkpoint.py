@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from .checkpoint_store import CheckpointError, CheckpointStore, SaveResult
 from .distributed import Runtime, all_reduce
-from .failures import StorageError, describe
+from .failures import PermanentError, StorageError, describe, one_line
 
 SHARDS_DIR = "shards"
 
@@ -124,8 +124,9 @@ class Shards:
         return result
 
     def _failed(self, err: BaseException) -> dict:
-        failure = describe(err)
-        return {"error": f"rank {self.rt.rank}: {failure.message}", "permanent": failure.permanent}
+        failure = describe(err)  # a permanent error is raised again as one, whose kind starts its message then
+        text = one_line(str(err)) if isinstance(err, PermanentError) else failure.message
+        return {"error": f"rank {self.rt.rank}: {text}", "permanent": failure.permanent}
 
     def load(self, dest: Path) -> None:
         """Collective: this rank's shards from the downloaded checkpoint in `dest` (any world size wrote it)."""
