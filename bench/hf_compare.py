@@ -32,7 +32,6 @@ import dataclasses
 import gc
 import json
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 from kubetrain_testkit import tiny  # tokenizer training, job documents
+from kubetrain_testkit.synthetic import make_rows, words, write_jsonl  # the skewed-length corpus
 
 ROBERTA_BASE = {"model_type": "roberta", "vocab_size": 50265, "hidden_size": 768, "num_hidden_layers": 12,
                 "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 514, "type_vocab_size": 1}
@@ -52,36 +52,6 @@ log = logging.getLogger("hf_compare")
 
 
 # --- the corpus ---------------------------------------------------------------------------------
-
-def words(n: int) -> list[str]:
-    """n distinct pronounceable pseudo-words (the tokenizer learns each as one token)."""
-    onsets, vowels = "bdfgklmnprstvz", "aeiou"
-    syllables = [c + v for c in onsets for v in vowels]
-    out = [a + b for a in syllables for b in syllables] + [a + b + c for a in syllables for b in syllables for c in syllables]
-    return out[:n]
-
-
-def make_rows(n: int, vocab: list[str], seed: int, median_words: float = 38.0, sigma: float = 0.75) -> list[dict]:
-    """Rows with lognormal word counts; a row's label decides which marker words it carries."""
-    rng = np.random.default_rng(seed)
-    markers = (vocab[:50], vocab[50:100])
-    neutral = vocab[100:]
-    counts = np.maximum(1, np.rint(rng.lognormal(math.log(median_words), sigma, n))).astype(int)
-    rows = []
-    for count in counts:
-        label = int(rng.integers(2))
-        picks = rng.integers(len(neutral), size=count)
-        marked = rng.random(count) < 0.1
-        text = [markers[label][rng.integers(50)] if m else neutral[p] for p, m in zip(picks, marked, strict=True)]
-        rows.append({"text": " ".join(text), "label": label})
-    return rows
-
-
-def write_jsonl(rows: list[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
 
 # --- shared measurement -------------------------------------------------------------------------
 

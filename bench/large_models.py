@@ -36,10 +36,8 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-from hf_compare import make_rows, words, write_jsonl  # noqa: E402 - the same synthetic corpus
-from kubetrain_testkit import tiny  # noqa: E402
+from kubetrain_testkit import tiny
+from kubetrain_testkit.synthetic import make_rows, words, write_jsonl  # the corpus bench/hf_compare.py uses
 
 LLAMA = {"model_type": "llama", "vocab_size": 128256, "max_position_embeddings": 4096, "rope_theta": 500000.0,
          "tie_word_embeddings": False}

@@ -376,7 +376,9 @@ def test_a_worker_killed_without_grace_loses_no_step_rank_0_saves_a_rescue_check
     assert first.finish() not in (0, 75), first.output
     rescued = int(first.wait_for(r"rescue checkpoint of step (\d+) complete").group(1))
     last_trained = max(int(m.group(1)) for m in first.matches(r"step (\d+)/120"))
-    assert rescued == last_trained >= 20  # every step rank 0 finished is in it
+    # every step rank 0 finished is in it: the last logged one, or the next, when the peer died after rank 0's
+    # optimizer step and before that step's log line (its loss is all-reduced: the collective that failed)
+    assert last_trained >= 20 and rescued in (last_trained, last_trained + 1), (rescued, last_trained)
     assert manifests(s3_server, s3_bucket, "ckpt/tests/killed/")[rescued]["meta"]["reason"] == "rescue"
 
     second = tiny.LocalRun(job, env=env, work_dir=tmp_path / "w3")
