@@ -54,3 +54,15 @@ def test_hf_compare_benchmark_runs_every_side_on_the_same_data(tmp_path):
     assert goals["kubetrain_side"].startswith("kubetrain") and goals["hf_best_side"] == "hf-best"
     for goal in ("x_hf_default", "x_hf_best"):
         assert goals[goal]["value"] > 0 and isinstance(goals[goal]["met"], bool)
+
+
+def test_large_models_benchmark_runs_both_sides_of_a_case(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "large_models.py"), "--all", "tiny", "--batch", "4",
+                          "--seq", "64", "--steps", "4", "--warmup", "2", "--work", str(tmp_path),
+                          "--out", str(tmp_path / "result.json")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {r["side"]: r for r in json.loads((tmp_path / "result.json").read_text())["rows"]}
+    assert set(rows) == {"kubetrain", "hf"} and all(r["ok"] for r in rows.values()), rows
+    assert rows["kubetrain"]["trainable_params"] == rows["hf"]["trainable_params"]  # the same model on both sides
+    assert all(r["tokens_per_s"] > 0 for r in rows.values())
+    assert rows["kubetrain"]["checkpoint_stall"]["steady_s"] > 0  # fsdp: the sharded save's staging was timed
