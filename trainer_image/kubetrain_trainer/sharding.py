@@ -83,7 +83,7 @@ def materialize(model: torch.nn.Module, device: torch.device, full_state: dict[s
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
     set_model_state_dict(model, full_state or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
-                                                                          strict=False))
+                                                                          strict=True))  # no shard left as to_empty made it
 
 
 def local_bytes(module_or_optimizer) -> int:
