@@ -89,9 +89,21 @@ def effective_job(job: TrainingJob, defaults: ClusterDefaults) -> TrainingJob:
                 "s3_secret": checkpoint.s3_secret or defaults.s3_secret,
                 "endpoint": checkpoint.endpoint or defaults.s3_endpoint,
             })
+    output = job.spec.output
+    if output is not None and not output.uri.startswith("s3://"):  # a pod's disk is gone when it ends
+        if not defaults.checkpoint_uri:
+            errors.append(f"spec.output.uri: {output.uri!r} is a local path, which is gone with the pod: use "
+                          "s3://bucket/prefix (or set the operator's default checkpoint URI)")
+        else:
+            output = output.model_copy(update={"uri": default_output_uri(defaults.checkpoint_uri, job)})
     if errors:
         raise SpecError("\n".join(errors))
-    return job.model_copy(update={"spec": job.spec.model_copy(update={"checkpoint": checkpoint})})
+    return job.model_copy(update={"spec": job.spec.model_copy(update={"checkpoint": checkpoint, "output": output})})
+
+
+def default_output_uri(default_checkpoint_uri: str, job: TrainingJob) -> str:
+    """Where a job whose spec.output.uri is a local path writes its model in a cluster: beside its checkpoints."""
+    return f"{default_checkpoint_uri.rstrip('/')}/{job.metadata.namespace}/{job.metadata.name}/model"
 
 
 def job_from_object(body: dict, defaults: ClusterDefaults) -> TrainingJob:

@@ -16,7 +16,7 @@ from datetime import timedelta
 
 from pydantic import ValidationError
 
-from kubetrain.api import CheckpointRef, SpecError, TrainingJob, TrainingJobStatus
+from kubetrain.api import CheckpointRef, OutputRef, SpecError, TrainingJob, TrainingJobStatus
 from kubetrain.contracts import TERMINAL_PHASES, Phase, Reason, parse_timestamp, timestamp
 
 from . import builders
@@ -118,6 +118,9 @@ def _progress(b: Decision, pods: list[dict]) -> None:
     for attempt, start in sorted(starts, key=lambda s: s[0]):
         _started(b, attempt, start)
     since = (b.status["started_from"] or {}).get("attempt", 0)  # older attempts' reports are history now
+    for a, r in reports:
+        if a >= since and r.outcome == "finished" and isinstance(r.output, dict):
+            _exported(b, r.output)
     sources = [Progress(r.step, CheckpointRef(step=r.checkpoint_step, uri=r.checkpoint_uri, time=r.checkpoint_time)
                         if r.checkpoint_step is not None and r.checkpoint_uri else None)
                for a, r in reports if a >= since]
@@ -129,6 +132,17 @@ def _progress(b: Decision, pods: list[dict]) -> None:
         last = b.status["last_checkpoint"]
         if p.checkpoint and (last is None or p.checkpoint.step > last["step"]):
             b.set(last_checkpoint=p.checkpoint.model_dump())
+
+
+def _exported(b: Decision, output: dict) -> None:
+    """The trained model landed (spec.output): status.output, once."""
+    try:
+        ref = OutputRef.model_validate(output)
+    except ValueError:
+        return  # a report this operator cannot read: status keeps what it had
+    if b.status["output"] != ref.model_dump():
+        b.set(output=ref.model_dump())
+        b.event("Normal", Reason.MODEL_EXPORTED, f"model exported to {ref.uri} at step {ref.step} ({', '.join(ref.formats)})")
 
 
 def _started(b: Decision, attempt: int, start: dict) -> None:

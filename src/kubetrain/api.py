@@ -374,6 +374,33 @@ class CheckpointSpec(_Model):
         return endpoint
 
 
+class OutputSpec(_Model):
+    """The trained model, written once training ends, for serving and sharing."""
+
+    uri: str = Field(
+        ..., min_length=1, max_length=4096, pattern=SAFE_TEXT,
+        description="s3://bucket/prefix or a local directory (written as given: no <ns>/<job>/ appended).",
+    )
+    formats: list[Literal["hf", "onnx"]] = Field(
+        default_factory=lambda: ["hf"], min_length=1, max_length=2,
+        description="hf: a Hugging Face model directory (safetensors, config with the label names, tokenizer, "
+                    "model card); onnx: also model.onnx (logits, dynamic batch and sequence axes), checked against "
+                    "the PyTorch model with onnxruntime.",
+    )
+    merge_lora: bool = Field(False, description="With LoRA: write the merged full model, not the adapter.")
+
+    _location = field_validator("uri")(check_location)
+
+    @field_validator("formats")
+    @classmethod
+    def _distinct(cls, formats: list[str]) -> list[str]:
+        if len(set(formats)) != len(formats):
+            raise ValueError("formats are listed once each")
+        if "onnx" in formats and "hf" not in formats:
+            raise ValueError("onnx is exported from the hf directory: list hf too")
+        return formats
+
+
 class MetricsSpec(_Model):
     port: int = Field(9400, ge=1024, le=65535)
     linger_seconds: int = Field(
@@ -405,6 +432,7 @@ class TrainingJobSpec(_Model):
     data: DataSpec
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     checkpoint: CheckpointSpec
+    output: OutputSpec | None = Field(None, description="Where the trained model goes; absent: checkpoints only.")
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
 
@@ -449,6 +477,15 @@ class StartedFrom(_Model):
                                "the job's spec applies from the resumed step.")
 
 
+class OutputRef(_Model):
+    """The exported model, once its manifest landed."""
+
+    uri: str
+    step: int = Field(..., ge=0)
+    formats: list[str] = Field(default_factory=list)
+    metrics: dict[str, float] = Field(default_factory=dict, description="The last eval metrics.")
+
+
 class TrainingJobStatus(_Model):
     phase: Phase | None = None
     observed_generation: int | None = Field(None, description="The metadata.generation this status reflects; the "
@@ -462,6 +499,7 @@ class TrainingJobStatus(_Model):
     attempt: int = Field(0, description="Generation of the current pod group (label kubetrain.io/attempt).")
     step: int | None = None
     last_checkpoint: CheckpointRef | None = None
+    output: OutputRef | None = None
     start_time: str | None = None
     completion_time: str | None = None
     message: str | None = None

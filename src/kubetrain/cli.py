@@ -57,6 +57,31 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """A stored checkpoint as a servable model (the trainer's export, run here)."""
+    if _load(args.job) is None:
+        return EXIT_INVALID_SPEC
+    try:
+        from kubetrain_trainer.export_checkpoint import export_checkpoint
+        from kubetrain_trainer.failures import describe
+    except ImportError as err:
+        print(f"kubetrain export needs the trainer: pip install 'kubetrain[trainer]' ({err})", file=sys.stderr)
+        return EXIT_PERMANENT
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    formats = args.format or ["hf"]
+    if "onnx" in formats and "hf" not in formats:
+        formats = ["hf", *formats]
+    try:
+        exported = export_checkpoint(args.checkpoint, Path(args.job), args.to, formats, args.merge_lora)
+    except Exception as err:  # noqa: BLE001 - one line naming what failed; the traceback helps nobody here
+        print(f"kubetrain export: {describe(err).message}", file=sys.stderr)
+        return EXIT_PERMANENT
+    print(f"exported step {exported.step} of {args.checkpoint} to {exported.uri} ({', '.join(exported.formats)})")
+    return 0
+
+
 def cmd_dev_cluster(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -88,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "in a pod: the trainer image's examples directory)")
     val.add_argument("--schema-only", action="store_true", help="check the schema only, not that local inputs exist")
     val.set_defaults(func=cmd_validate)
+    exp = sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory (and ONNX)")
+    exp.add_argument("checkpoint", help="a checkpoint directory: <checkpoint.uri>/<ns>/<job>/step-NNNNNNNNN")
+    exp.add_argument("--job", required=True, help="the TrainingJob YAML that trained it (spec.model, data, labels)")
+    exp.add_argument("--to", required=True, help="where the model goes: a local directory or s3://bucket/prefix")
+    exp.add_argument("--format", action="append", choices=["hf", "onnx"], help="hf (default) and/or onnx; repeatable")
+    exp.add_argument("--merge-lora", action="store_true", help="with LoRA: the merged full model, not the adapter")
+    exp.set_defaults(func=cmd_export)
     crd = sub.add_parser("crd", help="print the TrainingJob CRD")
     crd.set_defaults(func=cmd_crd)
     dev = sub.add_parser("dev-cluster", help="run an API server, pod executor, operator and S3 on this machine")

@@ -70,6 +70,7 @@ class Reason(StrEnum):
     CHECKPOINTS_LOST = "CheckpointsLost"
     SETTINGS_CHANGED = "SettingsChanged"
     SPEC_CHANGED = "SpecChanged"
+    MODEL_EXPORTED = "ModelExported"  # spec.output: the trained model landed
 
 
 class CheckpointReason(StrEnum):

@@ -169,6 +169,7 @@ def build_crd() -> dict[str, Any]:
                         column("Nodes", "integer", ".spec.nodes"),
                         column("Step", "integer", ".status.step"),
                         column("Restarts", "integer", ".status.restarts"),
+                        column("Output", "string", ".status.output.uri"),
                         column("Age", "date", ".metadata.creationTimestamp"),
                     ],
                     "schema": {"openAPIV3Schema": root},

@@ -25,7 +25,7 @@ def looks_like_path(value: str) -> bool:
 
 
 def resolve_local_paths(job: TrainingJob, base: Path) -> TrainingJob:
-    """Relative local data/model paths and the checkpoint directory, made absolute against `base`."""
+    """Relative local data/model paths and the checkpoint and output directories, made absolute against `base`."""
 
     def fix(value: str | None, always: bool = False) -> str | None:
         if value is None or is_remote(value) or os.path.isabs(value):
@@ -39,7 +39,11 @@ def resolve_local_paths(job: TrainingJob, base: Path) -> TrainingJob:
     checkpoint = spec.checkpoint
     if not is_remote(checkpoint.uri) and not os.path.isabs(checkpoint.uri):
         checkpoint = checkpoint.model_copy(update={"uri": str(base / checkpoint.uri)})
-    return job.model_copy(update={"spec": spec.model_copy(update={"data": data, "model": model, "checkpoint": checkpoint})})
+    output = spec.output
+    if output is not None and not is_remote(output.uri) and not os.path.isabs(output.uri):
+        output = output.model_copy(update={"uri": str(base / output.uri)})
+    return job.model_copy(update={"spec": spec.model_copy(update={"data": data, "model": model, "checkpoint": checkpoint,
+                                                                  "output": output})})
 
 
 def missing_local_inputs(original: TrainingJob, base: Path) -> list[str]:

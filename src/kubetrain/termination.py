@@ -29,6 +29,8 @@ class TrainerReport:
     permanent: bool = False
     # where the run started: {step, checkpoint (uri or None: scratch), why, changed: ["field old -> new"]}
     start: dict | None = None
+    # finished with spec.output: the exported model {uri, step, formats, metrics}
+    output: dict | None = None
 
     def encode(self) -> str:
         doc = asdict(self)
@@ -37,6 +39,9 @@ class TrainerReport:
         if doc["start"]:  # bounded: the kubelet keeps MAX_BYTES of the whole message
             doc["start"] = {**doc["start"], "why": str(doc["start"].get("why", ""))[:300],
                             "changed": [str(c)[:200] for c in doc["start"].get("changed", [])[:8]]}
+        if doc["output"]:
+            doc["output"] = {**doc["output"], "uri": str(doc["output"].get("uri", ""))[:1024],
+                             "metrics": dict(list((doc["output"].get("metrics") or {}).items())[:12])}
         return json.dumps({"kubetrain": {k: v for k, v in doc.items() if v is not None}}, separators=(",", ":"))
 
 

@@ -9,6 +9,7 @@ fault-injection suite, tests/faults/test_faults.py, with the same cluster set-up
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -45,6 +46,16 @@ def test_kubectl_apply_of_the_example_succeeds_with_checkpoints_in_s3(cluster):
     assert "StartedFromScratch" in reasons, reasons  # the trainer said where it started
     phase = kubectl(cluster, "get", "tj", "sentiment-minilm", "-o", "jsonpath={.status.phase} {.status.step}").stdout
     assert phase == f"Succeeded {finished}"
+    # spec.output is a local path in the example: in the cluster the model goes beside the checkpoints, in S3
+    model = f"checkpoints/{NS}/sentiment-minilm/model"
+    assert final["output"]["uri"] == f"s3://{BUCKET}/{model}" and final["output"]["step"] == finished, final
+    assert final["output"]["formats"] == ["hf", "onnx"] and "eval_f1" in final["output"]["metrics"]
+    assert "ModelExported" in reasons, reasons
+    exported = json.loads(cluster.s3.client().get_object(Bucket=BUCKET, Key=f"{model}/kubetrain-export.json")["Body"].read())
+    assert exported["step"] == finished and {"model.safetensors", "model.onnx", "config.json"} <= set(exported["files"])
+    assert exported["onnx_max_abs_diff"] <= 1e-4
+    table = kubectl(cluster, "get", "tj", "sentiment-minilm").stdout
+    assert "OUTPUT" in table.splitlines()[0] and f"s3://{BUCKET}/{model}" in table
 
 
 def test_a_transient_error_four_times_with_backoff_limit_3_fails_the_job(cluster, corpus):
@@ -108,7 +119,6 @@ def test_a_job_nested_1500_levels_deep_fails_alone_and_the_operator_serves_the_n
     """An API server stores JSON nested up to 10,000 levels: such a TrainingJob must be marked Failed, not
     crash the operator's watch (before: RecursionError in kopf's JSON decoding, the operator exiting at every
     restart, so no other job was served)."""
-    import json
     import urllib.request
 
     from kubetrain.contracts import accept_api_nesting

@@ -330,3 +330,20 @@ def test_relative_local_paths_and_plain_endpoints_still_pass():
     _set("spec.data.textField", "texte_é")(doc)
     job = parse_training_job(doc)
     assert job.spec.data.train == "../data/train.jsonl"
+
+
+@pytest.mark.parametrize(("output", "says"), [
+    ({"uri": "s3://b/m", "formats": ["onnx"]}, "onnx is exported from the hf directory"),
+    ({"uri": "s3://b/m", "formats": ["hf", "hf"]}, "listed once each"),
+    ({"uri": "s3://b/m", "formats": ["safetensors"]}, "spec.output.formats"),
+    ({"uri": "s3://b/../m"}, "'..' segments"),
+    ({"formats": ["hf"]}, "spec.output.uri"),
+])
+def test_output_spec_refuses_what_it_cannot_write(output, says):
+    from kubetrain.api import parse_training_job
+
+    body = {"apiVersion": "kubetrain.io/v1alpha1", "kind": "TrainingJob", "metadata": {"name": "m"},
+            "spec": {"image": "kubetrain/trainer:0.1.0", "model": {"name": "bert-base-uncased", "task": "sequence-classification"},
+                     "data": {"train": "s3://d/t.jsonl"}, "checkpoint": {"uri": "s3://c/x"}, "output": output}}
+    with pytest.raises(SpecError, match=re.escape(says)):
+        parse_training_job(body)

@@ -179,6 +179,7 @@ def test_crd_metadata() -> None:
         ("Nodes", "integer", ".spec.nodes"),
         ("Step", "integer", ".status.step"),
         ("Restarts", "integer", ".status.restarts"),
+        ("Output", "string", ".status.output.uri"),
         ("Age", "date", ".metadata.creationTimestamp"),
     ]
 

@@ -671,3 +671,27 @@ def test_the_failed_pods_own_account_counts_when_that_pod_was_gone_before_a_reco
         c.pods[name] = observed_pod(c.pods[name], "Failed", exit_code=1, message=lost.encode(), uid=f"x-{name}")
     c.step()
     assert c.status["message"].startswith("lost contact")
+
+
+def test_a_finished_report_with_an_exported_model_sets_status_output_once_with_an_event():
+    c = Cluster(job_body(output={"uri": "s3://models/bert", "formats": ["hf", "onnx"]}))
+    c.step()
+    c.set_pods(phase="Running")
+    c.step()
+    output = {"uri": "s3://models/bert", "step": 120, "formats": ["hf", "onnx"], "metrics": {"eval_f1": 0.91}}
+    report = TrainerReport("finished", 120, 120, "s3://ckpt/runs/ml/bert/step-000000120", output=output).encode()
+    c.set_pods(phase="Succeeded", exit_code=0, message=report)
+    c.step()
+    assert c.status["phase"] == "Succeeded" and c.status["output"] == output
+    exported = [m for r, m in c.events if r == "ModelExported"]
+    assert exported == ["model exported to s3://models/bert at step 120 (hf, onnx)"]
+
+
+def test_a_local_output_path_goes_beside_the_checkpoints_in_a_cluster_or_is_invalid_without_defaults():
+    body = job_body(output={"uri": "models/bert"})
+    with pytest.raises(SpecError, match=r"spec.output.uri: 'models/bert' is a local path"):
+        builders.effective_job(parsed(body), builders.ClusterDefaults())
+    job = builders.effective_job(parsed(body), builders.ClusterDefaults(checkpoint_uri="s3://default/ckpt"))
+    assert job.spec.output.uri == "s3://default/ckpt/ml/bert/model"
+    remote = builders.effective_job(parsed(job_body(output={"uri": "s3://mine/m"})), builders.ClusterDefaults())
+    assert remote.spec.output.uri == "s3://mine/m"

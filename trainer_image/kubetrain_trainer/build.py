@@ -62,6 +62,7 @@ class Run:
     rt: Runtime
     task: Task
     tokenizer: object
+    labels: dict[str, int] | None  # raw label -> class id (classification), named in an exported model's config
     train_set: D.Encoded
     eval_set: D.Encoded | None
     eval_batches: list[list[int]]  # this rank's share; under fsdp padded with [] (a forward not counted)
@@ -132,7 +133,7 @@ def build_run(job: TrainingJob, opts: RunOptions) -> Run:
                             on_retry=metrics.checkpoint_retries.inc if metrics else None)
     state, content = TrainState(), CheckpointContent()
     shards = Shards(ShardedState(model, optimizer, lora), rt, store) if t.strategy == "fsdp" else None
-    record = {"identity": model_identity(spec), "job_uid": opts.job_uid}
+    record = {"identity": model_identity(spec), "job_uid": opts.job_uid, "labels": labels}
     checkpointer = Checkpointer(store, opts.work_dir, rt, metrics, content, state, record, shards)
     chosen = checkpointer.choose()
 
@@ -166,7 +167,7 @@ def build_run(job: TrainingJob, opts: RunOptions) -> Run:
     else:
         log.info("training from scratch: %s", start.why)
 
-    return Run(job, opts, rt, task, tokenizer, train_set, eval_set, eval_batches, schedule, total_steps, model, optimizer,
+    return Run(job, opts, rt, task, tokenizer, labels, train_set, eval_set, eval_batches, schedule, total_steps, model, optimizer,
                scheduler, scaler, autocast_for(t.precision, rt.device), metrics, checkpointer, state, start)
 
 

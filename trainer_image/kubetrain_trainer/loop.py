@@ -25,11 +25,12 @@ from .data import StepBatches
 from .distributed import Runtime, seed_step
 from .divergence import NonFiniteGuard, update_skipped_if_non_finite
 from .evaluate import evaluate
+from .export import Exported, Provenance, export_model, token_fingerprint
 from .failures import Diverged, lost_a_peer
 from .graphs import StepGraphs
 from .exit_markers import write_exit_marker
 from .preemption import StopSignal
-from .sharding import local_bytes
+from .sharding import gathered_state, local_bytes
 from .step_log import EarlyStopping, StepLog
 from .tasks import Task
 
@@ -132,9 +133,10 @@ def train_loop(run: Run) -> int:
                     t.early_stopping.metric, early.spec.patience)
     guard.check()
     run.checkpointer.save(CheckpointReason.FINAL, wait=True)  # every rank waits until it is complete in the store
+    exported = export_output(run) if spec.output else None  # before "finished": a failed export is a failed attempt
     write_exit_marker(rt.local_rank, "finished", step=state.step)
     log_if_main(rt, "finished at step %d; eval %s", state.step, state.last_eval or "-")
-    report_outcome(run, "finished")
+    report_outcome(run, "finished", exported)
     if run.metrics and run.opts.metrics_port and spec.metrics.linger_seconds:
         time.sleep(spec.metrics.linger_seconds)  # let Prometheus scrape the final values
     return 0
@@ -176,12 +178,33 @@ def serve_metrics(run: Run) -> None:
             log.warning("cannot serve /metrics on %s:%d (%s): metrics disabled", opts.metrics_addr, opts.metrics_port, err)
 
 
-def report_outcome(run: Run, outcome: str) -> None:
-    """Rank 0 leaves the final step and newest checkpoint in the pod's termination message."""
+def report_outcome(run: Run, outcome: str, exported: Exported | None = None) -> None:
+    """Rank 0 leaves the final step, newest checkpoint and exported model in the pod's termination message."""
     if run.rt.is_main:
         ckpt = run.checkpointer.latest
+        output = ({"uri": exported.uri, "step": exported.step, "formats": exported.formats, "metrics": exported.metrics}
+                  if exported else None)
         write_report(TrainerReport(outcome, run.state.step, ckpt.step if ckpt else None, ckpt.uri if ckpt else None,
-                                   ckpt.created if ckpt else None, start=run.start.to_json()))
+                                   ckpt.created if ckpt else None, start=run.start.to_json(), output=output))
+
+
+def export_output(run: Run) -> Exported | None:
+    """spec.output: the trained weights (fsdp: gathered from every rank) exported by rank 0."""
+    model_spec = run.job.spec.model
+    # the whole live model, base included (no second load, no init to reproduce); a quantized base is not
+    # servable as it is: only what LoRA trained, merged into the unquantized pretrained weights
+    whole = model_spec.quantization == "none"
+    trained = gathered_state(run.model, trained_only=not whole and model_spec.lora is not None)
+    if not run.rt.is_main:
+        return None
+    ckpt = run.checkpointer.latest
+    data = {"train": f"{run.job.spec.data.train} (tokens {token_fingerprint(run.train_set.input_ids)})"}
+    if run.eval_set is not None:
+        data["eval"] = f"{run.job.spec.data.eval} (tokens {token_fingerprint(run.eval_set.input_ids)})"
+    provenance = Provenance(run.state.step, dict(run.state.last_eval or {}), ckpt.uri if ckpt else None, data)
+    samples = (run.eval_set or run.train_set).input_ids
+    return export_model(run.job, run.task, run.tokenizer, trained, run.labels, provenance, samples, run.opts.work_dir,
+                        whole=whole)
 
 
 def train_step(module, optimizer, scaler, batcher, batches: StepBatches, *, task: Task, rt: Runtime,

@@ -22,8 +22,8 @@ import logging
 import os
 
 import torch
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor
 from kubetrain.api import FsdpSpec
 
 from .distributed import Runtime, ensure_process_group
+from .model import trainable_state_dict
 
 log = logging.getLogger("kubetrain.sharding")
 
@@ -95,6 +96,15 @@ def local_bytes(module_or_optimizer) -> int:
     if isinstance(module_or_optimizer, torch.nn.Module):
         return sum(size(p) for p in module_or_optimizer.parameters())
     return sum(size(v) for state in module_or_optimizer.state.values() for v in state.values())
+
+
+def gathered_state(model: torch.nn.Module, trained_only: bool) -> dict[str, torch.Tensor]:
+    """The weights (or only the trained ones) as full CPU tensors. Sharded: gathered from every rank, a
+    collective that every rank calls and rank 0 receives (the others get an empty dict); else this rank's own."""
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                    ignore_frozen_params=trained_only))
+    return {name: t.detach().cpu() for name, t in trainable_state_dict(model, trained_only).items()}
 
 
 class ShardedState:
