@@ -334,6 +334,9 @@ HOSTILE = [
     ("endpoint-injection", {"checkpoint": {"uri": "s3://b/p", "endpoint": "http://x;curl evil"}},
      "spec.checkpoint.endpoint"),
     ("region-injection", {"checkpoint": {"uri": "s3://b/p", "region": "us-east-1; id"}}, "spec.checkpoint.region"),
+    ("output-traversal", {"output": {"uri": "s3://b/models/../../etc"}}, "spec.output.uri"),
+    ("output-injection", {"output": {"uri": "s3://b/m; rm -rf /"}}, "spec.output.uri"),
+    ("output-format", {"output": {"uri": "s3://b/m", "formats": ["pickle"]}}, "spec.output.formats"),
     ("backoff-negative", {"runPolicy": {"backoffLimit": -1}}, "spec.runPolicy.backoffLimit"),
     ("backoff-huge", {"runPolicy": {"backoffLimit": 10**9}}, "spec.runPolicy.backoffLimit"),
     ("cleanpod-bad", {"runPolicy": {"cleanPodPolicy": "Sometimes"}}, "spec.runPolicy.cleanPodPolicy"),
@@ -382,7 +385,8 @@ def test_hostile_jobs_are_each_failed_naming_the_field_with_no_pod_and_the_opera
     record("hostile-jobs", f"{len(HOSTILE)} malformed or hostile TrainingJobs: wrong types, huge numbers, NaN/Infinity, "
            "shell injection in image/paths/secret/endpoint, a name that cannot be a hostname, loader options "
            "(trust_remote_code, token) and nested values in model.config, '..' in remote URIs, bidi "
-           "characters, credentials or a link-local host in the S3 endpoint",
+           "characters, credentials or a link-local host in the S3 endpoint, traversal, injection and unknown formats in "
+           "spec.output",
            "each Failed (InvalidSpec) naming its field; 0 pods created; the operator kept running", 0, "-",
            time.monotonic() - started)
 
