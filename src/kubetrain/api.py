@@ -388,6 +388,11 @@ class OutputSpec(_Model):
                     "the PyTorch model with onnxruntime.",
     )
     merge_lora: bool = Field(False, description="With LoRA: write the merged full model, not the adapter.")
+    from_: Literal["final", "best"] = Field(
+        "final", alias="from",
+        description="final: the weights training ended with; best: those of the evaluation that scored best by "
+                    "training.earlyStopping.metric (its checkpoint is kept through retention).",
+    )
 
     _location = field_validator("uri")(check_location)
 
@@ -435,6 +440,16 @@ class TrainingJobSpec(_Model):
     output: OutputSpec | None = Field(None, description="Where the trained model goes; absent: checkpoints only.")
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
+
+    @model_validator(mode="after")
+    def _best_is_defined(self) -> TrainingJobSpec:
+        if self.output is not None and self.output.from_ == "best":
+            if self.training.early_stopping is None:
+                raise ValueError("output.from: best needs training.earlyStopping: its metric and mode say which "
+                                 "evaluation is best (set a large patience to never stop early)")
+            if self.data.eval is None:
+                raise ValueError("output.from: best needs data.eval: without evaluations no checkpoint is best")
+        return self
 
     @model_validator(mode="after")
     def _strategy_fits(self) -> TrainingJobSpec:

@@ -80,6 +80,7 @@ class CheckpointReason(StrEnum):
     PREEMPTION = "preemption"
     FINAL = "final"
     RESCUE = "rescue"  # written by rank 0 alone after a peer died without grace
+    BEST = "best"  # output.from: best: the weights of a new best evaluation, kept through retention
 
 
 class TrainerMetric(StrEnum):

@@ -162,3 +162,25 @@ def test_an_fsdp_run_exports_its_gathered_shards_and_its_sharded_checkpoint_expo
     a, b = load_file(live / "model.safetensors"), load_file(stored / "model.safetensors")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((live / "config.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
+
+
+def test_output_from_best_exports_the_best_evaluations_weights_kept_through_retention(tmp_path: Path, corpus: dict) -> None:
+    """mode max on eval_loss: while training lowers the loss, the first evaluation stays the best one."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "best"
+    run_job(tmp_path, corpus, "export-best", training__maxSteps=16, training__evalEverySteps=4,
+            training__earlyStopping={"metric": "eval_loss", "mode": "max", "patience": 100},
+            checkpoint__everySteps=100, checkpoint__keep=1, output={"uri": str(out), "from": "best"})
+    manifest = json.loads((out / "kubetrain-export.json").read_text())
+    prefix = tmp_path / "ckpt" / "tests" / "export-best"
+    assert manifest["step"] == 4 and manifest["checkpoint"].endswith("step-000000004"), manifest
+    kept = sorted(p.name for p in prefix.iterdir())
+    assert kept == ["step-000000004", "step-000000016"], kept  # keep: 1, and the best one
+    assert json.loads((prefix / "step-000000004" / "manifest.json").read_text())["meta"]["reason"] == "best"
+    trained = torch.load(prefix / "step-000000004" / "model.pt", weights_only=True)
+    exported = load_file(out / "model.safetensors")
+    assert set(exported) <= set(trained) and all(torch.equal(exported[k], trained[k]) for k in exported)
+    final = torch.load(prefix / "step-000000016" / "model.pt", weights_only=True)
+    assert not all(torch.equal(exported[k], final[k]) for k in exported)
+    assert manifest["metrics"]["eval_loss"] > 0 and "eval_loss" in (out / "README.md").read_text()

@@ -157,6 +157,8 @@ def build_run(job: TrainingJob, opts: RunOptions) -> Run:
     if rt.is_main and shards is None:  # only rank 0 snapshots; pay for fresh pinned memory now, not at the first checkpoint
         reserve_pinned_memory(model, lora=lora)
     start = checkpointer.load(chosen)
+    if spec.output is not None and spec.output.from_ == "best" and state.best_step is not None:
+        store.kept = {state.best_step}  # the best evaluation's checkpoint outlives retention across restarts
     if start.checkpoint:
         apply_learning_rate(optimizer, scheduler, spec)  # the job's spec applies from here on (resume.py)
         log.info("resumed from %s at step %d (epoch %d, micro-batch %d): %s", start.checkpoint, state.step, state.epoch,

@@ -38,6 +38,7 @@ class TrainState:
     productive_seconds: float = 0.0  # time inside training steps, over all restarts
     first_start_time: float = dataclasses.field(default_factory=time.time)
     best_metric: float | None = None
+    best_step: int | None = None  # the step of best_metric's evaluation
     evals_without_improvement: int = 0
     last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
     non_finite_skips: int = 0  # steps skipped under training.onNonFinite: skip

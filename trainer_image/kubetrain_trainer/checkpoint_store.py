@@ -120,6 +120,7 @@ class CheckpointStore:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.on_retry = on_retry
+        self.kept: set[int] = set()  # steps retention never deletes (output.from: best)
         self._executor: ThreadPoolExecutor | None = None
         self._pending: list[Future[SaveResult]] = []
         self._lock = threading.Lock()
@@ -328,7 +329,7 @@ class CheckpointStore:
         )
         if not complete:
             return []
-        doomed = set(complete[self.keep :])
+        doomed = set(complete[self.keep :]) - self.kept
         doomed |= {s for s in steps if s not in complete and s < complete[0]}
         victims = {s: steps[s] for s in sorted(doomed)}
         self._delete_checkpoints(victims)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from kubetrain.api import load_training_job
+from kubetrain.api import TrainingJob, load_training_job
 from kubetrain.inputs import resolve_local_paths
 
 from . import data as D
@@ -25,7 +25,7 @@ from .export import ExportError, Exported, Provenance, export_model
 from .model import build_model, load_tokenizer, trainable_state_dict
 from .sharded_checkpoint import SHARDS_DIR
 from .storage import open_storage
-from .tasks import task_for
+from .tasks import Task, task_for
 
 log = logging.getLogger("kubetrain.export")
 
@@ -55,19 +55,7 @@ def export_checkpoint(checkpoint_uri: str, job_path: Path, to: str, formats: lis
         rows = D.read_rows(spec.data.train, spec.data.format, **s3)
         labels = task.label_vocabulary(rows, spec.data, spec.model, spec.data.train)
 
-    lora = spec.model.lora is not None
-    if SHARDS_DIR + "/.metadata" in files:
-        seed_everything(spec.training.seed)
-        model = build_model(spec.model.model_copy(update={"quantization": "none"}), task, tokenizer, work / "cache",
-                            precision=spec.training.precision, device="cpu", **s3)
-        state = trainable_state_dict(model, lora)
-        import torch.distributed.checkpoint as dcp
-
-        dcp.load({SHARDS_DIR: {"model": state}}, storage_reader=dcp.FileSystemReader(work / "checkpoint" / SHARDS_DIR))
-        del model
-    else:
-        state = torch.load(files["model.pt"], map_location="cpu", weights_only=True)
-    progress = json.loads(files["state.json"].read_text()) if "state.json" in files else {}
+    state, progress = stored_weights(job, task, tokenizer, files, work, **s3)
 
     split = spec.data.eval or spec.data.train
     sample_rows = D.read_rows(split, spec.data.format, **s3)[:16] if rows is None or spec.data.eval else rows[:16]
@@ -76,3 +64,24 @@ def export_checkpoint(checkpoint_uri: str, job_path: Path, to: str, formats: lis
                             {"train": spec.data.train, **({"eval": spec.data.eval} if spec.data.eval else {})})
     return export_model(job, task, tokenizer, state, labels, provenance, samples, work, whole=False, uri=to,
                         formats=formats, merge_lora=merge_lora)
+
+
+def stored_weights(job: TrainingJob, task: Task, tokenizer, files: dict[str, Path], work: Path,
+                   **s3) -> tuple[dict[str, torch.Tensor], dict]:
+    """The trained weights (LoRA: its tensors) of a downloaded checkpoint as full CPU tensors, and its state.json."""
+    spec = job.spec
+    lora = spec.model.lora is not None
+    if SHARDS_DIR + "/.metadata" in files:
+        seed_everything(spec.training.seed)
+        model = build_model(spec.model.model_copy(update={"quantization": "none"}), task, tokenizer, work / "cache",
+                            precision=spec.training.precision, device="cpu", **s3)
+        state = trainable_state_dict(model, lora)
+        import torch.distributed.checkpoint as dcp
+
+        dcp.load({SHARDS_DIR: {"model": state}}, storage_reader=dcp.FileSystemReader(files[SHARDS_DIR + "/.metadata"].parent),
+                 no_dist=True)  # this process alone reads every shard, whatever the job's process group
+        del model
+    else:
+        state = torch.load(files["model.pt"], map_location="cpu", weights_only=True)
+    progress = json.loads(files["state.json"].read_text()) if "state.json" in files else {}
+    return state, progress

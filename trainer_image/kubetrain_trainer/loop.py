@@ -25,12 +25,13 @@ from .data import StepBatches
 from .distributed import Runtime, seed_step
 from .divergence import NonFiniteGuard, update_skipped_if_non_finite
 from .evaluate import evaluate
-from .export import Exported, Provenance, export_model, token_fingerprint
+from .export import Exported
 from .failures import Diverged, lost_a_peer
 from .graphs import StepGraphs
 from .exit_markers import write_exit_marker
 from .preemption import StopSignal
-from .sharding import gathered_state, local_bytes
+from .output import export_run
+from .sharding import local_bytes
 from .step_log import EarlyStopping, StepLog
 from .tasks import Task
 
@@ -87,6 +88,7 @@ def train_loop(run: Run) -> int:
     early = EarlyStopping(t.early_stopping, state)
     progress = StepLog(rt, run.metrics, run.total_steps, state, model=run.model)
     guard = NonFiniteGuard(t, state, rt.device, scaler_enabled=run.scaler.is_enabled())
+    keep_best = spec.output is not None and spec.output.from_ == "best"
     serve_metrics(run)
     log_if_main(rt, "training %s: %d steps, world size %d, %d train samples, precision %s", run.job.metadata.name,
                 run.total_steps, rt.world_size, len(run.train_set), t.precision)
@@ -116,7 +118,8 @@ def train_loop(run: Run) -> int:
         if run.eval_set and (eval_due or (t.eval_every_steps is None and epoch_done) or last):
             state.last_eval = run_eval(run)
             progress.report_eval(state.last_eval)
-            early.update(state.last_eval)
+            if early.update(state.last_eval) and keep_best:
+                keep_best_checkpoint(run, guard, periodic=state.step % spec.checkpoint.every_steps == 0, last=last)
         if state.step % spec.checkpoint.every_steps == 0 and not last:
             guard.check()  # no checkpoint holds a diverged state
             run.checkpointer.save(CheckpointReason.PERIODIC, wait=False)
@@ -133,13 +136,22 @@ def train_loop(run: Run) -> int:
                     t.early_stopping.metric, early.spec.patience)
     guard.check()
     run.checkpointer.save(CheckpointReason.FINAL, wait=True)  # every rank waits until it is complete in the store
-    exported = export_output(run) if spec.output else None  # before "finished": a failed export is a failed attempt
+    exported = export_run(run) if spec.output else None  # before "finished": a failed export is a failed attempt
     write_exit_marker(rt.local_rank, "finished", step=state.step)
     log_if_main(rt, "finished at step %d; eval %s", state.step, state.last_eval or "-")
     report_outcome(run, "finished", exported)
     if run.metrics and run.opts.metrics_port and spec.metrics.linger_seconds:
         time.sleep(spec.metrics.linger_seconds)  # let Prometheus scrape the final values
     return 0
+
+
+def keep_best_checkpoint(run: Run, guard: NonFiniteGuard, *, periodic: bool, last: bool) -> None:
+    """output.from: best: this step's weights are the best so far; its checkpoint survives retention. The
+    periodic and final saves of this step already write it; otherwise it is saved now."""
+    run.checkpointer.store.kept = {run.state.step}
+    if not (periodic or last):
+        guard.check()
+        run.checkpointer.save(CheckpointReason.BEST, wait=False)
 
 
 def advance(run: Run, batches: StepBatches, seconds: float) -> bool:
@@ -186,25 +198,6 @@ def report_outcome(run: Run, outcome: str, exported: Exported | None = None) -> 
                   if exported else None)
         write_report(TrainerReport(outcome, run.state.step, ckpt.step if ckpt else None, ckpt.uri if ckpt else None,
                                    ckpt.created if ckpt else None, start=run.start.to_json(), output=output))
-
-
-def export_output(run: Run) -> Exported | None:
-    """spec.output: the trained weights (fsdp: gathered from every rank) exported by rank 0."""
-    model_spec = run.job.spec.model
-    # the whole live model, base included (no second load, no init to reproduce); a quantized base is not
-    # servable as it is: only what LoRA trained, merged into the unquantized pretrained weights
-    whole = model_spec.quantization == "none"
-    trained = gathered_state(run.model, trained_only=not whole and model_spec.lora is not None)
-    if not run.rt.is_main:
-        return None
-    ckpt = run.checkpointer.latest
-    data = {"train": f"{run.job.spec.data.train} (tokens {token_fingerprint(run.train_set.input_ids)})"}
-    if run.eval_set is not None:
-        data["eval"] = f"{run.job.spec.data.eval} (tokens {token_fingerprint(run.eval_set.input_ids)})"
-    provenance = Provenance(run.state.step, dict(run.state.last_eval or {}), ckpt.uri if ckpt else None, data)
-    samples = (run.eval_set or run.train_set).input_ids
-    return export_model(run.job, run.task, run.tokenizer, trained, run.labels, provenance, samples, run.opts.work_dir,
-                        whole=whole)
 
 
 def train_step(module, optimizer, scaler, batcher, batches: StepBatches, *, task: Task, rt: Runtime,

@@ -151,9 +151,10 @@ class EarlyStopping:
         if spec is not None:
             self.minimize = spec.mode == "min" or (spec.mode == "auto" and spec.metric.endswith(("loss", "perplexity")))
 
-    def update(self, results: dict[str, float]) -> None:
+    def update(self, results: dict[str, float]) -> bool:
+        """Count one evaluation; returns whether it is the best so far."""
         if self.spec is None:
-            return
+            return False
         if self.spec.metric not in results:
             raise ValueError(f"spec.training.earlyStopping.metric: {self.spec.metric!r} is not computed; "
                              f"available: {sorted(results)}")
@@ -161,8 +162,10 @@ class EarlyStopping:
         improved = best is None or (best - value > self.spec.min_delta if self.minimize else value - best > self.spec.min_delta)
         if improved:
             self.state.best_metric, self.state.evals_without_improvement = value, 0
+            self.state.best_step = self.state.step
         else:
             self.state.evals_without_improvement += 1
+        return improved
 
     @property
     def should_stop(self) -> bool:
