@@ -194,8 +194,9 @@ def service(job: TrainingJob, owner: dict, rdzv_port: int = RDZV_PORT) -> dict:
     }
 
 
-def _env(job: TrainingJob) -> list[dict]:
+def _env(job: TrainingJob, attempt: int) -> list[dict]:
     env = [
+        {"name": "KUBETRAIN_ATTEMPT", "value": str(attempt)},  # a tag of the MLflow run
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         # /metrics on the pod IP: Prometheus and the operator scrape it there
@@ -212,6 +213,10 @@ def _env(job: TrainingJob) -> list[dict]:
     if secret:
         for key, optional in (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True)):
             env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": optional}}})
+    mlflow = job.spec.tracking.mlflow
+    if mlflow is not None and mlflow.secret:  # the tracking server's credentials, never in the spec
+        for key in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": mlflow.secret, "key": key, "optional": True}}})
     return env
 
 
@@ -243,7 +248,7 @@ def pod(job: TrainingJob, owner: dict, rank: int, attempt: int, config_digest: s
         "imagePullPolicy": "IfNotPresent",
         "command": ["python", "-m", "kubetrain_trainer.launch"],
         "args": trainer_args(job, attempt, rank, rdzv_port),
-        "env": _env(job),
+        "env": _env(job, attempt),
         "ports": [
             {"name": "rendezvous", "containerPort": rdzv_port, "protocol": "TCP"},
             {"name": "metrics", "containerPort": spec.metrics.port, "protocol": "TCP"},

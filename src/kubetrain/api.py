@@ -406,6 +406,31 @@ class OutputSpec(_Model):
         return formats
 
 
+class MlflowSpec(_Model):
+    """MLflow tracking of the run (rank 0): params, metrics at every log step and eval, the exported model."""
+
+    tracking_uri: str = Field(..., min_length=1, max_length=2048, pattern=r"^(https?|databricks)://[^\x00-\x20\x7f;&|$`<>\\'\"]+$",
+                              description="The tracking server, e.g. http://mlflow.mlflow:5000.")
+    experiment: str = Field("kubetrain", min_length=1, max_length=256, pattern=SAFE_TEXT)
+    run_name: str | None = Field(None, min_length=1, max_length=256, pattern=SAFE_TEXT,
+                                 description="Default: the TrainingJob's name.")
+    register_model: str | None = Field(None, min_length=1, max_length=256, pattern=SAFE_TEXT,
+                                       description="Register the exported model (spec.output) under this name.")
+    secret: str | None = Field(None, pattern=DNS_LABEL, description="Secret exposed to the trainer as env "
+                               "(MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD).")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, uri: str) -> str:
+        if "@" in urlsplit(uri).netloc:
+            raise ValueError("credentials in the tracking URI are refused: put them in the secret")
+        return uri
+
+
+class TrackingSpec(_Model):
+    mlflow: MlflowSpec | None = None
+
+
 class MetricsSpec(_Model):
     port: int = Field(9400, ge=1024, le=65535)
     linger_seconds: int = Field(
@@ -438,8 +463,16 @@ class TrainingJobSpec(_Model):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     checkpoint: CheckpointSpec
     output: OutputSpec | None = Field(None, description="Where the trained model goes; absent: checkpoints only.")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
+
+    @model_validator(mode="after")
+    def _registration_has_a_model(self) -> TrainingJobSpec:
+        mlflow = self.tracking.mlflow
+        if mlflow is not None and mlflow.register_model and self.output is None:
+            raise ValueError("tracking.mlflow.registerModel registers the exported model: set output too")
+        return self
 
     @model_validator(mode="after")
     def _best_is_defined(self) -> TrainingJobSpec:

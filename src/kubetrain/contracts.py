@@ -109,6 +109,7 @@ class TrainerMetric(StrEnum):
     CHECKPOINT_FAILURES = "kubetrain_checkpoint_failures"  # counter
     CHECKPOINT_RETRIES = "kubetrain_checkpoint_retries"  # counter
     CHECKPOINTS_SUPERSEDED = "kubetrain_checkpoints_superseded"  # counter
+    TRACKING_ERRORS = "kubetrain_tracking_errors"  # counter: MLflow requests that failed (retried)
     SAMPLES = "kubetrain_train_samples"  # counter
     TOKENS = "kubetrain_train_tokens"  # counter
     RESUMED_FROM_STEP = "kubetrain_resumed_from_step"

@@ -347,3 +347,27 @@ def test_output_spec_refuses_what_it_cannot_write(output, says):
                      "data": {"train": "s3://d/t.jsonl"}, "checkpoint": {"uri": "s3://c/x"}, "output": output}}
     with pytest.raises(SpecError, match=re.escape(says)):
         parse_training_job(body)
+
+
+@pytest.mark.parametrize(("tracking", "output", "says"), [
+    ({"mlflow": {"trackingUri": "http://user:pw@mlflow:5000"}}, None, "credentials in the tracking URI are refused"),
+    ({"mlflow": {"trackingUri": "file:///etc"}}, None, "spec.tracking.mlflow.trackingUri"),
+    ({"mlflow": {"trackingUri": "http://mlflow:5000", "registerModel": "m"}}, None, "registerModel registers the exported"),
+    ({"mlflow": {"trackingUri": "http://mlflow:5000", "secret": "Not_A_Name"}}, None, "spec.tracking.mlflow.secret"),
+])
+def test_tracking_spec_refuses_credentials_in_the_uri_and_registration_without_an_output(tracking, output, says):
+    body = {"apiVersion": "kubetrain.io/v1alpha1", "kind": "TrainingJob", "metadata": {"name": "m"},
+            "spec": {"image": "kubetrain/trainer:0.1.0", "model": {"name": "bert-base-uncased", "task": "sequence-classification"},
+                     "data": {"train": "s3://d/t.jsonl"}, "checkpoint": {"uri": "s3://c/x"}, "tracking": tracking,
+                     **({"output": output} if output else {})}}
+    with pytest.raises(SpecError, match=re.escape(says)):
+        parse_training_job(body)
+
+
+def test_mlflow_params_are_the_flattened_spec():
+    from kubetrain_trainer.tracking import MAX_PARAM_CHARS, flatten
+
+    flat = flatten({"training": {"learningRate": 0.001, "fsdp": {"shardAcross": "world"}}, "lora": {"targetModules": ["q", "v"]},
+                    "long": "x" * 10_000})
+    assert flat["training.learningRate"] == "0.001" and flat["training.fsdp.shardAcross"] == "world"
+    assert flat["lora.targetModules"] == '["q", "v"]' and len(flat["long"]) == MAX_PARAM_CHARS

@@ -695,3 +695,14 @@ def test_a_local_output_path_goes_beside_the_checkpoints_in_a_cluster_or_is_inva
     assert job.spec.output.uri == "s3://default/ckpt/ml/bert/model"
     remote = builders.effective_job(parsed(job_body(output={"uri": "s3://mine/m"})), builders.ClusterDefaults())
     assert remote.spec.output.uri == "s3://mine/m"
+
+
+def test_mlflow_credentials_reach_the_trainer_only_from_the_secret_and_the_attempt_is_in_its_env():
+    body = job_body(tracking={"mlflow": {"trackingUri": "http://mlflow.mlflow:5000", "secret": "mlflow-creds"}})
+    _, pods = builders.group(parsed(body), builders.owner_reference(body), 3)
+    env = {e["name"]: e for e in pods[0]["spec"]["containers"][0]["env"]}
+    assert env["KUBETRAIN_ATTEMPT"]["value"] == "3"
+    for key in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-creds", "key": key, "optional": True}
+    plain = builders.group(parsed(job_body()), builders.owner_reference(job_body()), 1)[1][0]
+    assert not [e for e in plain["spec"]["containers"][0]["env"] if e["name"].startswith("MLFLOW")]

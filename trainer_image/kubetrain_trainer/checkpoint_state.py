@@ -39,6 +39,7 @@ class TrainState:
     first_start_time: float = dataclasses.field(default_factory=time.time)
     best_metric: float | None = None
     best_step: int | None = None  # the step of best_metric's evaluation
+    mlflow_run_id: str | None = None  # spec.tracking.mlflow: one run for the whole job, across restarts
     evals_without_improvement: int = 0
     last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
     non_finite_skips: int = 0  # steps skipped under training.onNonFinite: skip

@@ -60,6 +60,7 @@ class Exported:
     checkpoint: str | None = None
     onnx_max_abs_diff: float | None = None
     files: dict[str, dict] = field(default_factory=dict)  # name -> {size, sha256}
+    local: Path | None = None  # the directory it was written from (for MLflow's artifact)
 
 
 @dataclass(frozen=True)
@@ -287,8 +288,9 @@ def export_model(job: TrainingJob, task: Task, tokenizer, trained: dict[str, tor
         log.error("ONNX parity failed: max |Δlogits| %.2e > %g (recorded in the model card)", diff, ONNX_TOLERANCE)
     (local / "README.md").write_text(model_card(job, kind, provenance, diff), encoding="utf-8")
     exported = Exported(uri, provenance.step, list(formats), dict(provenance.metrics), provenance.checkpoint, diff)
-    record = {k: v for k, v in asdict(exported).items() if k not in ("files", "uri")} | {"kind": kind}
+    record = {k: v for k, v in asdict(exported).items() if k not in ("files", "uri", "local")} | {"kind": kind}
     exported.files = publish(local, uri, record, attempts=spec.checkpoint.upload_attempts, **s3)
+    exported.local = local
     log.info("model exported to %s (%s, %s, %d files) in %.1fs", uri, kind, "+".join(formats), len(exported.files),
              time.monotonic() - started)
     return exported

@@ -30,26 +30,46 @@ from .failures import Diverged, lost_a_peer
 from .graphs import StepGraphs
 from .exit_markers import write_exit_marker
 from .preemption import StopSignal
+from . import tracking
 from .output import export_run
 from .sharding import local_bytes
 from .step_log import EarlyStopping, StepLog
+from .tracking import Tracker
 from .tasks import Task
 
 log = logging.getLogger("kubetrain.loop")
 
 
 def train(run: Run) -> int:
+    tracker = start_tracking(run) if run.rt.is_main else None
     try:
-        return train_loop(run)
+        code = train_loop(run, tracker)
     except Diverged:
         run.checkpointer.drain()  # the last good checkpoint, if still uploading, lands before the exit
         leave_progress(run)
+        end_tracking(tracker, "FAILED")
         raise
     except Exception as err:
         if lost_a_peer(err):
             rescue(run, err)
         leave_progress(run)
+        end_tracking(tracker, "FAILED")
         raise
+    if tracker:  # preempted: the run goes on in the next group (its id is in the checkpoint)
+        tracker.close(timeout=10 if code == EXIT_PREEMPTED else 30)
+    return code
+
+
+def start_tracking(run: Run) -> Tracker | None:
+    state, metrics = run.state, run.metrics
+    return tracking.start_tracking(run.job, state.mlflow_run_id, on_error=metrics.tracking_errors.inc if metrics else None,
+                                   on_run=lambda run_id: setattr(state, "mlflow_run_id", run_id))
+
+
+def end_tracking(tracker: Tracker | None, status: str) -> None:
+    if tracker:
+        tracker.finish(status)
+        tracker.close(timeout=10)
 
 
 def leave_progress(run: Run) -> None:
@@ -81,12 +101,13 @@ def rescue(run: Run, err: BaseException) -> None:
     log.warning("rescue checkpoint of step %d complete: %s", step, info.uri if info else "-")
 
 
-def train_loop(run: Run) -> int:
+def train_loop(run: Run, tracker: Tracker | None = None) -> int:
     spec, t, rt, state = run.job.spec, run.job.spec.training, run.rt, run.state
     prepared = prepare(run)
     stop = StopSignal().install()
     early = EarlyStopping(t.early_stopping, state)
     progress = StepLog(rt, run.metrics, run.total_steps, state, model=run.model)
+    progress.tracker = tracker
     guard = NonFiniteGuard(t, state, rt.device, scaler_enabled=run.scaler.is_enabled())
     keep_best = spec.output is not None and spec.output.from_ == "best"
     serve_metrics(run)
@@ -140,6 +161,8 @@ def train_loop(run: Run) -> int:
     write_exit_marker(rt.local_rank, "finished", step=state.step)
     log_if_main(rt, "finished at step %d; eval %s", state.step, state.last_eval or "-")
     report_outcome(run, "finished", exported)
+    if tracker:
+        tracker.finish("FINISHED", exported.local if exported else None)
     if run.metrics and run.opts.metrics_port and spec.metrics.linger_seconds:
         time.sleep(spec.metrics.linger_seconds)  # let Prometheus scrape the final values
     return 0

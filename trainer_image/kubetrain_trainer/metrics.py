@@ -54,6 +54,8 @@ class TrainerMetrics:
         self.checkpoint_failures = Counter(M.CHECKPOINT_FAILURES, "Checkpoint saves that failed after retries.", registry=r)
         self.checkpoint_retries = Counter(M.CHECKPOINT_RETRIES, "Checkpoint storage requests that failed and are "
                                           "being retried (storage refusing or unreachable).", registry=r)
+        self.tracking_errors = Counter(M.TRACKING_ERRORS, "MLflow tracking requests that failed and are being retried "
+                                       "(spec.tracking.mlflow unreachable or refusing).", registry=r)
         self.checkpoints_superseded = Counter(M.CHECKPOINTS_SUPERSEDED, "Snapshots dropped unwritten for a newer "
                                               "one, because storage was slower than checkpoint.everySteps.", registry=r)
         self.samples = Counter(M.SAMPLES, "Training samples processed, all ranks.", registry=r)

@@ -78,6 +78,7 @@ class StepLog:
     def __init__(self, rt: Runtime, metrics: TrainerMetrics | None, total_steps: int, state: TrainState,
                  model: torch.nn.Module | None = None):
         self.rt, self.metrics, self.total_steps, self.state = rt, metrics, total_steps, state
+        self.tracker = None  # rank 0's MLflow tracker (tracking.py), when the job has one
         self.flops_per_token = model_flops_per_token(model) if model is not None else None
         self.peak = peak_flops(rt.device) if model is not None else None
         self._reset()
@@ -128,6 +129,10 @@ class StepLog:
             m.goodput.set(goodput)
             m.samples.inc(self.samples)
             m.tokens.inc(self.tokens)
+        if self.tracker:
+            self.tracker.log_metrics(self.state.step, {"train_loss": loss, "learning_rate": self.lr, "grad_norm": grad_norm,
+                                                       "tokens_per_second": tokens_s, "samples_per_second": samples_s,
+                                                       "epoch": epoch})
         if self.rt.is_main:
             pct = 100 * self.state.step / self.total_steps
             log.info("step %d/%d (%.0f%%) | epoch %.2f | loss %.4f | lr %.2e | grad %.2f | %.1f samples/s | %.0f tok/s | eta %s"
@@ -139,6 +144,8 @@ class StepLog:
         if self.metrics:
             for name, value in results.items():
                 self.metrics.eval_metric.labels(name).set(value)
+        if self.tracker:
+            self.tracker.log_metrics(self.state.step, results)
         if self.rt.is_main:
             log.info("eval at step %d | %s", self.state.step, " | ".join(f"{k} {v:.4f}" for k, v in results.items()))
 

@@ -103,6 +103,16 @@ ALERTS: list[AlertRule] = [
                     "on; if storage stays down, snapshots are replaced by newer ones and, once retries run out, "
                     "KubetrainCheckpointFailing fires. Check the object store's health and request rate limits."),
     AlertRule(
+        name="KubetrainTrackingErrors",
+        group="trainer",
+        signal=f"increase({total(M.TRACKING_ERRORS)}[{CHECKPOINT_RETRY_WINDOW}])",
+        op=">", threshold=0, for_="5m", severity="warning",
+        summary=f"MLflow tracking of {JOB} is failing",
+        description=f"{{{{ $value | humanize }}}} MLflow request(s) of {JOB} (pod {{{{ $labels.pod }}}}) failed in the "
+                    f"last {CHECKPOINT_RETRY_WINDOW} and are being retried with backoff off the training thread. "
+                    "Training is not affected, but the run's metrics in MLflow lag (and are lost if the server stays "
+                    "down until the job ends). Check spec.tracking.mlflow.trackingUri, the server and its secret."),
+    AlertRule(
         name="KubetrainCheckpointStale",
         group="trainer",
         signal=f"time() - ({M.LAST_CHECKPOINT_TIMESTAMP} > 0) and {TRAINING}",
