@@ -18,8 +18,8 @@ from kubetrain.ports import free_port
 
 from kubetrain_devcluster.cluster import BUCKET
 from kubetrain_testkit import REPO
-from kubetrain_testkit.clusterkit import (NS, assert_operator_calls_granted, create, events, kubectl, pod_logs, pods,
-                                          s3_manifests, tiny_job, wait_for, wait_phase)
+from kubetrain_testkit.clusterkit import (NS, assert_operator_calls_granted, create, events, get_job, kubectl, pod_logs, pods,
+                                          s3_manifests, status, tiny_job, wait_for, wait_phase)
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -155,3 +155,36 @@ def test_a_running_job_carries_no_finalizer_and_a_delete_takes_it_and_its_pods_a
 def test_everything_the_operator_did_is_granted_by_the_charts_cluster_role(cluster):
     """Runs last: the API server's audit log of this whole module (every scenario above) against RBAC."""
     assert_operator_calls_granted(cluster)
+
+
+def test_a_tracked_job_preempted_in_the_cluster_is_one_mlflow_run_with_every_step_and_its_registered_model(
+        cluster, corpus, tmp_path_factory):
+    """`kubectl delete pod` mid-run: the restarted group continues the same MLflow run; the model lands in S3
+    (status.output) and in the registry."""
+    from mlflow.tracking import MlflowClient
+
+    from kubetrain_testkit.mlflow_server import MlflowServer
+
+    bucket = cluster.s3.create_bucket("mlflow-e2e")
+    with MlflowServer(tmp_path_factory.mktemp("mlflow"), artifacts=f"s3://{bucket}/a", s3_env=cluster.s3.env()) as server:
+        name = "tracked"
+        doc = tiny_job(cluster, corpus, name, training__maxSteps=400, checkpoint__everySteps=10,
+                       output={"uri": f"s3://{BUCKET}/models/{name}"},
+                       tracking={"mlflow": {"trackingUri": server.uri, "experiment": "e2e", "registerModel": "e2e-model"}})
+        create(cluster, doc)
+        wait_for(f"{name} past step 15", lambda: (status(cluster, name).get("step") or 0) >= 15, 240, cluster)
+        assert status(cluster, name)["step"] < 300, "the job must still be training when its pod is deleted"
+        kubectl(cluster, "delete", "pod", f"{name}-1", "--wait=false")
+        final = wait_phase(cluster, name, {"Succeeded", "Failed"}, timeout=420)
+        assert final["phase"] == "Succeeded" and final["preemptions"] == 1, final
+        assert final["output"]["uri"] == f"s3://{BUCKET}/models/{name}" and final["output"]["step"] == 400
+
+        client = MlflowClient(server.uri)
+        experiment = client.get_experiment_by_name("e2e")
+        (run,) = client.search_runs([experiment.experiment_id])
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
+        assert set(steps) == set(range(1, 401)), steps  # every step logged (a step retrained after the restart: twice)
+        assert run.info.status == "FINISHED" and run.data.tags["kubetrain.uid"] == get_job(cluster, name)["metadata"]["uid"]
+        assert run.data.tags["kubetrain.attempt"] in ("1", "2")
+        (version,) = client.search_model_versions("name = 'e2e-model'")
+        assert version.run_id == run.info.run_id

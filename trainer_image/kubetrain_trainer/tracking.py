@@ -188,6 +188,9 @@ class Tracker:
             if getattr(err, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
                 raise
         source = f"{self.client.get_run(self.run_id).info.artifact_uri}/model"
+        if self.client.search_model_versions(f"name = '{name}' and run_id = '{self.run_id}'"):
+            log.info("mlflow: %s already has this run's model (a finished job's group ran again)", name)
+            return
         version = self.client.create_model_version(name, source, run_id=self.run_id)
         log.info("mlflow: registered %s version %s (%s)", name, version.version, source)
 
