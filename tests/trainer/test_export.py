@@ -126,11 +126,13 @@ def test_a_lora_lm_exported_merged_generates_what_its_adapter_generates(tmp_path
                   training__learningRate=5e-2)
     adapter_dir, merged_dir = tmp_path / "adapter", tmp_path / "merged"
     run_job(tmp_path / "a", corpus, "lm-adapter", output={"uri": str(adapter_dir)}, **common)
-    run_job(tmp_path / "m", corpus, "lm-merged", output={"uri": str(merged_dir), "mergeLora": True}, **common)
+    run_job(tmp_path / "m", corpus, "lm-merged", output={"uri": str(merged_dir), "mergeLora": True, "formats": ["hf", "onnx"]},
+            **common)
     assert json.loads((adapter_dir / "kubetrain-export.json").read_text())["kind"] == "LoRA adapter"
     assert json.loads((merged_dir / "kubetrain-export.json").read_text())["kind"] == "merged LoRA model"
     assert (adapter_dir / "adapter_config.json").is_file() and not (merged_dir / "adapter_config.json").exists()
     assert (merged_dir / "generation_config.json").is_file()
+    assert json.loads((merged_dir / "kubetrain-export.json").read_text())["onnx_max_abs_diff"] <= 1e-4  # causal-LM logits
 
     base = AutoModelForCausalLM.from_pretrained(pretrained).eval()
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(pretrained), adapter_dir).eval()
@@ -142,6 +144,13 @@ def test_a_lora_lm_exported_merged_generates_what_its_adapter_generates(tmp_path
         logits_adapted, logits_merged = adapted(**prompt).logits, merged(**prompt).logits
     assert torch.equal(got, want)
     assert torch.allclose(logits_merged, logits_adapted, atol=1e-4)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(merged_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    (onnx_logits,) = session.run(["logits"], {"input_ids": prompt["input_ids"].numpy(),
+                                              "attention_mask": prompt["attention_mask"].numpy()})
+    real = prompt["attention_mask"].bool().numpy()
+    assert np.abs(onnx_logits[real] - logits_merged.numpy()[real]).max() < 1e-4
     assert not torch.allclose(logits_merged, base(**prompt).logits, atol=1e-3)  # training changed the model
     assert untrained.shape == got.shape
 
