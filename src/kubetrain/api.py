@@ -236,7 +236,9 @@ class DataSpec(_Model):
                        description="JSONL or CSV file: local path or s3://.")
     eval: str | None = Field(None, min_length=1, max_length=4096, pattern=SAFE_TEXT, description="Held-out JSONL or CSV file.")
     _locations = field_validator("train", "eval")(check_location)
-    format: Literal["auto", "jsonl", "csv"] = "auto"
+    format: Literal["auto", "jsonl", "csv", "parquet", "hf-dataset"] = Field(
+        "auto", description="auto: by the name (.csv, .parquet, a directory saved by datasets.Dataset.save_to_disk "
+                            "(local only), else JSONL).")
     text_field: str = Field("text", min_length=1, max_length=256, pattern=SAFE_TEXT)
     text_pair_field: str | None = Field(None, min_length=1, max_length=256, pattern=SAFE_TEXT,
                                         description="Second segment (NLI, QA).")

@@ -14,6 +14,7 @@ import io
 import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,11 +44,28 @@ class Encoded:
         return np.fromiter((len(ids) for ids in self.input_ids), dtype=np.int64, count=len(self))
 
 
+def data_format(uri: str, fmt: str = "auto") -> str:
+    """spec.data.format, or what the name says: .csv, .parquet, a directory (a saved datasets.Dataset), else JSONL."""
+    if fmt != "auto":
+        return fmt
+    name = uri.lower().rstrip("/")
+    if name.endswith(".csv"):
+        return "csv"
+    if name.endswith((".parquet", ".pq")):
+        return "parquet"
+    if "://" not in uri and Path(uri).is_dir():
+        return "hf-dataset"
+    return "jsonl"
+
+
 def read_rows(uri: str, fmt: str = "auto", *, endpoint: str | None = None, region: str | None = None) -> list[dict]:
-    """Rows of a JSONL or CSV file at a local path or s3:// URI."""
+    """Rows of a JSONL, CSV or Parquet file at a local path or s3:// URI, or of a local datasets directory."""
+    fmt = data_format(uri, fmt)
+    if fmt == "hf-dataset":
+        return arrow_rows(dataset_tables(Path(uri)), uri)
+    if fmt == "parquet":
+        return arrow_rows([parquet_table(read_uri_bytes(uri, endpoint=endpoint, region=region), uri)], uri)
     raw = decode_utf8(read_uri_bytes(uri, endpoint=endpoint, region=region), uri)
-    if fmt == "auto":
-        fmt = "csv" if uri.lower().endswith(".csv") else "jsonl"
     if fmt == "csv":
         return list(csv.DictReader(io.StringIO(raw)))
     rows = []
@@ -62,6 +80,53 @@ def read_rows(uri: str, fmt: str = "auto", *, endpoint: str | None = None, regio
             raise DataError(f"{uri} line {n}: expected a JSON object")
         rows.append(row)
     return rows
+
+
+def parquet_table(raw: bytes, uri: str):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(pa.BufferReader(raw))
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{uri}: not a readable Parquet file ({one_line(err)})") from None
+
+
+def dataset_tables(path: Path) -> list:
+    """The Arrow tables of a directory written by `datasets.Dataset.save_to_disk` (state.json names its files,
+    Arrow IPC streams), memory-mapped; read with pyarrow alone (no datasets, nothing unpickled)."""
+    import pyarrow as pa
+
+    state = path / "state.json"
+    if not state.is_file():
+        raise DataError(f"{path}: a data directory must be a saved datasets.Dataset (state.json missing); a DatasetDict "
+                        f"holds one per split: name the split's directory")
+    try:
+        names = [f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{state}: not a datasets state file ({one_line(err)})") from None
+    tables = []
+    for name in names:
+        file = path / name
+        if file.parent != path or not file.is_file():
+            raise DataError(f"{path}: state.json names {name!r}, which is not a file of this directory")
+        try:
+            with pa.memory_map(str(file)) as source:
+                tables.append(pa.ipc.open_stream(source).read_all())
+        except pa.ArrowException as err:
+            raise DataError(f"{file}: not an Arrow stream ({one_line(err)})") from None
+    return tables
+
+
+def arrow_rows(tables: list, uri: str) -> list[dict]:
+    rows = [row for table in tables for row in table.to_pylist()]
+    if not rows:
+        raise DataError(f"{uri}: no rows")
+    return rows
+
+
+def one_line(err: Exception) -> str:
+    return " ".join(str(err).split())[:200]
 
 
 def decode_utf8(raw: bytes, uri: str) -> str:
