@@ -35,6 +35,8 @@ def parse_metrics(text: str) -> dict[str, float]:
         for sample in family.samples:
             if not sample.labels:
                 values[sample.name] = sample.value
+            elif sample.name == M.EVAL_METRIC and "metric" in sample.labels:
+                values.setdefault(M.EVAL_METRIC, {})[sample.labels["metric"]] = sample.value
             elif sample.name == M.STARTED_FROM:
                 labels = sample.labels
                 values[M.STARTED_FROM] = {"step": int(sample.value), "checkpoint": labels.get("checkpoint") or None,
@@ -53,7 +55,10 @@ def progress_from_metrics(values: dict, checkpoint_prefix: str) -> Progress | No
     if ckpt_step and ckpt_time:
         when = timestamp(ckpt_time)
         ckpt = CheckpointRef(step=int(ckpt_step), uri=f"{checkpoint_prefix}/{step_dir_name(int(ckpt_step))}", time=when)
-    return Progress(step, ckpt, values.get(M.STARTED_FROM))
+    total = values.get(M.TOTAL_STEPS)
+    return Progress(step, ckpt, values.get(M.STARTED_FROM), total_steps=int(total) if total else None,
+                    eta_seconds=values.get(M.ETA_SECONDS), tokens_per_second=values.get(M.TOKENS_PER_SECOND),
+                    eval=values.get(M.EVAL_METRIC))
 
 
 def scrape(pod_ips: list[str], port: int, checkpoint_prefix: str, deadline_s: float = DEADLINE_S) -> Progress | None:

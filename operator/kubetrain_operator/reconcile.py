@@ -126,12 +126,37 @@ def _progress(b: Decision, pods: list[dict]) -> None:
                for a, r in reports if a >= since]
     if live:
         sources.append(live)
+    if live and live.total_steps:
+        b.set(progress=progress_status(b.status["step"] or live.step or 0, live, b.status["progress"]))
     for p in sources:
         if p.step is not None and p.step > (b.status["step"] or -1):
             b.set(step=p.step)
         last = b.status["last_checkpoint"]
         if p.checkpoint and (last is None or p.checkpoint.step > last["step"]):
             b.set(last_checkpoint=p.checkpoint.model_dump())
+
+
+def progress_status(step: int, live: Progress, known: dict | None) -> dict:
+    """status.progress from a live scrape, rounded so that a status patch is not due at every scrape."""
+    total = live.total_steps
+    percent = f"{min(100, 100 * max(step, live.step or 0) // total)}%" if total else None
+    tokens = live.tokens_per_second
+    return {"total_steps": total, "percent": percent,
+            "eta": human_duration(live.eta_seconds) if live.eta_seconds is not None else None,
+            "tokens_per_second": float(f"{tokens:.3g}") if tokens else None,
+            "eval": {k: float(f"{v:.4g}") for k, v in (live.eval or {}).items()} or (known or {}).get("eval") or {}}
+
+
+def human_duration(seconds: float) -> str:
+    """"45s", "12m30s" (under 10 minutes), "42m", "1h05m": coarser as it grows, like kubectl's ages."""
+    s = int(max(0, seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def _exported(b: Decision, output: dict) -> None:
@@ -289,6 +314,8 @@ def _watch_group(b: Decision, job: TrainingJob, pods: list[dict]) -> Plan:
         msg = f"training finished at step {step}" + (f"; last checkpoint {ckpt['uri']}" if ckpt else "")
         b.enter(Phase.SUCCEEDED, Reason.JOB_SUCCEEDED, msg)
         b.set(completion_time=timestamp(b.obs.now))
+        if b.status["progress"]:
+            b.set(progress={**b.status["progress"], "percent": "100%", "eta": None})
         return _finished(b, job, pods)
     elif not missing and kinds <= {"running", "succeeded"}:
         b.enter(Phase.RUNNING, Reason.GROUP_RUNNING, f"all {job.spec.nodes} pods running (attempt {attempt})")

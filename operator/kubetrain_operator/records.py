@@ -22,6 +22,10 @@ class Progress:
     step: int | None = None
     checkpoint: CheckpointRef | None = None
     start: dict | None = None  # where the run started (resume.Start: step, checkpoint, why, changed)
+    total_steps: int | None = None  # the rest: only from a live scrape
+    eta_seconds: float | None = None
+    tokens_per_second: float | None = None
+    eval: dict | None = None
 
 
 @dataclass(frozen=True)

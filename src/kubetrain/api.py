@@ -527,6 +527,16 @@ class StartedFrom(_Model):
                                "the job's spec applies from the resumed step.")
 
 
+class TrainingProgress(_Model):
+    """How far a running job is, from its trainer's own metrics (rank 0's /metrics), while it runs."""
+
+    total_steps: int | None = Field(None, ge=0)
+    percent: str | None = Field(None, description='Steps done of totalSteps, e.g. "42%".')
+    eta: str | None = Field(None, description='Time left at the current speed, e.g. "1h05m" (minutes past an hour).')
+    tokens_per_second: float | None = Field(None, description="Real (unpadded) training tokens per second, all ranks.")
+    eval: dict[str, float] = Field(default_factory=dict, description="The last eval metrics.")
+
+
 class OutputRef(_Model):
     """The exported model, once its manifest landed."""
 
@@ -550,6 +560,7 @@ class TrainingJobStatus(_Model):
     step: int | None = None
     last_checkpoint: CheckpointRef | None = None
     output: OutputRef | None = None
+    progress: TrainingProgress | None = None
     start_time: str | None = None
     completion_time: str | None = None
     message: str | None = None

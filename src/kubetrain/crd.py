@@ -168,6 +168,8 @@ def build_crd() -> dict[str, Any]:
                         column("Phase", "string", ".status.phase"),
                         column("Nodes", "integer", ".spec.nodes"),
                         column("Step", "integer", ".status.step"),
+                        column("Progress", "string", ".status.progress.percent"),
+                        column("ETA", "string", ".status.progress.eta"),
                         column("Restarts", "integer", ".status.restarts"),
                         column("Output", "string", ".status.output.uri"),
                         column("Age", "date", ".metadata.creationTimestamp"),

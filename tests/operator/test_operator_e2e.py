@@ -56,6 +56,10 @@ def test_kubectl_apply_of_the_example_succeeds_with_checkpoints_in_s3(cluster):
     assert exported["onnx_max_abs_diff"] <= 1e-4
     table = kubectl(cluster, "get", "tj", "sentiment-minilm").stdout
     assert "OUTPUT" in table.splitlines()[0] and f"s3://{BUCKET}/{model}" in table
+    # progress while it ran, from rank 0's /metrics: total steps, and eval metrics; 100% once it succeeded
+    assert final["progress"]["totalSteps"] >= finished and final["progress"]["percent"] == "100%", final["progress"]
+    assert "eval_f1" in final["progress"]["eval"] and final["progress"]["tokensPerSecond"] > 0
+    assert table.split()[:7] == ["NAME", "PHASE", "NODES", "STEP", "PROGRESS", "ETA", "RESTARTS"], table
 
 
 def test_a_transient_error_four_times_with_backoff_limit_3_fails_the_job(cluster, corpus):

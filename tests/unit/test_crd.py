@@ -178,6 +178,8 @@ def test_crd_metadata() -> None:
         ("Phase", "string", ".status.phase"),
         ("Nodes", "integer", ".spec.nodes"),
         ("Step", "integer", ".status.step"),
+        ("Progress", "string", ".status.progress.percent"),
+        ("ETA", "string", ".status.progress.eta"),
         ("Restarts", "integer", ".status.restarts"),
         ("Output", "string", ".status.output.uri"),
         ("Age", "date", ".metadata.creationTimestamp"),

@@ -706,3 +706,29 @@ def test_mlflow_credentials_reach_the_trainer_only_from_the_secret_and_the_attem
         assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-creds", "key": key, "optional": True}
     plain = builders.group(parsed(job_body()), builders.owner_reference(job_body()), 1)[1][0]
     assert not [e for e in plain["spec"]["containers"][0]["env"] if e["name"].startswith("MLFLOW")]
+
+
+def test_status_progress_comes_from_the_trainers_metrics_and_reads_well():
+    from kubetrain_operator.live_progress import parse_metrics, progress_from_metrics
+    from kubetrain_operator.reconcile import human_duration
+
+    text = ("# TYPE kubetrain_train_step gauge\nkubetrain_train_step 420\n"
+            "# TYPE kubetrain_train_total_steps gauge\nkubetrain_train_total_steps 1000\n"
+            "# TYPE kubetrain_eta_seconds gauge\nkubetrain_eta_seconds 3930.5\n"
+            "# TYPE kubetrain_tokens_per_second gauge\nkubetrain_tokens_per_second 123456.7\n"
+            "# TYPE kubetrain_eval_metric gauge\nkubetrain_eval_metric{metric=\"eval_f1\"} 0.912345\n")
+    live = progress_from_metrics(parse_metrics(text), PREFIX)
+    assert (live.step, live.total_steps, live.eval) == (420, 1000, {"eval_f1": 0.912345})
+    c = Cluster(job_body())
+    c.step()
+    c.set_pods(phase="Running")
+    c.step(live=live)
+    assert c.status["progress"] == {"totalSteps": 1000, "percent": "42%", "eta": "1h05m", "tokensPerSecond": 123000.0,
+                                    "eval": {"eval_f1": 0.9123}}
+    assert [human_duration(s) for s in (0, 45, 750 // 2, 750, 3930)] == ["0s", "45s", "6m15s", "12m", "1h05m"]
+    again = c.step(live=live)
+    assert again.status is None  # the same progress patches nothing
+    report = TrainerReport("finished", 1000, 1000, f"{PREFIX}/step-000001000").encode()
+    c.set_pods(phase="Succeeded", exit_code=0, message=report)
+    c.step()
+    assert c.status["phase"] == "Succeeded" and c.status["progress"]["percent"] == "100%" and "eta" not in c.status["progress"]
