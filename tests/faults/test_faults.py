@@ -337,6 +337,9 @@ HOSTILE = [
     ("output-traversal", {"output": {"uri": "s3://b/models/../../etc"}}, "spec.output.uri"),
     ("output-injection", {"output": {"uri": "s3://b/m; rm -rf /"}}, "spec.output.uri"),
     ("output-format", {"output": {"uri": "s3://b/m", "formats": ["pickle"]}}, "spec.output.formats"),
+    ("mlflow-credentials", {"tracking": {"mlflow": {"trackingUri": "http://user:pw@mlflow:5000"}}},
+     "spec.tracking.mlflow.trackingUri"),
+    ("mlflow-file", {"tracking": {"mlflow": {"trackingUri": "file:///etc/passwd"}}}, "spec.tracking.mlflow.trackingUri"),
     ("backoff-negative", {"runPolicy": {"backoffLimit": -1}}, "spec.runPolicy.backoffLimit"),
     ("backoff-huge", {"runPolicy": {"backoffLimit": 10**9}}, "spec.runPolicy.backoffLimit"),
     ("cleanpod-bad", {"runPolicy": {"cleanPodPolicy": "Sometimes"}}, "spec.runPolicy.cleanPodPolicy"),
@@ -386,7 +389,7 @@ def test_hostile_jobs_are_each_failed_naming_the_field_with_no_pod_and_the_opera
            "shell injection in image/paths/secret/endpoint, a name that cannot be a hostname, loader options "
            "(trust_remote_code, token) and nested values in model.config, '..' in remote URIs, bidi "
            "characters, credentials or a link-local host in the S3 endpoint, traversal, injection and unknown formats in "
-           "spec.output",
+           "spec.output, credentials or a file URI as the MLflow tracking server",
            "each Failed (InvalidSpec) naming its field; 0 pods created; the operator kept running", 0, "-",
            time.monotonic() - started)
 
