@@ -51,7 +51,7 @@ def export_checkpoint(checkpoint_uri: str, job_path: Path, to: str, formats: lis
     tokenizer = load_tokenizer(spec.model, work / "cache", **s3)
     labels = info.meta.get("labels")
     rows = None
-    if labels is None and task.name == "sequence-classification":  # a checkpoint from before labels were recorded
+    if "labels" not in info.meta:  # a checkpoint from before labels were recorded: they follow from the data
         rows = D.read_rows(spec.data.train, spec.data.format, **s3)
         labels = task.label_vocabulary(rows, spec.data, spec.model, spec.data.train)
 
