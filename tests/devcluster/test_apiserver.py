@@ -592,7 +592,7 @@ def test_kubectl_apply_get_delete(server: Server, core: client.CoreV1Api, tmp_pa
     assert applied.strip() == "customresourcedefinition.apiextensions.k8s.io/trainingjobs.kubetrain.io configured"
     assert kubectl("apply", "-n", ns, "-f", str(EXAMPLE)).strip() == "trainingjob.kubetrain.io/sentiment-minilm created"
     header, row = kubectl("get", "-n", ns, "tj").splitlines()
-    assert header.split() == ["NAME", "PHASE", "NODES", "STEP", "RESTARTS", "AGE"]
+    assert header.split() == ["NAME", "PHASE", "NODES", "STEP", "PROGRESS", "ETA", "RESTARTS", "OUTPUT", "AGE"]
     assert row.split()[:2] == ["sentiment-minilm", "2"]
     listed = yaml.safe_load(kubectl("get", "-n", ns, "trainingjobs", "-o", "yaml"))
     assert [(i["kind"], i["spec"]["model"]["task"]) for i in listed["items"]] == [
