@@ -22,7 +22,7 @@ import torch
 
 from kubetrain.api import DataSpec
 
-from .failures import DataError
+from .failures import DataError, one_line
 from .storage import read_uri_bytes
 
 __all__ = ["DataError"]  # defined with the other permanent failures; raised from here
@@ -89,7 +89,7 @@ def parquet_table(raw: bytes, uri: str):
     try:
         return pq.read_table(pa.BufferReader(raw))
     except (pa.ArrowException, OSError) as err:
-        raise DataError(f"{uri}: not a readable Parquet file ({one_line(err)})") from None
+        raise DataError(f"{uri}: not a readable Parquet file ({one_line(err, 200)})") from None
 
 
 def dataset_tables(path: Path) -> list:
@@ -104,7 +104,7 @@ def dataset_tables(path: Path) -> list:
     try:
         names = [f["filename"] for f in json.loads(state.read_text())["_data_files"]]
     except (ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{state}: not a datasets state file ({one_line(err)})") from None
+        raise DataError(f"{state}: not a datasets state file ({one_line(err, 200)})") from None
     tables = []
     for name in names:
         file = path / name
@@ -114,7 +114,7 @@ def dataset_tables(path: Path) -> list:
             with pa.memory_map(str(file)) as source:
                 tables.append(pa.ipc.open_stream(source).read_all())
         except pa.ArrowException as err:
-            raise DataError(f"{file}: not an Arrow stream ({one_line(err)})") from None
+            raise DataError(f"{file}: not an Arrow stream ({one_line(err, 200)})") from None
     return tables
 
 
@@ -123,10 +123,6 @@ def arrow_rows(tables: list, uri: str) -> list[dict]:
     if not rows:
         raise DataError(f"{uri}: no rows")
     return rows
-
-
-def one_line(err: Exception) -> str:
-    return " ".join(str(err).split())[:200]
 
 
 def decode_utf8(raw: bytes, uri: str) -> str:

@@ -27,6 +27,8 @@ from typing import Any
 
 from kubetrain.api import MlflowSpec, TrainingJob
 
+from .failures import one_line
+
 log = logging.getLogger("kubetrain.tracking")
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
@@ -45,6 +47,10 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
         return out
     text = json.dumps(value) if isinstance(value, list) else str(value)
     return {prefix: text[:MAX_PARAM_CHARS]}
+
+
+def described(err: Exception) -> str:
+    return f"{type(err).__name__}: {one_line(err, 300)}"
 
 
 def refused_for_good(err: Exception) -> bool:
@@ -129,14 +135,14 @@ class Tracker:
                 return
             except Exception as err:  # noqa: BLE001 - tracking never fails training
                 if refused_for_good(err):
-                    log.warning("mlflow: %s refused by %s, dropped: %s", kind, self.spec.tracking_uri, one_line(err))
+                    log.warning("mlflow: %s refused by %s, dropped: %s", kind, self.spec.tracking_uri, described(err))
                     return
                 self.errors += 1
                 if self.on_error:
                     self.on_error()
                 if time.monotonic() - last_log > 60:
                     log.warning("mlflow: %s to %s failed (retrying with backoff, training goes on): %s", kind,
-                                self.spec.tracking_uri, one_line(err))
+                                self.spec.tracking_uri, described(err))
                     last_log = time.monotonic()
                 if self._closing.wait(delay):
                     return
@@ -193,11 +199,6 @@ class Tracker:
             return
         version = self.client.create_model_version(name, source, run_id=self.run_id)
         log.info("mlflow: registered %s version %s (%s)", name, version.version, source)
-
-
-def one_line(err: Exception) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text[:300]}"
 
 
 def start_tracking(job: TrainingJob, run_id: str | None, on_error, on_run) -> Tracker | None:
