@@ -88,6 +88,28 @@ def _check_file_name(name: str) -> None:
         raise ValueError(f"invalid checkpoint file name: {name!r}")
 
 
+def retry_transient(op: Callable[[], T], label: str, what: str, *, attempts: int, backoff_s: float = 1.0,
+                    max_backoff_s: float = 30.0, on_retry: Callable[[], None] | None = None,
+                    error: type[Exception] = CheckpointError, logger: logging.Logger = log) -> T:
+    """Run `op`, retrying transient failures with capped exponential backoff; a PermanentError (a missing
+    bucket, access denied: no retry helps, and its message names it) at once. Checkpoints and exports."""
+    delay = backoff_s
+    for attempt in range(1, attempts + 1):
+        try:
+            return op()
+        except PermanentError:
+            raise
+        except Exception as e:
+            if attempt == attempts:
+                raise error(f"{label}: {what} failed after {attempt} attempts: {type(e).__name__}: {e}") from e
+            logger.warning("%s: %s failed (attempt %d/%d, retrying in %.1fs): %s", label, what, attempt, attempts, delay, e)
+            if on_retry:
+                on_retry()
+            time.sleep(delay)
+            delay = min(delay * 2, max_backoff_s)
+    raise AssertionError("unreachable")
+
+
 class CheckpointStore:
     """Saves, lists, prunes and restores checkpoints under `prefix` of a `Storage`.
 
@@ -277,28 +299,8 @@ class CheckpointStore:
         return SaveResult(info, seconds)
 
     def _retry(self, step: int, what: str, op: Callable[[], T]) -> T:
-        """Run `op`, retrying transient failures with capped exponential backoff."""
-        delay = self.backoff_s
-        for attempt in range(1, self.attempts + 1):
-            try:
-                return op()
-            except PermanentError:
-                raise  # a missing bucket, access denied: no retry helps, and the message names it
-            except Exception as e:
-                if attempt == self.attempts:
-                    raise CheckpointError(
-                        f"checkpoint step {step}: {what} failed after {attempt} attempts: "
-                        f"{type(e).__name__}: {e}"
-                    ) from e
-                log.warning(
-                    "checkpoint step %d: %s failed (attempt %d/%d, retrying in %.1fs): %s",
-                    step, what, attempt, self.attempts, delay, e,
-                )
-                if self.on_retry:
-                    self.on_retry()
-                time.sleep(delay)
-                delay = min(delay * 2, self.max_backoff_s)
-        raise AssertionError("unreachable")
+        return retry_transient(op, f"checkpoint step {step}", what, attempts=self.attempts, backoff_s=self.backoff_s,
+                               max_backoff_s=self.max_backoff_s, on_retry=self.on_retry)
 
     def _clear_existing(self, step: int) -> None:
         """Re-saving a step replaces it: drop the old manifest first, so it is torn, never mixed."""

@@ -33,6 +33,7 @@ from kubetrain.api import TrainingJob
 
 from .distributed import seed_everything
 from .failures import ModelError
+from .checkpoint_store import retry_transient
 from .model import build_model, load_trainable_state
 from .storage import Storage, join_key, open_storage
 from .tasks import Task
@@ -238,21 +239,10 @@ def publish(local_dir: Path, uri: str, record: dict, *, attempts: int, endpoint:
     return files
 
 
-def retrying(op, what: str, attempts: int, delay: float = 1.0, max_delay: float = 30.0):
-    """Transient storage failures retried with capped backoff (as checkpoints are); permanent ones at once."""
-    from .failures import PermanentError
-
-    for attempt in range(1, attempts + 1):
-        try:
-            return op()
-        except PermanentError:
-            raise
-        except Exception as err:  # noqa: BLE001
-            if attempt == attempts:  # transient: another attempt of the job exports again
-                raise RuntimeError(f"model export: {what} failed after {attempt} attempts: {type(err).__name__}: {err}") from err
-            log.warning("model export: %s failed (attempt %d/%d, retrying in %.0fs): %s", what, attempt, attempts, delay, err)
-            time.sleep(delay)
-            delay = min(2 * delay, max_delay)
+def retrying(op, what: str, attempts: int):
+    """Storage requests retried as a checkpoint's are; exhausted retries are transient (RuntimeError): another
+    attempt of the job exports again."""
+    return retry_transient(op, "model export", what, attempts=attempts, error=RuntimeError, logger=log)
 
 
 def read_export(storage: Storage, prefix: str) -> dict | None:
