@@ -20,7 +20,6 @@ from kubetrain.inputs import resolve_local_paths
 
 from . import data as D
 from .checkpoint_store import CheckpointStore
-from .distributed import seed_everything
 from .export import ExportError, Exported, Provenance, export_model
 from .model import build_model, load_tokenizer, trainable_state_dict
 from .sharded_checkpoint import SHARDS_DIR
@@ -72,10 +71,10 @@ def stored_weights(job: TrainingJob, task: Task, tokenizer, files: dict[str, Pat
     spec = job.spec
     lora = spec.model.lora is not None
     if SHARDS_DIR + "/.metadata" in files:
-        seed_everything(spec.training.seed)
+        # only the names, shapes and dtypes are needed to read the shards into: a meta-device model, no weights loaded
         model = build_model(spec.model.model_copy(update={"quantization": "none"}), task, tokenizer, work / "cache",
-                            precision=spec.training.precision, device="cpu", **s3)
-        state = trainable_state_dict(model, lora)
+                            precision=spec.training.precision, weights=False, **s3)
+        state = {name: torch.empty_like(t, device="cpu") for name, t in trainable_state_dict(model, lora).items()}
         import torch.distributed.checkpoint as dcp
 
         dcp.load({SHARDS_DIR: {"model": state}}, storage_reader=dcp.FileSystemReader(files[SHARDS_DIR + "/.metadata"].parent),
