@@ -34,6 +34,7 @@ from kubetrain.api import TrainingJob
 from .distributed import seed_everything
 from .failures import ModelError
 from .checkpoint_store import retry_transient
+from .data import Encoded, collate
 from .model import build_model, load_trainable_state
 from .storage import Storage, join_key, open_storage
 from .tasks import Task
@@ -146,7 +147,8 @@ def export_onnx(hf_dir: Path, task: Task, samples: list[list[int]], pad_id: int)
 
     model = task.auto_model().from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=False).eval()
     model_type = model.config.model_type
-    ids, mask = padded(samples or [[pad_id, pad_id]], pad_id)
+    batch = collate(Encoded(samples or [[pad_id, pad_id]], None, None), range(len(samples) or 1), pad_id)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     batch = torch.export.Dim("batch", min=1, max=4096)
     sequence = torch.export.Dim("sequence", min=2, max=max(3, getattr(model.config, "max_position_embeddings", 4096)))
     try:
@@ -186,16 +188,6 @@ def quiet_exporter():
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-
-
-def padded(samples: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(2, max(len(s) for s in samples))
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for i, sample in enumerate(samples):
-        ids[i, : len(sample)] = torch.tensor(sample, dtype=torch.long)
-        mask[i, : len(sample)] = 1
-    return ids, mask
 
 
 def model_card(job: TrainingJob, kind: str, provenance: Provenance, onnx_diff: float | None) -> str:
