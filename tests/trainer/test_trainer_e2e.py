@@ -24,7 +24,9 @@ from kubetrain_devcluster.s3 import S3Server
 
 from kubetrain_testkit import tiny
 from kubetrain_testkit.prometheus import scrape
-from kubetrain.api import EXIT_PERMANENT
+from kubetrain.api import EXIT_PERMANENT, JOB_UID_ENV, load_training_job
+from kubetrain.local import node_commands
+from kubetrain.termination import TERMINATION_MESSAGE_ENV, decode_report
 from kubetrain.ports import free_port
 
 pytestmark = pytest.mark.slow
@@ -240,19 +242,31 @@ def test_a_missing_data_file_is_named_before_any_process_starts(corpus, tmp_path
                                f"(relative paths resolve against {tmp_path})\n")
 
 
-def test_a_diverging_run_fails_naming_the_step_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
-    """fp16 at learning rate 10 overflows within a few steps (real NaN, no injection)."""
-    doc = tiny.job_doc("diverge", corpus["train"], None, corpus["tokenizer"], str(tmp_path / "ckpt"),
+def test_a_diverging_run_fails_naming_the_step_and_every_node_reports_the_last_good_checkpoint(corpus, tmp_path):
+    """fp16 at learning rate 10 overflows within a few steps (real NaN, no injection). All ranks find it at once,
+    and the operator may see any pod's report first (it deletes the others when it fails the job): each node's
+    report must name the newest checkpoint, not only rank 0's."""
+    doc = tiny.job_doc("diverge2", corpus["train"], None, corpus["tokenizer"], str(tmp_path / "ckpt"), nodes=2,
                        training__precision="fp16", training__learningRate=10, training__warmupRatio=0,
                        training__maxSteps=40, training__logEverySteps=5, checkpoint__everySteps=1)
-    run = tiny.LocalRun(tiny.write_job(tmp_path / "job.yaml", doc), env={}, work_dir=tmp_path / "work")
-    assert run.finish() == EXIT_PERMANENT, run.output
-    bad = int(re.search(r"launch: diverged: non-finite loss at step (\d+) \(training.onNonFinite: fail\)", run.output)[1])
-    steps = sorted(int(p.name.removeprefix("step-")) for p in (tmp_path / "ckpt/tests/diverge").glob("step-*")
+    path = tiny.write_job(tmp_path / "job.yaml", doc)
+    commands = node_commands(load_training_job(str(path)), path, ["--work-dir", str(tmp_path / "work")], free_port(),
+                             f"diverge2-{os.getpid()}")
+    reports = [tmp_path / f"termination-{node}" for node in range(2)]
+    env = {**os.environ, JOB_UID_ENV: "uid-diverge2", "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(cmd, env={**env, TERMINATION_MESSAGE_ENV: str(report)}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for cmd, report in zip(commands, reports)]
+    outputs = [node.communicate(timeout=300)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [EXIT_PERMANENT] * 2, [out[-3000:] for out in outputs]
+    bad = int(re.search(r"launch: diverged: non-finite loss at step (\d+) \(training.onNonFinite: fail\)", outputs[0])[1])
+    steps = sorted(int(p.name.removeprefix("step-")) for p in (tmp_path / "ckpt/tests/diverge2").glob("step-*")
                    if (p / "manifest.json").exists())
     assert steps and max(steps) < bad, (steps, bad)  # no checkpoint at or after the first bad step
-    newest = torch.load(tmp_path / f"ckpt/tests/diverge/step-{max(steps):09d}/model.pt", weights_only=True)
+    newest = torch.load(tmp_path / f"ckpt/tests/diverge2/step-{max(steps):09d}/model.pt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in newest.values())
+    said = [decode_report(report.read_text()) for report in reports]
+    assert [(r.outcome, r.reason, r.checkpoint_step) for r in said] == [("failed", "Diverged", max(steps))] * 2, said
+    assert said[0].checkpoint_uri == said[1].checkpoint_uri and said[0].checkpoint_uri.endswith(f"step-{max(steps):09d}")
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -195,6 +195,14 @@ class Checkpointer:
             except BaseException:  # noqa: BLE001 - logged by _landed; the failure being raised matters more
                 pass
 
+    def settle_latest(self) -> CheckpointInfo | None:
+        """Collective, for a failure every rank found at once (divergence): rank 0 lets its save under way land
+        and tells every rank the newest complete checkpoint, so whichever pod reports first names it."""
+        if self.rt.is_main:
+            self.drain()
+        self.latest = broadcast_object(self.latest)
+        return self.latest
+
     def _submit(self, reason: str) -> None:
         """Training stalls only for a CPU snapshot; serialization and the upload run in the background."""
         started = time.perf_counter()

@@ -45,7 +45,7 @@ def train(run: Run) -> int:
     try:
         code = train_loop(run, tracker)
     except Diverged:
-        run.checkpointer.drain()  # the last good checkpoint, if still uploading, lands before the exit
+        run.checkpointer.settle_latest()  # the last good checkpoint lands, and every rank reports it
         leave_progress(run)
         end_tracking(tracker, "FAILED")
         raise
