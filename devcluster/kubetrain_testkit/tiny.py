@@ -58,6 +58,30 @@ def train_tokenizer(out: Path, corpus: Path, vocab_size: int = 300) -> Path:
     return out
 
 
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def train_chat_tokenizer(out: Path, texts: list[str], vocab_size: int = 400, chat_template: str | None = CHATML) -> Path:
+    """A byte-level BPE tokenizer (GPT-2/Qwen style: decoding gives back the text exactly) with ChatML's special
+    tokens and, unless None, a chat template; saved with save_pretrained."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    if chat_template:
+        fast.chat_template = chat_template
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out)
+    return out
+
+
 def job_doc(name: str, train: Path, evals: Path | None, tokenizer: Path, checkpoint_uri: str, *,
             task: str = "sequence-classification", **spec_overrides: Any) -> dict:
     doc = {

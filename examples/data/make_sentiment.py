@@ -2,7 +2,8 @@
 
 Each review is a templated sentence about a product with positive or negative evaluative words and
 neutral filler, with lognormal lengths (median ~20 words, long tail), so token-budget batching has
-real length skew to work with. Deterministic for a given seed.
+real length skew to work with. The chat files hold the same reviews as conversations (the user asks,
+the assistant answers with the sentiment), for instruction tuning. Deterministic for a given seed.
 
     python examples/data/make_sentiment.py examples/data --train 2000 --eval 400
 """
@@ -39,6 +40,13 @@ def make_split(n: int, seed: int) -> list[dict]:
     return [{"text": review(rng, label), "label": label} for label in (rng.randint(0, 1) for _ in range(n))]
 
 
+def chat_rows(rows: list[dict]) -> list[dict]:
+    """The same reviews as instruction-tuning conversations: the assistant answers with the sentiment."""
+    return [{"messages": [{"role": "user", "content": f"Is this review positive or negative?\n{r['text']}"},
+                          {"role": "assistant", "content": "positive" if r["label"] == 1 else "negative"}]}
+            for r in rows]
+
+
 def write_jsonl(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -51,8 +59,11 @@ def main() -> None:
     p.add_argument("--eval", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    write_jsonl(make_split(a.train, a.seed), a.out_dir / "sentiment-train.jsonl")
-    write_jsonl(make_split(a.eval, a.seed + 1), a.out_dir / "sentiment-eval.jsonl")
+    train, evals = make_split(a.train, a.seed), make_split(a.eval, a.seed + 1)
+    write_jsonl(train, a.out_dir / "sentiment-train.jsonl")
+    write_jsonl(evals, a.out_dir / "sentiment-eval.jsonl")
+    write_jsonl(chat_rows(train), a.out_dir / "sentiment-chat-train.jsonl")
+    write_jsonl(chat_rows(evals), a.out_dir / "sentiment-chat-eval.jsonl")
 
 
 if __name__ == "__main__":

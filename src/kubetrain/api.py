@@ -243,6 +243,25 @@ class DataSpec(_Model):
     text_pair_field: str | None = Field(None, min_length=1, max_length=256, pattern=SAFE_TEXT,
                                         description="Second segment (NLI, QA).")
     label_field: str = Field("label", min_length=1, max_length=256, pattern=SAFE_TEXT)
+    style: Literal["auto", "text", "prompt-completion", "chat"] = Field(
+        "auto",
+        description="causal-lm rows: text (every token of textField is trained), prompt-completion (promptField "
+        "then completionField), or chat (messagesField: a list of {role, content}, rendered with the tokenizer's "
+        "chat template). auto: chat if the first row has messagesField, prompt-completion if it has promptField "
+        "and completionField, else text. sequence-classification reads text.",
+    )
+    prompt_field: str = Field("prompt", min_length=1, max_length=256, pattern=SAFE_TEXT)
+    completion_field: str = Field("completion", min_length=1, max_length=256, pattern=SAFE_TEXT)
+    messages_field: str = Field("messages", min_length=1, max_length=256, pattern=SAFE_TEXT)
+    train_on: Literal["completion", "all"] = Field(
+        "completion",
+        description="Which tokens of prompt-completion and chat rows the loss counts: completion (the completion; "
+        "in chat, the assistant turns with their end-of-turn tokens) or all.",
+    )
+    chat_template: str | None = Field(
+        None, min_length=1, max_length=65536,
+        description="A Jinja chat template used instead of the tokenizer's (rendered in transformers' sandbox).",
+    )
     max_length: int = Field(256, ge=8, le=131072, description="Tokens per sample; longer is cut.")
     max_tokens_per_batch: int = Field(
         16384,
@@ -295,6 +314,12 @@ class TrainingSpec(_Model):
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     gradient_accumulation: int = Field(1, ge=1, le=4096)
+    batch_size: int | None = Field(
+        None, ge=1, le=2**24,
+        description="Samples per optimizer step over all processes, the same whatever the node count: each step's "
+        "samples are split evenly over nodes x procsPerNode x gradientAccumulation micro-batches (raise "
+        "gradientAccumulation if one does not fit in memory). Unset: steps are sized by data.maxTokensPerBatch.",
+    )
     max_grad_norm: float | None = Field(1.0, gt=0, le=1e6)
     seed: int = Field(42, ge=0, le=2**32 - 1)
     deterministic: bool = Field(
@@ -484,6 +509,18 @@ class TrainingJobSpec(_Model):
                                  "evaluation is best (set a large patience to never stop early)")
             if self.data.eval is None:
                 raise ValueError("output.from: best needs data.eval: without evaluations no checkpoint is best")
+        return self
+
+    @model_validator(mode="after")
+    def _rows_fit_the_task(self) -> TrainingJobSpec:
+        if self.model.task != "causal-lm" and self.data.style not in ("auto", "text"):
+            raise ValueError(f"data.style {self.data.style} is for model.task causal-lm; {self.model.task} reads "
+                             "textField (and textPairField)")
+        batch = self.training.batch_size
+        micro = self.nodes * self.procs_per_node * self.training.gradient_accumulation
+        if batch is not None and batch < micro:
+            raise ValueError(f"training.batchSize {batch} is smaller than nodes x procsPerNode x gradientAccumulation "
+                             f"= {micro}: every micro-batch needs a sample")
         return self
 
     @model_validator(mode="after")

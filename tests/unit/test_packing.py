@@ -12,6 +12,7 @@ import torch
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM, RobertaConfig, RobertaForSequenceClassification)
 
+from kubetrain_trainer.batching import BatchShapes, DeviceBatcher
 from kubetrain_trainer.data import Encoded, collate, pack_by_budget, plan_epoch
 from kubetrain_trainer.packing import PackedBatcher, PackedModel, PackedShapes, PackingError, position_offset
 from kubetrain_trainer.tasks import task_for
@@ -77,6 +78,48 @@ def test_packed_loss_and_gradients_equal_padded(name, shapes):
     for n, p in model.named_parameters():
         if n in want_grads:
             torch.testing.assert_close(p.grad, want_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("shapes", [None, PackedShapes(samples=6, max_segment=32, min_step=16)], ids=["exact", "shaped"])
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
+def test_a_loss_on_some_tokens_only_is_the_same_packed_padded_and_in_evaluation(name, shapes):
+    """Completions and assistant turns: only the tokens marked trained are targets, the same ones in the
+    evaluation's collate, the training's device batches (with dummy rows) and packed rows (with fillers)."""
+    _, task, model, _ = next(m for m in models() if m[0] == name)
+    plain = encoded(LM)
+    rng = np.random.default_rng(1)
+    trained = [rng.random(len(ids)) < 0.5 for ids in plain.input_ids]
+    for mask in trained:
+        mask[0] = False
+    enc = Encoded(plain.input_ids, None, None, trained)
+    indices = [4, 0, 2, 5]
+    expected = sum(int(trained[i].sum()) for i in indices)
+
+    def loss_and_grads(batch, forward):
+        labels = batch.pop("labels")
+        loss, count = task.summed_loss(forward(**batch).logits, batch, labels)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), int(count), grads
+
+    by_hand = torch.zeros(())
+    logits = model(**{k: v for k, v in collate(plain, indices, pad_id=0).items()}).logits
+    for row, i in enumerate(indices):
+        targets = [t for t in range(1, len(enc.input_ids[i])) if trained[i][t]]
+        by_hand += torch.nn.functional.cross_entropy(logits[row, [t - 1 for t in targets]].float(),
+                                                     torch.tensor([enc.input_ids[i][t] for t in targets]), reduction="sum")
+    model.zero_grad(set_to_none=True)
+    want, want_count, want_grads = loss_and_grads(collate(enc, indices, pad_id=0), model)
+    torch.testing.assert_close(want, by_hand.detach(), rtol=1e-5, atol=1e-5)
+    device_batch = DeviceBatcher(enc, 0, CPU, BatchShapes(width_multiple=8, rows=6))(indices)  # two dummy rows
+    packed = PackedBatcher(enc, 0, CPU, task, position_offset(model), shapes)(indices)
+    for batch, forward in ((device_batch, model), (packed, PackedModel(model, task, max_segment=32))):
+        got, count, grads = loss_and_grads(batch, forward)
+        assert count == want_count == expected
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for n, g in grads.items():
+            torch.testing.assert_close(g, want_grads[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
 def test_packed_gqa_under_bf16_autocast_equals_padded():

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import pytest
 import torch
 
 from kubetrain.api import ModelSpec
 from kubetrain_trainer.checkpoint_state import CheckpointContent, Group, TrainState
+from kubetrain_trainer.data import Encoded
 from kubetrain_trainer.tasks import Task, task_for
 
 TASK_NAMES = list(ModelSpec.model_fields["task"].annotation.__args__)
@@ -31,7 +33,10 @@ def test_classification_counts_a_confusion_matrix_and_the_lm_nothing():
     assert counts.tolist() == [1.0, 0.0, 1.0, 1.0] and counts.numel() == cls.eval_count_size(2)
     assert cls.eval_metrics(0.5, counts, 2)["eval_accuracy"] == pytest.approx(2 / 3)
     assert lm.eval_count_size(2) == 0 and set(lm.eval_metrics(0.0, torch.zeros(0), 2)) == {"eval_loss", "eval_perplexity"}
-    assert (cls.targets(4, 40), lm.targets(4, 40)) == (4, 36)
+    enc = Encoded([[1, 2, 3], [4, 5, 6, 7]], None, [0, 1])
+    masked = Encoded(enc.input_ids, None, None, [np.array([0, 0, 1], bool), np.array([0, 1, 1, 0], bool)])
+    assert (cls.sample_targets(enc).tolist(), lm.sample_targets(enc).tolist(), lm.sample_targets(masked).tolist()) == (
+        [1, 1], [2, 3], [1, 2])
 
 
 def test_checkpoint_content_round_trips_each_component_through_its_own_file(tmp_path):

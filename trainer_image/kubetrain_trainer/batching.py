@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import Encoded
+from .data import IGNORE_LABEL, Encoded, next_token_targets, padded_trained
 
-IGNORE_LABEL = -100  # cross_entropy's ignore_index
+__all__ = ["IGNORE_LABEL", "BatchShapes", "DeviceBatcher", "to_device"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class DeviceBatcher:
         self.ids = self._padded(encoded.input_ids, width, pad_id)
         self.types = self._padded(encoded.token_type_ids, width, 0) if encoded.token_type_ids else None
         self.labels = np.asarray(encoded.labels, dtype=np.int64) if encoded.labels is not None else None
+        self.trained = padded_trained(encoded, range(len(encoded)), width) if encoded.trained is not None else None
 
     def _padded(self, rows: Sequence[Sequence[int]], width: int, fill: int) -> np.ndarray:
         out = np.full((len(rows), width), fill, dtype=np.int64)
@@ -67,6 +68,11 @@ class DeviceBatcher:
             host["token_type_ids"] = self._rows(self.types, idx, width, rows, 0)
         if self.labels is not None:
             host["labels"] = np.concatenate([self.labels[idx], np.full(rows - len(idx), IGNORE_LABEL, dtype=np.int64)])
+        if self.trained is not None:  # per-position next-token targets; dummy rows train nothing
+            trained = self.trained[idx, :width]
+            if rows > len(idx):
+                trained = np.concatenate([trained, np.zeros((rows - len(idx), width), dtype=bool)])
+            host["labels"] = next_token_targets(host["input_ids"], trained)
         batch = {k: to_device(v, self.device) for k, v in host.items()}
         lengths_d = batch.pop("lengths")
         batch["attention_mask"] = (torch.arange(width, device=self.device) < lengths_d[:, None]).long()

@@ -143,7 +143,7 @@ def build_run(job: TrainingJob, opts: RunOptions) -> Run:
     if why:
         log.warning("%s", why)
     record["settings"] = run_settings(spec, rt.world_size, accumulation)
-    schedule = D.TrainSchedule(train_set, spec.data, task, t.seed, rt.world_size, accumulation)
+    schedule = D.TrainSchedule(train_set, spec.data, task, t.seed, rt.world_size, accumulation, t.batch_size)
     total_steps = schedule.total_steps(t.epochs, t.max_steps)
     scheduler = build_scheduler(optimizer, t, total_steps)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=t.precision == "fp16")

@@ -28,13 +28,19 @@ from .storage import read_uri_bytes
 __all__ = ["DataError"]  # defined with the other permanent failures; raised from here
 
 
+IGNORE_LABEL = -100  # cross_entropy's ignore_index
+
+
 @dataclass(frozen=True)
 class Encoded:
-    """A tokenized split: one entry per sample; labels where the task has them (classification)."""
+    """A tokenized split: one entry per sample; labels where the task has them (classification); for causal-LM
+    rows whose loss counts only some tokens (completions, assistant turns), which tokens are trained (a bool
+    per token, never a sample's first: nothing predicts it). None: every token but the first."""
 
     input_ids: list[list[int]]
     token_type_ids: list[list[int]] | None
     labels: list[int] | None
+    trained: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -192,6 +198,22 @@ def plan_epoch(lengths: np.ndarray, max_tokens: int, max_samples: int | None, se
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def plan_fixed_steps(lengths: np.ndarray, batch_size: int, micro_per_step: int, seed: int, epoch: int) -> list[list[int]]:
+    """training.batchSize: each step is `batch_size` shuffled samples (a tail short of a step is dropped), split
+    into `micro_per_step` micro-batches whose sizes differ by at most one; sorted by length within the step, so
+    each micro-batch holds similar lengths (little padding), and dealt to the ranks in a shuffled order (which
+    rank gets the longest varies). The plan is the step plan: every `micro_per_step` micro-batches are a step."""
+    rng = np.random.Generator(np.random.PCG64([seed, epoch]))
+    order = rng.permutation(len(lengths))
+    plan: list[list[int]] = []
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        step = order[start : start + batch_size]
+        step = step[np.argsort(-lengths[step], kind="stable")]
+        parts = np.array_split(step, micro_per_step)
+        plan.extend([int(i) for i in parts[k]] for k in rng.permutation(micro_per_step))
+    return plan
+
+
 def plan_eval(lengths: np.ndarray, max_tokens: int, max_samples: int | None) -> list[list[int]]:
     """Eval batches: globally sorted (no randomness needed), so padding is minimal."""
     return pack_by_budget(np.argsort(-lengths, kind="stable"), lengths, max_tokens, max_samples)
@@ -204,7 +226,7 @@ class StepBatches:
     micro_batches: list[list[int]]
     global_samples: int
     global_tokens: int  # real (non-pad) tokens
-    global_targets: int  # loss denominator (Task.targets): samples, or predicted tokens
+    global_targets: int  # loss denominator (Task.sample_targets): samples, or trained tokens
     global_padded: int  # tokens fed to the model, pads included
     fingerprint: str = ""  # of the whole step's sample indices in order: data order is auditable from logs
 
@@ -217,10 +239,13 @@ def fingerprint(group: Sequence[Sequence[int]]) -> str:
 class TrainSchedule:
     """Maps a global optimizer step to micro-batches; the checkpointed position is (epoch, cursor)."""
 
-    def __init__(self, encoded: Encoded, spec: DataSpec, task, seed: int, world_size: int, grad_accum: int):
+    def __init__(self, encoded: Encoded, spec: DataSpec, task, seed: int, world_size: int, grad_accum: int,
+                 batch_size: int | None = None):
         self.lengths = encoded.lengths
+        self.targets = task.sample_targets(encoded)  # the loss denominator's share of each sample
         self.spec, self.task, self.seed = spec, task, seed
         self.world_size, self.grad_accum = world_size, grad_accum
+        self.batch_size = batch_size  # training.batchSize: samples per step; None: steps sized by the token budget
         self._plans: dict[int, list[list[int]]] = {}
 
     @property
@@ -229,8 +254,12 @@ class TrainSchedule:
 
     def plan(self, epoch: int) -> list[list[int]]:
         if epoch not in self._plans:
-            self._plans = {epoch: plan_epoch(self.lengths, self.spec.max_tokens_per_batch, self.spec.max_samples_per_batch,
-                                             self.seed, epoch, packed=self.spec.packing)}
+            if self.batch_size:
+                plan = plan_fixed_steps(self.lengths, self.batch_size, self.micro_per_step, self.seed, epoch)
+            else:
+                plan = plan_epoch(self.lengths, self.spec.max_tokens_per_batch, self.spec.max_samples_per_batch,
+                                  self.seed, epoch, packed=self.spec.packing)
+            self._plans = {epoch: plan}
         return self._plans[epoch]
 
     def steps_in_epoch(self, epoch: int, cursor: int = 0) -> int:
@@ -244,6 +273,9 @@ class TrainSchedule:
         total = sum(self.steps_in_epoch(e) for e in range(whole))
         if epochs > whole:
             total += math.floor((epochs - whole) * self.steps_in_epoch(whole))
+        if total < 1 and self.batch_size:
+            raise DataError(f"the training data gives no full optimizer step: {len(self.lengths)} samples < "
+                            f"training.batchSize {self.batch_size}")
         if total < 1:
             raise DataError(
                 f"the training data gives no full optimizer step: {len(self.plan(0))} micro-batches per epoch "
@@ -255,10 +287,28 @@ class TrainSchedule:
         group = self.plan(epoch)[cursor : cursor + self.micro_per_step]
         samples = sum(len(b) for b in group)
         tokens = int(sum(self.lengths[i] for b in group for i in b))
-        targets = self.task.targets(samples, tokens)
+        targets = int(sum(self.targets[i] for b in group for i in b))
         padded = tokens if self.spec.packing else sum(len(b) * int(self.lengths[b].max()) for b in group)
         mine = group[rank * self.grad_accum : (rank + 1) * self.grad_accum]
         return StepBatches(mine, samples, tokens, max(1, targets), padded, fingerprint(group))
+
+
+def next_token_targets(ids: np.ndarray, trained: np.ndarray) -> np.ndarray:
+    """Each position's target: the next token where the loss counts it, IGNORE_LABEL elsewhere. Works on padded
+    [rows, width] arrays and on packed rows alike: a sample's first token is never trained, so no position
+    targets the next sample."""
+    out = np.full(ids.shape, IGNORE_LABEL, dtype=np.int64)
+    out[..., :-1] = np.where(trained[..., 1:], ids[..., 1:], IGNORE_LABEL)
+    return out
+
+
+def padded_trained(encoded: Encoded, indices: Sequence[int], width: int) -> np.ndarray:
+    """The trained-token mask of some samples, right-padded with False to `width`."""
+    out = np.zeros((len(indices), width), dtype=bool)
+    for row, i in enumerate(indices):
+        mask = encoded.trained[i][:width]
+        out[row, : len(mask)] = mask
+    return out
 
 
 def collate(encoded: Encoded, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
@@ -278,4 +328,6 @@ def collate(encoded: Encoded, indices: Sequence[int], pad_id: int) -> dict[str, 
         batch["token_type_ids"] = token_type_ids
     if encoded.labels is not None:
         batch["labels"] = torch.tensor([encoded.labels[i] for i in indices], dtype=torch.long)
+    if encoded.trained is not None:
+        batch["labels"] = torch.from_numpy(next_token_targets(input_ids.numpy(), padded_trained(encoded, indices, width)))
     return batch

@@ -180,6 +180,7 @@ class PackedBatcher:
         self.types = (np.fromiter((t for row in encoded.token_type_ids for t in row), dtype=np.int64, count=count)
                       if encoded.token_type_ids else None)
         self.labels = np.asarray(encoded.labels, dtype=np.int64) if encoded.labels is not None else None
+        self.trained = np.concatenate(encoded.trained) if encoded.trained is not None else None
 
     def shape(self, indices: Sequence[int]) -> tuple[int, int]:
         """(row length, samples with fillers) of a batch: what its tensors' shapes follow from."""
@@ -213,5 +214,9 @@ class PackedBatcher:
             types[: len(gather)] = self.types[gather]
             host["token_type_ids"] = types[None]
         sample_labels = self.labels[idx] if self.labels is not None else None
-        host["labels"] = self.task.packed_labels(ids, sample_labels, cu, len(idx), fillers, used)
+        trained = None
+        if self.trained is not None:  # fillers and the tail train nothing
+            trained = np.zeros(total, dtype=bool)
+            trained[: len(gather)] = self.trained[gather]
+        host["labels"] = self.task.packed_labels(ids, sample_labels, cu, len(idx), fillers, used, trained)
         return {k: to_device(v, self.device) for k, v in host.items()}

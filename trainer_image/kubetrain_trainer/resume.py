@@ -25,8 +25,9 @@ IDENTITY_FIELDS = ("name", "config", "task", "num_labels", "tokenizer", "lora", 
 # Settings recorded with each checkpoint and compared on resume (spec path -> value).
 SETTING_FIELDS = {
     "training": ("epochs", "max_steps", "learning_rate", "weight_decay", "warmup_ratio", "warmup_steps", "schedule",
-                 "precision", "gradient_accumulation", "max_grad_norm", "seed", "strategy", "activation_checkpointing"),
-    "data": ("train", "eval", "max_length", "max_tokens_per_batch", "max_samples_per_batch", "packing"),
+                 "precision", "gradient_accumulation", "batch_size", "max_grad_norm", "seed", "strategy", "activation_checkpointing"),
+    "data": ("train", "eval", "max_length", "max_tokens_per_batch", "max_samples_per_batch", "packing", "style",
+             "train_on"),
 }
 
 

@@ -37,8 +37,8 @@ class Task(Protocol):
     def encode(self, rows: Sequence[dict], tokenizer, data: DataSpec, uri: str, labels: dict[str, int] | None) -> Encoded:
         """Tokenize every row once; errors name the file, the row and the field."""
 
-    def targets(self, samples: int, tokens: int) -> int:
-        """The loss denominator of a step with this many samples and real tokens."""
+    def sample_targets(self, encoded: Encoded) -> np.ndarray:
+        """How many loss targets each sample holds (the loss denominator of a step is their sum)."""
 
     def summed_loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor],
                     labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | int]:
@@ -60,8 +60,9 @@ class Task(Protocol):
         """Forward over one packed row; returns an object with `.logits`."""
 
     def packed_labels(self, ids: np.ndarray, sample_labels: np.ndarray | None, cu: np.ndarray, samples: int,
-                      fillers: int, used: int) -> np.ndarray:
-        """The labels of a packed row: one per sample (and filler), or one target per position."""
+                      fillers: int, used: int, trained: np.ndarray | None) -> np.ndarray:
+        """The labels of a packed row: one per sample (and filler), or one target per position (`trained`: the
+        row's trained-token mask, where the data says which tokens the loss counts)."""
 
 
 @functools.cache

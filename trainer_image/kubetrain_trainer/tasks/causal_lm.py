@@ -1,4 +1,5 @@
-"""Causal language modelling: every next token of a text is a target; loss and perplexity."""
+"""Causal language modelling: the next token is the target (of every token, or of completions and assistant
+turns only); loss and perplexity over the trained tokens."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import torch.nn.functional as F
 
 from kubetrain.api import DataSpec, ModelSpec
 
-from ..batching import IGNORE_LABEL
-from ..data import Encoded, require_fields
+from ..data import IGNORE_LABEL, Encoded, next_token_targets
+from ..lm_rows import encode_lm
 
 
 class CausalLM:
@@ -31,16 +32,13 @@ class CausalLM:
         return None
 
     def encode(self, rows: Sequence[dict], tokenizer, data: DataSpec, uri: str, labels: None) -> Encoded:
-        """End every document with EOS so the model learns to stop; truncate after adding it."""
-        require_fields(rows, {"textField": data.text_field, "textPairField": data.text_pair_field}, uri,
-                       text=("textField", "textPairField"))
-        texts = [str(r[data.text_field]) for r in rows]
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        ids = [(t + eos)[: data.max_length] for t in tokenizer(texts, add_special_tokens=True)["input_ids"]]
-        return Encoded(ids, None, None)
+        """Text, prompt-completion or chat rows (lm_rows); every text ends with EOS so the model learns to stop."""
+        return encode_lm(rows, tokenizer, data, uri)
 
-    def targets(self, samples: int, tokens: int) -> int:
-        return tokens - samples  # every token but a sample's first is predicted
+    def sample_targets(self, encoded: Encoded) -> np.ndarray:
+        if encoded.trained is None:
+            return encoded.lengths - 1  # every token but a sample's first is predicted
+        return np.fromiter((int(m.sum()) for m in encoded.trained), dtype=np.int64, count=len(encoded))
 
     def summed_loss(self, logits, batch, labels):
         """Packed rows bring `labels` (each position's target already); padded ones are shifted here.
@@ -71,8 +69,11 @@ class CausalLM:
     def packed_forward(self, model, input_ids, position_ids, sample_starts, varlen: dict):
         return model(input_ids=input_ids, position_ids=position_ids, **varlen)
 
-    def packed_labels(self, ids, sample_labels, cu, samples: int, fillers: int, used: int) -> np.ndarray:
-        """The next token inside the same sample; none after a sample's last token, fillers or the tail."""
+    def packed_labels(self, ids, sample_labels, cu, samples: int, fillers: int, used: int, trained=None) -> np.ndarray:
+        """The next token inside the same sample; none after a sample's last token, fillers or the tail (and,
+        where the data says which tokens are trained, none but those)."""
+        if trained is not None:
+            return next_token_targets(ids, trained)[None]
         real = int(cu[samples])  # tokens of the real samples
         targets = np.full(len(ids), IGNORE_LABEL, dtype=np.int64)
         targets[: real - 1] = ids[1:real]

@@ -43,8 +43,8 @@ class SequenceClassification:
             raise DataError(f"{uri}: label {err.args[0]!r} is not among the training data's labels {sorted(labels)[:10]}") from None
         return Encoded(out["input_ids"], out.get("token_type_ids"), ids)
 
-    def targets(self, samples: int, tokens: int) -> int:
-        return samples
+    def sample_targets(self, encoded: Encoded) -> np.ndarray:
+        return np.ones(len(encoded), dtype=np.int64)
 
     def summed_loss(self, logits, batch, labels):
         return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_LABEL, reduction="sum"), labels.numel()
@@ -77,7 +77,7 @@ class SequenceClassification:
             return PackedOutput(inner.classifier(first))
         return PackedOutput(inner.classifier(inner.dropout(encoder.pooler(first))))
 
-    def packed_labels(self, ids, sample_labels, cu, samples: int, fillers: int, used: int) -> np.ndarray:
+    def packed_labels(self, ids, sample_labels, cu, samples: int, fillers: int, used: int, trained=None) -> np.ndarray:
         return np.concatenate([sample_labels, np.full(fillers, IGNORE_LABEL, dtype=np.int64)])
 
 
