@@ -285,6 +285,13 @@ class DataSpec(_Model):
         return self
 
 
+class GenerationEvalSpec(_Model):
+    samples: int = Field(64, ge=1, le=4096, description="The first this many eval rows: each prompt is answered "
+                         "greedily and compared with the row's answer (its last completion or assistant turn).")
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    batch_size: int = Field(16, ge=1, le=1024, description="Prompts generated together on each process.")
+
+
 class EarlyStoppingSpec(_Model):
     metric: str = Field("eval_loss", pattern=r"^eval_[a-z0-9_]+$")
     patience: int = Field(3, ge=1, description="Evaluations without improvement before stopping.")
@@ -328,6 +335,11 @@ class TrainingSpec(_Model):
     eval_every_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Default: at each epoch end.")
     log_every_steps: int = Field(10, ge=1, le=MAX_STEPS)
     early_stopping: EarlyStoppingSpec | None = None
+    generation_eval: GenerationEvalSpec | None = Field(
+        None, description="causal-lm with prompt-completion or chat eval rows: at each evaluation also answer the "
+        "first prompts greedily, adding eval_exact_match and eval_rouge_l (ROUGE-L F1, rouge-score), which "
+        "earlyStopping and output.from: best can use.",
+    )
     on_non_finite: Literal["fail", "skip"] = Field(
         "fail",
         description="A step whose loss or gradient norm is NaN/Inf: fail the job (reason Diverged), or skip its "
@@ -516,6 +528,8 @@ class TrainingJobSpec(_Model):
         if self.model.task != "causal-lm" and self.data.style not in ("auto", "text"):
             raise ValueError(f"data.style {self.data.style} is for model.task causal-lm; {self.model.task} reads "
                              "textField (and textPairField)")
+        if self.training.generation_eval is not None and (self.model.task != "causal-lm" or self.data.eval is None):
+            raise ValueError("training.generationEval answers eval prompts: it needs model.task causal-lm and data.eval")
         batch = self.training.batch_size
         micro = self.nodes * self.procs_per_node * self.training.gradient_accumulation
         if batch is not None and batch < micro:

@@ -32,7 +32,8 @@ def chat(tmp_path_factory) -> dict[str, Path]:
 def chat_job(tmp_path: Path, chat: dict, name: str, **overrides) -> Path:
     settings = {"nodes": 2, "data__packing": True, "training__maxSteps": STEPS, "training__deterministic": True,
                 "training__batchSize": 16, "training__learningRate": 1e-2, "training__evalEverySteps": 12,
-                "checkpoint__everySteps": 8, "checkpoint__keep": 20}
+                "checkpoint__everySteps": 8, "checkpoint__keep": 20,
+                "training__generationEval": {"samples": 20, "maxNewTokens": 4, "batchSize": 8}}
     doc = tiny.job_doc(name, chat["train"], chat["eval"], chat["tokenizer"], str(tmp_path / "ckpt"), task="causal-lm",
                        **{**settings, **overrides})
     return tiny.write_job(tmp_path / f"{name}.yaml", doc)
@@ -53,6 +54,8 @@ def test_a_chat_sft_job_trains_the_answers_and_resumes_exactly_after_sigterm(cha
     assert math.exp(last_eval["eval_loss"]) == pytest.approx(last_eval["eval_perplexity"], rel=1e-6)
     earlier = json.loads((tmp_path / "ckpt/tests/straight/step-000000016/manifest.json").read_text())["meta"]["state"]
     assert last_eval["eval_loss"] < earlier["last_eval"]["eval_loss"] < math.log(400)  # below a uniform guess
+    # the 20 first eval prompts answered greedily at every evaluation (how they score: test_generation_eval.py)
+    assert all(0 <= last_eval[k] <= 1 for k in ("eval_exact_match", "eval_rouge_l")), last_eval
 
     job = chat_job(tmp_path, chat, "preempted")
     first = tiny.LocalRun(job, env={}, work_dir=tmp_path / "w2")

@@ -26,6 +26,7 @@ from .checkpoint_state import CheckpointContent, Group, ModelWeights, TrainState
 from .checkpoint_store import CheckpointStore
 from .compile import compile_for_training
 from .distributed import Runtime, configure_determinism, init_distributed, seed_everything
+from .generation_eval import Prompts, prompts_for
 from .graphs import StepGraphs, one_batch_per_shape, one_sample_per_shape
 from .metrics import TrainerMetrics
 from .model import build_model, enable_activation_checkpointing, load_tokenizer
@@ -77,6 +78,7 @@ class Run:
     checkpointer: Checkpointer
     state: TrainState
     start: Start  # the checkpoint resumed (or scratch), why, and the settings changed since
+    answers: Prompts | None = None  # training.generationEval: the eval prompts this rank answers
 
 
 @dataclass
@@ -115,6 +117,7 @@ def build_run(job: TrainingJob, opts: RunOptions) -> Run:
     eval_batches = eval_plan[rt.rank :: rt.world_size]
     if t.strategy == "fsdp" and eval_plan:  # every rank runs as many forwards (each gathers the shards): empty = filler
         eval_batches += [[]] * (-(-len(eval_plan) // rt.world_size) - len(eval_batches))
+    answers = prompts_for(eval_set, t.generation_eval, tokenizer, rt) if t.generation_eval and eval_set else None
 
     # model and optimizer: same init on every rank (fsdp: rank 0's, sharded out), then per-rank dropout streams
     seed_everything(t.seed)
@@ -170,7 +173,7 @@ def build_run(job: TrainingJob, opts: RunOptions) -> Run:
         log.info("training from scratch: %s", start.why)
 
     return Run(job, opts, rt, task, tokenizer, labels, train_set, eval_set, eval_batches, schedule, total_steps, model, optimizer,
-               scheduler, scaler, autocast_for(t.precision, rt.device), metrics, checkpointer, state, start)
+               scheduler, scaler, autocast_for(t.precision, rt.device), metrics, checkpointer, state, start, answers)
 
 
 def build_sharded_model(job: TrainingJob, rt: Runtime, tokenizer, cache_dir: Path, **s3) -> torch.nn.Module:

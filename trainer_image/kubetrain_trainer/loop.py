@@ -25,6 +25,7 @@ from .data import StepBatches
 from .distributed import Runtime, seed_step
 from .divergence import NonFiniteGuard, update_skipped_if_non_finite
 from .evaluate import evaluate
+from .generation_eval import generation_metrics
 from .export import Exported
 from .failures import Diverged, lost_a_peer
 from .graphs import StepGraphs
@@ -192,8 +193,13 @@ def advance(run: Run, batches: StepBatches, seconds: float) -> bool:
 
 
 def run_eval(run: Run) -> dict[str, float]:
-    return evaluate(run.model, run.eval_set, run.eval_batches, task=run.task, num_labels=run.job.spec.model.num_labels,
-                    device=run.rt.device, autocast=run.autocast, pad_id=run.tokenizer.pad_token_id)
+    metrics = evaluate(run.model, run.eval_set, run.eval_batches, task=run.task, num_labels=run.job.spec.model.num_labels,
+                       device=run.rt.device, autocast=run.autocast, pad_id=run.tokenizer.pad_token_id)
+    if run.answers is not None:
+        metrics |= generation_metrics(run.model, run.answers, run.job.spec.training.generation_eval, run.tokenizer,
+                                      device=run.rt.device, autocast=run.autocast,
+                                      synced=run.job.spec.training.strategy == "fsdp")
+    return metrics
 
 
 def serve_metrics(run: Run) -> None:
