@@ -17,7 +17,8 @@ DEFAULTS = builders.ClusterDefaults("s3://cluster-default/ckpt", "s3-creds", Non
 
 
 def test_there_are_the_promised_examples():
-    assert {p.name for p in EXAMPLES} >= {"trainingjob.yaml", "roberta-lora-gpu.yaml", "causal-lm-lora.yaml", "cpu-smoke.yaml"}
+    assert {p.name for p in EXAMPLES} >= {"trainingjob.yaml", "roberta-lora-gpu.yaml", "causal-lm-lora.yaml", "cpu-smoke.yaml",
+                                          "chat-sft-lora.yaml"}
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -33,7 +34,7 @@ def test_example_is_valid_and_builds_pods(path: Path):
 
 
 def test_gpu_examples_use_lora_and_bf16():
-    for name in ("roberta-lora-gpu.yaml", "causal-lm-lora.yaml"):
+    for name in ("roberta-lora-gpu.yaml", "causal-lm-lora.yaml", "chat-sft-lora.yaml"):
         job = load_training_job(str(next(p for p in EXAMPLES if p.name == name)))
         assert job.spec.model.lora is not None and job.spec.training.precision == "bf16"
     assert load_training_job(str(EXAMPLES[0].parent / "causal-lm-lora.yaml")).spec.model.task == "causal-lm"
