@@ -139,7 +139,8 @@ def run_kubetrain(case: Case, args, work: Path, train: Path, tok: Path, pretrain
     doc["spec"]["data"].update(maxLength=args.seq, maxTokensPerBatch=args.batch * args.seq, maxSamplesPerBatch=args.batch)
     doc["spec"]["training"].update(maxSteps=steps, learningRate=LEARNING_RATE, warmupSteps=args.warmup,
                                    precision="bf16" if device().type == "cuda" else "fp32", strategy=case.strategy,
-                                   activationCheckpointing=case.activation_checkpointing, logEverySteps=args.warmup)
+                                   activationCheckpointing=case.activation_checkpointing, logEverySteps=args.warmup,
+                                   fusedLoss=args.fused_loss)
     doc["spec"]["checkpoint"].update(everySteps=10**6, keep=1)
     doc["spec"].pop("metrics", None)
     shutil.rmtree(work / "ckpt", ignore_errors=True)
@@ -159,7 +160,7 @@ def run_kubetrain(case: Case, args, work: Path, train: Path, tok: Path, pretrain
     seconds = times.at[steps] - times.at[args.warmup]
     tokens = args.steps * args.batch * args.seq
     trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
-    return {"tokens_per_s": tokens / seconds, "peak_gib": peak, "loss_first": times.losses.get(args.warmup),
+    return {"fused_loss": args.fused_loss, "tokens_per_s": tokens / seconds, "peak_gib": peak, "loss_first": times.losses.get(args.warmup),
             "loss_last": times.losses.get(steps), "trainable_params": trainable, "checkpoint_stall": stall or None}
 
 
@@ -242,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--work", type=Path, default=Path("/tmp/large-models"))
     p.add_argument("--out", type=Path)
+    p.add_argument("--fused-loss", choices=["auto", "off"], default="auto", help="kubetrain: training.fusedLoss")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.all is None:

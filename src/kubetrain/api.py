@@ -357,6 +357,12 @@ class TrainingSpec(_Model):
         False, description="Recompute each transformer block's activations in the backward pass: far less activation "
         "memory (longer rows, bigger batches) for about a third more compute.",
     )
+    fused_loss: Literal["auto", "off"] = Field(
+        "auto",
+        description="causal-lm: compute the LM head and the cross-entropy together, chunk by chunk, so the full "
+        "logits (tokens x vocabulary) are never materialised (auto: whenever the model has a plain linear head and "
+        "compile is not reduce-overhead). off: full logits.",
+    )
     compile: Literal["off", "default", "reduce-overhead"] = Field(
         "off",
         description="torch.compile the forward/backward (GPU speed; costs a minute at startup). "

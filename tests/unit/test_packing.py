@@ -14,6 +14,7 @@ from transformers import (BertConfig, BertForSequenceClassification, GPT2Config,
 
 from kubetrain_trainer.batching import BatchShapes, DeviceBatcher
 from kubetrain_trainer.data import Encoded, collate, pack_by_budget, plan_epoch
+from kubetrain_trainer.lm_loss import FusedLossLM, fused_loss, linear_cross_entropy_sum
 from kubetrain_trainer.packing import PackedBatcher, PackedModel, PackedShapes, PackingError, position_offset
 from kubetrain_trainer.tasks import task_for
 
@@ -197,3 +198,58 @@ def test_unsupported_model_is_refused():
     model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32))
     with pytest.raises(PackingError, match="distilbert"):
         PackedModel(model, CLASSIFICATION, max_segment=32)
+
+
+@pytest.mark.parametrize("trainable_head", [True, False], ids=["full", "frozen-head"])
+def test_the_fused_head_and_cross_entropy_equal_the_logits_path_in_chunks(trainable_head):
+    """lm_loss: sum and gradients of cross-entropy(hidden @ W.T) with ignored targets, walked in chunks
+    smaller than the row, equal the plain computation (a scaled backward, as under fp16's GradScaler)."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, dtype=torch.float64, requires_grad=trainable_head)
+    targets = torch.randint(0, 50, (37,), generator=g)
+    targets[::5] = -100
+    want = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, ignore_index=-100, reduction="sum")
+    (3 * want).backward()
+    want_grads = [hidden.grad.clone()] + ([weight.grad.clone()] if trainable_head else [])
+    hidden.grad = weight.grad = None
+    got, count = linear_cross_entropy_sum(hidden, weight, targets, chunk=8)
+    (3 * got).backward()
+    assert int(count) == int((targets != -100).sum())
+    torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(hidden.grad, want_grads[0], rtol=1e-5, atol=1e-6)
+    if trainable_head:
+        torch.testing.assert_close(weight.grad, want_grads[1], rtol=1e-5, atol=1e-6)
+    else:
+        assert weight.grad is None
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
+def test_a_fused_loss_lm_trains_as_the_logits_path_does(name, packed):
+    """The training forward of FusedLossLM (backbone, then the fused head) gives train_step the loss and
+    gradients of logits + summed_loss, padded and packed; GPT-2's head is tied to its embedding."""
+    _, task, model, _ = next(m for m in models() if m[0] == name)
+    enc, indices = encoded(LM), [4, 0, 2, 5]
+    if packed:
+        batcher = PackedBatcher(enc, 0, CPU, task, position_offset(model), PackedShapes(samples=6, max_segment=32, min_step=16))
+        plain, fused = PackedModel(model, task, max_segment=32), PackedModel(FusedLossLM(model), task, max_segment=32)
+    else:
+        batcher = DeviceBatcher(enc, 0, CPU, BatchShapes(width_multiple=8, rows=6))
+        plain, fused = model, FusedLossLM(model)
+    results = []
+    for module, loss_fn in ((plain, None), (fused, fused_loss)):
+        batch = batcher(indices)
+        labels = batch.pop("labels", None)
+        if loss_fn is None:
+            loss, count = task.summed_loss(module(**batch).logits, batch, labels)
+        else:
+            loss, count = loss_fn(module, batch, labels)
+        loss.backward()
+        results.append((loss.detach(), int(count), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        model.zero_grad(set_to_none=True)
+    (want, want_count, want_grads), (got, got_count, grads) = results
+    assert got_count == want_count == sum(len(enc.input_ids[i]) - 1 for i in indices)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, want_grads[n], rtol=1e-4, atol=1e-6, msg=n)

@@ -88,6 +88,7 @@ class Prepared:
     module: torch.nn.Module
     batcher: DeviceBatcher | PackedBatcher
     graphs: StepGraphs | None
+    loss: Callable | None = None  # (module, batch, labels) -> (loss sum, count) where the forward computes the loss
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -200,7 +201,9 @@ def log_blocks(count: int) -> None:
 def prepare(run: Run) -> Prepared:
     """Wrap the model for training: packed rows, DDP, torch.compile; then the batcher and the step graphs."""
     spec, t, rt = run.job.spec, run.job.spec.training, run.rt
-    module = PackedModel(run.model, run.task, max_segment=spec.data.max_length) if spec.data.packing else run.model
+    module, loss = fused_lm(run)
+    if spec.data.packing:
+        module = PackedModel(module, run.task, max_segment=spec.data.max_length)
     if spec.data.packing and rt.device.type == "cuda" and t.precision == "fp32":
         log.warning("packing with precision fp32 attends through a dense block mask (memory grows with the row length "
                     "squared); flash attention needs bf16 or fp16")
@@ -219,4 +222,17 @@ def prepare(run: Run) -> Prepared:
                             max_grad_norm=t.max_grad_norm, device=rt.device)
         graphs.prepare(batcher, one_batch_per_shape(batcher.shape, run.schedule.plan(run.state.epoch)) if spec.data.packing
                        else one_sample_per_shape(batcher, compiled.shapes.width))
-    return Prepared(compiled.module, batcher, graphs)
+    return Prepared(compiled.module, batcher, graphs, loss)
+
+
+def fused_lm(run: Run) -> tuple[torch.nn.Module, Callable | None]:
+    """training.fusedLoss: a model whose training forward computes the loss (the task's, e.g. lm_loss), and the
+    loss function train_step then uses; else the model itself and None (logits, then Task.summed_loss)."""
+    t = run.job.spec.training
+    if t.fused_loss == "off":
+        return run.model, None
+    if t.compile == "reduce-overhead":
+        log.info("training.fusedLoss: not with compile reduce-overhead (its step graphs capture the logits path)")
+        return run.model, None
+    fused = run.task.loss_in_forward(run.model)
+    return fused if fused else (run.model, None)

@@ -123,7 +123,8 @@ def train_loop(run: Run, tracker: Tracker | None = None) -> int:
         seed_step(t.seed, rt.rank, state.step)  # this step's dropout, from (seed, rank, step) alone
         started = time.perf_counter()
         loss_sum, grad_norm = train_step(prepared.module, run.optimizer, run.scaler, prepared.batcher, batches, task=run.task,
-                                         rt=rt, autocast=run.autocast, max_grad_norm=t.max_grad_norm, graphs=prepared.graphs)
+                                         rt=rt, autocast=run.autocast, max_grad_norm=t.max_grad_norm, graphs=prepared.graphs,
+                                         loss_fn=prepared.loss)
         run.scheduler.step()
         guard.record(state.step + 1, loss_sum, grad_norm)
         epoch_done = advance(run, batches, time.perf_counter() - started)
@@ -230,7 +231,7 @@ def report_outcome(run: Run, outcome: str, exported: Exported | None = None) -> 
 
 
 def train_step(module, optimizer, scaler, batcher, batches: StepBatches, *, task: Task, rt: Runtime,
-               autocast, max_grad_norm: float | None, graphs: StepGraphs | None = None
+               autocast, max_grad_norm: float | None, graphs: StepGraphs | None = None, loss_fn=None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's micro-batches; returns (local loss sum, grad norm) as tensors.
 
@@ -250,8 +251,12 @@ def train_step(module, optimizer, scaler, batcher, batches: StepBatches, *, task
         sync = i == len(batches.micro_batches) - 1 or not is_ddp
         with contextlib.nullcontext() if sync else unwrapped(module).no_sync():
             with autocast():
-                logits = module(**batch).logits
-            loss, _ = task.summed_loss(logits, batch, labels)
+                if loss_fn is not None:  # the module's forward computes the loss (training.fusedLoss)
+                    loss, _ = loss_fn(module, batch, labels)
+                else:
+                    logits = module(**batch).logits
+            if loss_fn is None:
+                loss, _ = task.summed_loss(logits, batch, labels)
             scaler.scale(loss * scale).backward()
         loss_total += loss.detach()
     scaler.unscale_(optimizer)

@@ -124,10 +124,12 @@ class PackedModel(torch.nn.Module):
         hf_model(model).set_attn_implementation(ATTENTION)
         self.model, self.task, self.max_segment = model, task, max_segment
 
-    def forward(self, input_ids, position_ids, cu_seqlens, sample_starts, token_type_ids=None):
+    def forward(self, input_ids, position_ids, cu_seqlens, sample_starts, token_type_ids=None, targets=None):
         varlen = {"cu_seq_lens_q": cu_seqlens, "max_length_q": self.max_segment}
         if token_type_ids is not None:
             varlen["token_type_ids"] = token_type_ids
+        if targets is not None:  # the loss in the forward (lm_loss.FusedLossLM)
+            varlen["targets"] = targets
         return self.task.packed_forward(self.model, input_ids, position_ids, sample_starts, varlen)
 
 

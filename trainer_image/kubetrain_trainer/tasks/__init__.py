@@ -59,6 +59,10 @@ class Task(Protocol):
     def packed_forward(self, model: torch.nn.Module, input_ids, position_ids, sample_starts, varlen: dict):
         """Forward over one packed row; returns an object with `.logits`."""
 
+    def loss_in_forward(self, model: torch.nn.Module):
+        """(a module whose training forward returns the summed loss, the step's loss function) where the task
+        has a cheaper way than logits (training.fusedLoss); None: logits and summed_loss."""
+
     def packed_labels(self, ids: np.ndarray, sample_labels: np.ndarray | None, cu: np.ndarray, samples: int,
                       fillers: int, used: int, trained: np.ndarray | None) -> np.ndarray:
         """The labels of a packed row: one per sample (and filler), or one target per position (`trained`: the

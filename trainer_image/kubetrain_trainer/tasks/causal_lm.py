@@ -3,6 +3,7 @@ turns only); loss and perplexity over the trained tokens."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -13,7 +14,10 @@ import torch.nn.functional as F
 from kubetrain.api import DataSpec, ModelSpec
 
 from ..data import IGNORE_LABEL, Encoded, next_token_targets
+from ..lm_loss import CHUNK_TOKENS, FusedLossLM, fusable, fused_loss
 from ..lm_rows import encode_lm
+
+log = logging.getLogger("kubetrain.model")
 
 
 class CausalLM:
@@ -68,6 +72,15 @@ class CausalLM:
 
     def packed_forward(self, model, input_ids, position_ids, sample_starts, varlen: dict):
         return model(input_ids=input_ids, position_ids=position_ids, **varlen)
+
+    def loss_in_forward(self, model):
+        """The LM head and cross-entropy fused in chunks (lm_loss): the logits are never whole."""
+        why = fusable(model)
+        if why:
+            log.info("training.fusedLoss: full logits (%s)", why)
+            return None
+        log.info("training.fusedLoss: the LM head and the cross-entropy fused in chunks of %d tokens", CHUNK_TOKENS)
+        return FusedLossLM(model), fused_loss
 
     def packed_labels(self, ids, sample_labels, cu, samples: int, fillers: int, used: int, trained=None) -> np.ndarray:
         """The next token inside the same sample; none after a sample's last token, fillers or the tail (and,
