@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from kubetrain_trainer.batching import BatchShapes, DeviceBatcher
-from kubetrain_trainer.data import Encoded, collate
+from kubetrain_trainer.data import Encoded, Ragged, collate
 from kubetrain_trainer.tasks import task_for
 
 CPU = torch.device("cpu")
@@ -62,3 +63,13 @@ def test_filler_rows_add_nothing_to_loss_or_gradients():
     for a, b in zip(filled_grads, plain_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert any(g.abs().sum() > 0 for g in plain_grads)
+
+
+def test_ragged_rows_pad_gather_and_sum_as_lists_do():
+    rows = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15]]
+    ragged = Ragged.from_rows(rows, np.int32)
+    assert [r.tolist() for r in ragged] == rows and ragged.lengths.tolist() == [3, 1, 5, 2]
+    assert ragged.padded([2, 0], 4, -1).tolist() == [[9, 10, 11, 12], [5, 6, 7, -1]]  # cut to width, and padded
+    assert ragged.gather(np.array([3, 0, 1])).tolist() == [14, 15, 5, 6, 7, 8]
+    assert Ragged.from_rows([[1, 0], [0], [1, 1, 1]], np.bool_).row_sums().tolist() == [1, 0, 3]
+    assert [r.tolist() for r in ragged[1:3]] == rows[1:3]

@@ -109,7 +109,7 @@ def test_a_loss_on_some_tokens_only_is_the_same_packed_padded_and_in_evaluation(
     for row, i in enumerate(indices):
         targets = [t for t in range(1, len(enc.input_ids[i])) if trained[i][t]]
         by_hand += torch.nn.functional.cross_entropy(logits[row, [t - 1 for t in targets]].float(),
-                                                     torch.tensor([enc.input_ids[i][t] for t in targets]), reduction="sum")
+                                                     torch.tensor([int(enc.input_ids[i][t]) for t in targets]), reduction="sum")
     model.zero_grad(set_to_none=True)
     want, want_count, want_grads = loss_and_grads(collate(enc, indices, pad_id=0), model)
     torch.testing.assert_close(want, by_hand.detach(), rtol=1e-5, atol=1e-5)

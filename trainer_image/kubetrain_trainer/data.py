@@ -31,23 +31,87 @@ __all__ = ["DataError"]  # defined with the other permanent failures; raised fro
 IGNORE_LABEL = -100  # cross_entropy's ignore_index
 
 
+class Ragged:
+    """Rows of different lengths as one flat array and row offsets: a token costs 4 bytes (int32), or 1 for a
+    mask, where a Python list of ints costs about 36; a batch is gathered or padded from it in a few numpy
+    calls, so nothing is padded ahead of time."""
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray):
+        self.flat, self.offsets = flat, offsets
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Sequence], dtype) -> Ragged:
+        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.empty(int(offsets[-1]), dtype=dtype)
+        for r, start, end in zip(rows, offsets[:-1], offsets[1:]):
+            flat[start:end] = r
+        return cls(flat, offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        """Row i (a view); a slice gives a list of rows."""
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        return self.flat[self.offsets[i] : self.offsets[i + 1]]
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def row_sums(self) -> np.ndarray:
+        if not len(self.flat):
+            return np.zeros(len(self), dtype=np.int64)
+        return np.add.reduceat(self.flat.astype(np.int64), self.offsets[:-1])
+
+    def gather(self, indices: np.ndarray) -> np.ndarray:
+        """Rows `indices`, end to end."""
+        lengths = self.lengths[indices]
+        starts = np.repeat(self.offsets[indices] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+        return self.flat[starts + np.arange(int(lengths.sum()))]
+
+    def padded(self, indices: Sequence[int], width: int, fill) -> np.ndarray:
+        """Rows `indices` right-padded (or cut) to `width`, as [len(indices), width]."""
+        idx = np.asarray(indices, dtype=np.int64)
+        cols = np.arange(width)
+        inside = cols[None, :] < self.lengths[idx][:, None]
+        if not len(self.flat):
+            return np.full((len(idx), width), fill, dtype=self.flat.dtype)
+        source = np.minimum(self.offsets[idx][:, None] + cols[None, :], len(self.flat) - 1)
+        return np.where(inside, self.flat[source], np.asarray(fill, dtype=self.flat.dtype))
+
+
 @dataclass(frozen=True)
 class Encoded:
     """A tokenized split: one entry per sample; labels where the task has them (classification); for causal-LM
     rows whose loss counts only some tokens (completions, assistant turns), which tokens are trained (a bool
-    per token, never a sample's first: nothing predicts it). None: every token but the first."""
+    per token, never a sample's first: nothing predicts it). None: every token but the first.
 
-    input_ids: list[list[int]]
-    token_type_ids: list[list[int]] | None
+    Token rows are stored Ragged (lists given here are converted): a split of a billion tokens is 4 GB."""
+
+    input_ids: Ragged
+    token_type_ids: Ragged | None
     labels: list[int] | None
-    trained: list[np.ndarray] | None = None
+    trained: Ragged | None = None
+
+    def __post_init__(self):
+        for name, dtype in (("input_ids", np.int32), ("token_type_ids", np.int8), ("trained", np.bool_)):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Ragged):
+                object.__setattr__(self, name, Ragged.from_rows(value, dtype))
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.fromiter((len(ids) for ids in self.input_ids), dtype=np.int64, count=len(self))
+        return self.input_ids.lengths
 
 
 def data_format(uri: str, fmt: str = "auto") -> str:
@@ -302,32 +366,18 @@ def next_token_targets(ids: np.ndarray, trained: np.ndarray) -> np.ndarray:
     return out
 
 
-def padded_trained(encoded: Encoded, indices: Sequence[int], width: int) -> np.ndarray:
-    """The trained-token mask of some samples, right-padded with False to `width`."""
-    out = np.zeros((len(indices), width), dtype=bool)
-    for row, i in enumerate(indices):
-        mask = encoded.trained[i][:width]
-        out[row, : len(mask)] = mask
-    return out
-
-
 def collate(encoded: Encoded, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad one micro-batch to its longest sample."""
-    width = max(len(encoded.input_ids[i]) for i in indices)
-    input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
-    token_type_ids = torch.zeros((len(indices), width), dtype=torch.long) if encoded.token_type_ids else None
-    for row, i in enumerate(indices):
-        ids = encoded.input_ids[i]
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
-        if token_type_ids is not None:
-            token_type_ids[row, : len(ids)] = torch.tensor(encoded.token_type_ids[i])
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if token_type_ids is not None:
-        batch["token_type_ids"] = token_type_ids
+    idx = np.asarray(indices, dtype=np.int64)
+    lengths = encoded.lengths[idx]
+    width = int(lengths.max())
+    ids = encoded.input_ids.padded(idx, width, pad_id).astype(np.int64)
+    batch = {"input_ids": torch.from_numpy(ids),
+             "attention_mask": torch.from_numpy((np.arange(width)[None, :] < lengths[:, None]).astype(np.int64))}
+    if encoded.token_type_ids is not None:
+        batch["token_type_ids"] = torch.from_numpy(encoded.token_type_ids.padded(idx, width, 0).astype(np.int64))
     if encoded.labels is not None:
         batch["labels"] = torch.tensor([encoded.labels[i] for i in indices], dtype=torch.long)
     if encoded.trained is not None:
-        batch["labels"] = torch.from_numpy(next_token_targets(input_ids.numpy(), padded_trained(encoded, indices, width)))
+        batch["labels"] = torch.from_numpy(next_token_targets(ids, encoded.trained.padded(idx, width, False)))
     return batch

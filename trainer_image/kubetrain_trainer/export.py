@@ -26,6 +26,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -75,12 +76,13 @@ class Provenance:
     data: dict[str, str]  # split -> where it was read and a fingerprint of its tokens
 
 
-def token_fingerprint(input_ids: list[list[int]]) -> str:
-    """sha256 (16 hex) of a tokenized split: the same data and tokenizer give the same fingerprint."""
+def token_fingerprint(input_ids) -> str:
+    """sha256 (16 hex) of a tokenized split (rows of token ids): the same data and tokenizer give the same
+    fingerprint (each row's length, then its ids, as 4-byte little-endian integers)."""
     digest = hashlib.sha256()
     for ids in input_ids:
         digest.update(len(ids).to_bytes(4, "little"))
-        digest.update(b"".join(i.to_bytes(4, "little", signed=True) for i in ids))
+        digest.update(np.asarray(ids, dtype="<i4").tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -143,7 +145,6 @@ class Logits(torch.nn.Module):
 
 def export_onnx(hf_dir: Path, task: Task, samples: list[list[int]], pad_id: int) -> float:
     """model.onnx next to the weights; returns max |Δlogits| against torch on `samples` (fp32, onnxruntime CPU)."""
-    import numpy as np
 
     model = task.auto_model().from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=False).eval()
     model_type = model.config.model_type

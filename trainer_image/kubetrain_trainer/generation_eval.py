@@ -50,13 +50,13 @@ def prompts_for(encoded: Encoded, spec: GenerationEvalSpec, tokenizer, rt: Runti
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     for i in range(count):
         start, end = last_answer(encoded.trained[i])
-        answer = encoded.input_ids[i][start:end]
+        answer = encoded.input_ids[i][start:end].tolist()
         ends = [k for k, t in enumerate(answer) if t in special]
         if ends:  # EOS, or the template's end-of-turn token: generation stops there too; the answer is before it
             stops.add(answer[ends[0]])
             answer = answer[: ends[0]]
         if i % rt.world_size == rt.rank:
-            prompts.append(encoded.input_ids[i][:start])
+            prompts.append(encoded.input_ids[i][:start].tolist())
             references.append(tokenizer.decode(answer, skip_special_tokens=True))
     per_rank = -(-count // rt.world_size)
     return Prompts(prompts, references, sorted(stops), -(-per_rank // spec.batch_size))

@@ -176,13 +176,10 @@ class PackedBatcher:
         self.device, self.pad_id, self.task, self.offset = device, pad_id, task, position_offset
         self.shapes = shapes
         self.lengths = encoded.lengths
-        self.starts = np.concatenate([[0], np.cumsum(self.lengths)])
-        count = int(self.starts[-1])
-        self.ids = np.fromiter((t for row in encoded.input_ids for t in row), dtype=np.int64, count=count)
-        self.types = (np.fromiter((t for row in encoded.token_type_ids for t in row), dtype=np.int64, count=count)
-                      if encoded.token_type_ids else None)
+        self.ids = encoded.input_ids
+        self.types = encoded.token_type_ids
         self.labels = np.asarray(encoded.labels, dtype=np.int64) if encoded.labels is not None else None
-        self.trained = np.concatenate(encoded.trained) if encoded.trained is not None else None
+        self.trained = encoded.trained
 
     def shape(self, indices: Sequence[int]) -> tuple[int, int]:
         """(row length, samples with fillers) of a batch: what its tensors' shapes follow from."""
@@ -204,21 +201,21 @@ class PackedBatcher:
             pieces = self.shapes.tail_segments(total)
             tail = np.clip(total - used - self.shapes.max_segment * np.arange(pieces), 0, self.shapes.max_segment)
         cu = np.concatenate([[0], np.cumsum(np.concatenate([lengths, tail]))]).astype(np.int32)
-        gather = np.concatenate([np.arange(self.starts[i], self.starts[i + 1]) for i in idx])
+        real = int(self.lengths[idx].sum())
         ids = np.full(total, self.pad_id, dtype=np.int64)
-        ids[: len(gather)] = self.ids[gather]
+        ids[:real] = self.ids.gather(idx)
         positions = np.full(total, self.offset, dtype=np.int64)  # the tail's positions do not matter
         positions[:used] += np.arange(used) - np.repeat(cu[: len(lengths)], lengths)
         host = {"input_ids": ids[None], "position_ids": positions[None], "cu_seqlens": cu,
                 "sample_starts": cu[: len(lengths)].astype(np.int64)}
         if self.types is not None:
             types = np.zeros(total, dtype=np.int64)
-            types[: len(gather)] = self.types[gather]
+            types[:real] = self.types.gather(idx)
             host["token_type_ids"] = types[None]
         sample_labels = self.labels[idx] if self.labels is not None else None
         trained = None
         if self.trained is not None:  # fillers and the tail train nothing
             trained = np.zeros(total, dtype=bool)
-            trained[: len(gather)] = self.trained[gather]
+            trained[:real] = self.trained.gather(idx)
         host["labels"] = self.task.packed_labels(ids, sample_labels, cu, len(idx), fillers, used, trained)
         return {k: to_device(v, self.device) for k, v in host.items()}

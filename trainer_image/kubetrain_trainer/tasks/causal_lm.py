@@ -42,7 +42,7 @@ class CausalLM:
     def sample_targets(self, encoded: Encoded) -> np.ndarray:
         if encoded.trained is None:
             return encoded.lengths - 1  # every token but a sample's first is predicted
-        return np.fromiter((int(m.sum()) for m in encoded.trained), dtype=np.int64, count=len(encoded))
+        return encoded.trained.row_sums()
 
     def summed_loss(self, logits, batch, labels):
         """Packed rows bring `labels` (each position's target already); padded ones are shifted here.
