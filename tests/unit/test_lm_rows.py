@@ -146,3 +146,14 @@ def test_a_batch_size_schedule_counts_its_samples_and_names_too_little_data():
     assert sum(len(b) for rank in (0, 1) for b in schedule.step(0, 0, rank).micro_batches) == 12
     with pytest.raises(DataError, match="40 samples < training.batchSize 64"):
         TrainSchedule(enc, data(), task_for("sequence-classification"), 0, 1, 1, batch_size=64).total_steps(1, None)
+
+
+def test_a_conversational_prompt_completion_trains_what_the_completion_adds(tokenizer):
+    rows = [{"prompt": [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "say hello"}],
+             "completion": [{"role": "assistant", "content": "hello there"}]}]
+    enc = encode_lm(rows, tokenizer, data(), "train.jsonl")
+    assert tokenizer.decode(enc.input_ids[0]) == tokenizer.apply_chat_template(rows[0]["prompt"] + rows[0]["completion"],
+                                                                                tokenize=False)
+    assert trained_text(tokenizer, enc, 0) == "hello there<|im_end|>\n"
+    with pytest.raises(DataError, match=r"^train.jsonl row 1: completion\[0\]: expected"):
+        encode_lm([{"prompt": rows[0]["prompt"], "completion": [{"role": "assistant"}]}], tokenizer, data(), "train.jsonl")

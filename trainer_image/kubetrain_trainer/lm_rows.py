@@ -1,7 +1,8 @@
 """Causal-LM rows as token ids plus the tokens the loss counts: plain text, prompt + completion, or a chat.
 
 A prompt-completion row is tokenized as one text (the prompt, then the completion, then EOS) and the
-tokens that begin inside the completion are trained; a chat is rendered with its chat template and the
+tokens that begin inside the completion are trained (where both fields are message lists, the
+conversation is rendered with the chat template and what the completion adds is trained); a chat is rendered with its chat template and the
 tokens of each assistant turn (what the template renders for it, its end-of-turn marker included) are
 trained. Both find the trained tokens through the tokenizer's character offsets, so the ids are exactly
 those of the whole text: there is no seam where a prompt and its answer were tokenized apart.
@@ -41,6 +42,8 @@ def encode_lm(rows: Sequence[dict], tokenizer, data: DataSpec, uri: str) -> Enco
     if style == "text":
         require_fields(rows, {"textField": data.text_field}, uri, text=("textField",))
         texts, spans = [str(r[data.text_field]) for r in rows], None
+    elif style == "prompt-completion" and rows and isinstance(rows[0].get(data.prompt_field), list):
+        return _encode_chat(rows, tokenizer, data, uri, conversational=True)
     elif style == "prompt-completion":
         require_fields(rows, {"promptField": data.prompt_field, "completionField": data.completion_field}, uri,
                        text=("promptField", "completionField"))
@@ -59,18 +62,29 @@ def encode_lm(rows: Sequence[dict], tokenizer, data: DataSpec, uri: str) -> Enco
     return _keep_trained(ids, trained, uri, data, "completion")
 
 
-def _encode_chat(rows: Sequence[dict], tokenizer, data: DataSpec, uri: str) -> Encoded:
+def _encode_chat(rows: Sequence[dict], tokenizer, data: DataSpec, uri: str, conversational: bool = False) -> Encoded:
+    """Chat rows; or, `conversational`, prompt-completion rows whose fields are message lists (the completion's
+    rendering is trained)."""
     template = data.chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
-        raise DataError(f"spec.data.style chat: the tokenizer ({tokenizer.name_or_path or 'spec.model.tokenizer'}) has "
-                        "no chat template; set spec.data.chatTemplate or use a tokenizer that has one")
-    require_fields(rows, {"messagesField": data.messages_field}, uri)
+        raise DataError(f"spec.data.style {data.style if conversational else 'chat'}: the tokenizer "
+                        f"({tokenizer.name_or_path or 'spec.model.tokenizer'}) has no chat template; set "
+                        "spec.data.chatTemplate or use a tokenizer that has one")
+    fields = ({"promptField": data.prompt_field, "completionField": data.completion_field} if conversational
+              else {"messagesField": data.messages_field})
+    require_fields(rows, fields, uri)
     texts, spans = [], []
     for n, row in enumerate(rows, start=1):
-        messages = _messages(row[data.messages_field], f"{uri} row {n}: {data.messages_field}")
-        text, assistant = render_chat(tokenizer, template, messages, f"{uri} row {n}")
+        where = f"{uri} row {n}"
+        if conversational:
+            prompt = _messages(row[data.prompt_field], f"{where}: {data.prompt_field}")
+            completion = _messages(row[data.completion_field], f"{where}: {data.completion_field}")
+            text, answer = render_completion(tokenizer, template, prompt, completion, where)
+        else:
+            text, answer = render_chat(tokenizer, template, _messages(row[data.messages_field],
+                                                                      f"{where}: {data.messages_field}"), where)
         texts.append(text)
-        spans.append(assistant)
+        spans.append(answer)
     out = _tokenize_with_offsets(tokenizer, texts, add_special_tokens=False)  # the template writes BOS itself
     ids = [t[: data.max_length] for t in out["input_ids"]]
     if data.train_on == "all":
@@ -84,11 +98,7 @@ def render_chat(tokenizer, template: str, messages: list[dict], where: str) -> t
     through that turn adds to rendering up to it with the generation prompt (so the prompt is not trained)."""
 
     def render(turns: list[dict], generation_prompt: bool) -> str:
-        try:
-            return tokenizer.apply_chat_template(turns, chat_template=template, tokenize=False,
-                                                 add_generation_prompt=generation_prompt)
-        except Exception as err:  # noqa: BLE001 - jinja's errors (TemplateError, sandbox SecurityError) vary
-            raise DataError(f"{where}: the chat template failed: {one_line(err, 200)}") from None
+        return _render(tokenizer, template, turns, generation_prompt, where)
 
     text = render(messages, False)
     spans = []
@@ -102,6 +112,27 @@ def render_chat(tokenizer, template: str, messages: list[dict], where: str) -> t
                             "cannot be told apart; use a template that does, or spec.data.trainOn all")
         spans.append((len(before), len(through)))
     return text, spans
+
+
+def render_completion(tokenizer, template: str, prompt: list[dict], completion: list[dict],
+                      where: str) -> tuple[str, list[Span]]:
+    """A conversational prompt-completion row: the whole conversation, and what its completion adds to the
+    prompt rendered with the generation prompt."""
+    text, _ = render_chat(tokenizer, template, prompt + completion, where)
+    before = _render(tokenizer, template, prompt, True, where)
+    if not text.startswith(before):
+        raise DataError(f"{where}: the chat template renders the prompt differently once the completion follows, "
+                        "so the completion's tokens cannot be told apart; use a template that does not, or "
+                        "spec.data.trainOn all")
+    return text, [(len(before), len(text))]
+
+
+def _render(tokenizer, template: str, turns: list[dict], generation_prompt: bool, where: str) -> str:
+    try:
+        return tokenizer.apply_chat_template(turns, chat_template=template, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except Exception as err:  # noqa: BLE001 - jinja's errors (TemplateError, sandbox SecurityError) vary
+        raise DataError(f"{where}: the chat template failed: {one_line(err, 200)}") from None
 
 
 def _messages(value, where: str) -> list[dict]:
