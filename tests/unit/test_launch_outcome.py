@@ -116,3 +116,28 @@ def test_a_failure_report_keeps_the_newest_checkpoint_a_failing_worker_knew_of(m
     report = decode_report(message)
     assert (report.reason, report.step, report.checkpoint_step, report.checkpoint_uri) == (
         "Diverged", 3, 2, "s3://b/j/step-000000002")
+
+
+def test_an_agent_that_loses_the_rendezvous_store_reports_a_lost_peer_not_a_cause(monkeypatch, job_yaml):
+    """The c10d store lives in node rank 0's agent: when that pod dies, the other agents' torchrun raises a
+    store or rendezvous error. Its report must say PeerLost (a symptom), so the operator keeps the failed
+    pod's own account instead of 'pod ... failed: exit code 1' (seen as a flaky operator e2e test)."""
+    import torch.distributed.run as torchrun
+    from torch.distributed import DistStoreError
+    from torch.distributed.elastic.rendezvous import RendezvousConnectionError
+
+    for err in (DistStoreError("Socket Timeout"), RendezvousConnectionError("The connection to the C10d store failed")):
+        said: list[str] = []
+
+        def fails(_args, err=err):
+            raise err
+
+        monkeypatch.setattr(torchrun, "run", fails)
+        monkeypatch.setattr("kubetrain.termination.write_termination_message", said.append)
+        try:
+            assert launch.main([*TORCHRUN, "--", "--config", str(job_yaml)]) == 1
+        finally:
+            os.environ.pop(EXIT_DIR_ENV, None)
+        report = decode_report(said[-1])
+        assert (report.outcome, report.reason, report.permanent) == ("failed", "PeerLost", False), report
+        assert report.message.startswith("lost contact with another worker"), report.message

@@ -94,11 +94,13 @@ def s3_error_code(err: BaseException | None) -> str | None:
 
 
 def lost_a_peer(err: BaseException) -> bool:
-    """A collective failed because another rank is gone (killed, its node lost), not a bug of ours."""
+    """A collective failed because another rank is gone (killed, its node lost), not a bug of ours; or torchrun's
+    agent lost the rendezvous, whose store lives in node rank 0's agent (that pod is gone)."""
     import torch.distributed
+    from torch.distributed.elastic.rendezvous import RendezvousError
 
     text = str(err)
-    return isinstance(err, torch.distributed.DistError) or (isinstance(err, RuntimeError) and any(
+    return isinstance(err, (torch.distributed.DistError, RendezvousError)) or (isinstance(err, RuntimeError) and any(
         sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL")))
 
 

@@ -25,7 +25,7 @@ from kubetrain.contracts import Reason
 from kubetrain.termination import TrainerReport, write_report
 
 from .exit_markers import EXIT_DIR_ENV, read_markers
-from .failures import one_line
+from .failures import describe, lost_a_peer, one_line
 
 EXIT_SIGTERM = 128 + 15
 # Seconds torchrun gives workers after SIGTERM before SIGKILL: time to finish the step and upload the
@@ -118,13 +118,20 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s (exit %d)", report.message, code)
         write_report(report)  # the pod's termination message: status.message and the Events
         return code
+    except Exception as err:
+        if not lost_a_peer(err):
+            raise
+        # the agent lost the rendezvous store (node rank 0's agent is gone): a symptom, the peer's account says why
+        failure = describe(err)
+        log.error("%s (exit 1)", failure.message)
+        write_report(TrainerReport("failed", reason=failure.reason, message=failure.message))
+        return 1
 
 
 def preflight(trainer_args: list[str]) -> TrainerReport | None:
     """Refuse, before torchrun starts anything, a job whose spec is invalid or whose local inputs do not exist."""
     from kubetrain.api import SpecError
 
-    from .failures import describe
     from .job_file import load_job, parse_args
 
     try:
