@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from kubetrain.api import DataSpec, ModelSpec
 
 from ..data import IGNORE_LABEL, Encoded, next_token_targets
-from ..lm_loss import CHUNK_TOKENS, FusedLossLM, fusable, fused_loss
+from ..lm_loss import CHUNK_TOKENS, FusedLossLM, fusable, fused_loss, position_targets
 from ..lm_rows import encode_lm
 
 log = logging.getLogger("kubetrain.model")
@@ -45,18 +45,11 @@ class CausalLM:
         return encoded.trained.row_sums()
 
     def summed_loss(self, logits, batch, labels):
-        """Packed rows bring `labels` (each position's target already); padded ones are shifted here.
-
-        The count stays a tensor: reading it would force a host sync in the training loop.
-        """
-        if labels is not None:
-            return (F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_LABEL, reduction="sum"),
-                    (labels != IGNORE_LABEL).sum())
-        targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, IGNORE_LABEL)
-        shifted = logits[:, :-1].float()
-        loss = F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1), ignore_index=IGNORE_LABEL,
-                               reduction="sum")
-        return loss, (targets != IGNORE_LABEL).sum()
+        """Each position's target (lm_loss.position_targets): the batch's `labels` (packed rows, or rows that train
+        some tokens only), else the next real token. The count stays a tensor: reading it would force a host sync."""
+        targets = position_targets(batch, labels)
+        return (F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE_LABEL, reduction="sum"),
+                (targets != IGNORE_LABEL).sum())
 
     def eval_count_size(self, num_labels: int) -> int:
         return 0
