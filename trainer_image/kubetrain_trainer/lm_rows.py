@@ -97,15 +97,13 @@ def render_chat(tokenizer, template: str, messages: list[dict], where: str) -> t
     """The conversation as the template renders it, and the characters of each assistant turn: what rendering
     through that turn adds to rendering up to it with the generation prompt (so the prompt is not trained)."""
 
-    def render(turns: list[dict], generation_prompt: bool) -> str:
-        return _render(tokenizer, template, turns, generation_prompt, where)
-
-    text = render(messages, False)
+    text = _render(tokenizer, template, messages, False, where)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before, through = render(messages[:i], True), render(messages[: i + 1], False)
+        before = _render(tokenizer, template, messages[:i], True, where)
+        through = _render(tokenizer, template, messages[: i + 1], False, where)
         if not (through.startswith(before) and text.startswith(through)):
             raise DataError(f"{where}: the chat template does not render this conversation turn by turn (what it "
                             f"writes before assistant turn {i} changes with what follows), so its assistant tokens "
