@@ -81,8 +81,7 @@ def pod_logs(cluster: DevCluster, name: str) -> dict[str, str]:
 
 
 def rank0_logs(cluster: DevCluster, name: str) -> dict[str, str]:
-    """The logs of global rank 0, one per attempt, oldest first. Rank 0 is not always pod 0: torchrun's
-    c10d rendezvous orders nodes by address, as strings."""
+    """The logs of global rank 0, one per attempt, oldest first (pod 0's, found by what rank 0 logs)."""
     return {f: text for f, text in pod_logs(cluster, name).items() if "[rank 0]" in text}
 
 

@@ -205,8 +205,8 @@ def _env(job: TrainingJob, attempt: int) -> list[dict]:
         {"name": "HOME", "value": "/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
-    # the rendezvous id from the job's own Secret: torchrun's c10d store is unauthenticated and its agents
-    # unpickle what they read under that id, so it must not be derivable from what `kubectl get pods` shows
+    # the rendezvous id from the job's own Secret: torchrun's store is unauthenticated and the id prefixes the
+    # group's keys in it, so it must not be derivable from what `kubectl get pods` shows
     env.append({"name": N.RDZV_ID_ENV, "valueFrom": {"secretKeyRef": {"name": N.rendezvous_secret_name(job.metadata.name),
                                                                       "key": N.RDZV_ID_KEY}}})
     secret = job.spec.checkpoint.s3_secret
@@ -226,14 +226,10 @@ def _resources(job: TrainingJob) -> dict:
 
 
 def trainer_args(job: TrainingJob, attempt: int, rank: int, rdzv_port: int = RDZV_PORT) -> list[str]:
-    """Node 0 hosts the rendezvous store, said explicitly rather than guessed from host names.
-
-    Each node's address is its pod DNS name. torchrun numbers nodes by sorting their addresses, and
-    `<job>-0.` sorts first, so global rank 0 (metrics, termination report) is always in pod 0.
-    """
+    """Pod `rank` is node `rank`; pod 0 hosts the rendezvous store and global rank 0 (metrics, reports)."""
     name, ns = job.metadata.name, job.metadata.namespace
     torchrun = torchrun_options(job.spec.nodes, job.spec.procs_per_node, f"{N.pod_dns_name(name, ns, 0)}:{rdzv_port}",
-                                f"$({N.RDZV_ID_ENV})-{attempt}", local_addr=N.pod_dns_name(name, ns, rank), is_host=rank == 0)
+                                f"$({N.RDZV_ID_ENV})-{attempt}", node_rank=rank)
     return [*torchrun, "--", "--config", f"{N.CONFIG_DIR}/{N.CONFIG_KEY}", "--work-dir", N.WORK_DIR,
             "--base-dir", N.IMAGE_EXAMPLES_DIR]
 

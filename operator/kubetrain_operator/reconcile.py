@@ -26,6 +26,9 @@ from .records import Event, Observed, Plan, Progress
 from .recovery import PodOutcome, classify, classify_terminated, disruption, pod_attempt, trainer_report
 
 RECHECK_SECONDS = 5.0  # a running job's live progress
+# A worker that lost contact with a peer usually fails in the same instant as the peer: how long to wait for
+# that peer's pod to end on its own and say why, before deleting it unheard (a hung or unreachable node)
+PEER_ACCOUNT_GRACE = timedelta(seconds=20)
 IDLE_RECHECK_SECONDS = 30.0  # any other job, when its plan asks for nothing sooner (its events drive it)
 
 
@@ -304,6 +307,8 @@ def _watch_group(b: Decision, job: TrainingJob, pods: list[dict]) -> Plan:
     elif "permanent" in kinds:  # another attempt would fail the same way
         o = first("permanent")
         _fail(b, o.reason, o.message, list(mine.values()))
+    elif "failed" in kinds and (wait := _peer_account_due(b, outcomes.values())):
+        b.plan.requeue_after = min(wait, b.plan.requeue_after or wait)  # its pod's next change also wakes us
     elif "failed" in kinds:
         o = cause([o for o in outcomes.values() if o.kind == "failed"])
         b.enter(Phase.RESTARTING, Reason.POD_FAILED, o.message, "Warning")
@@ -324,6 +329,20 @@ def _watch_group(b: Decision, job: TrainingJob, pods: list[dict]) -> Plan:
     if b.plan.requeue_after is None and b.status["phase"] == Phase.RUNNING:  # live progress: scrape again soon
         b.plan.requeue_after = RECHECK_SECONDS
     return b.finish()
+
+
+def _peer_account_due(b: Decision, outcomes) -> float | None:
+    """Seconds to wait before restarting when every failed pod only lost contact with a peer that still shows
+    running: the peer is failing too, and deleting it now would lose its account of why. None: decide now."""
+    outcomes = list(outcomes)
+    failed = [o for o in outcomes if o.kind == "failed"]
+    if not all(o.symptom for o in failed) or not any(o.kind in ("running", "pending") for o in outcomes):
+        return None
+    seen = [o.finished_at for o in failed if o.finished_at]
+    if len(seen) < len(failed):  # no kubelet time to wait from: decide now
+        return None
+    left = (min(seen) + PEER_ACCOUNT_GRACE - b.obs.now).total_seconds()
+    return min(1.0, left) if left > 0 else None
 
 
 def cause(failures: list[PodOutcome]) -> PodOutcome:

@@ -14,10 +14,11 @@ another attempt would meet it again. The trainer's report names it in one line.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Literal
 
 from kubetrain.api import EXIT_INVALID_SPEC, EXIT_PERMANENT, EXIT_PREEMPTED
-from kubetrain.contracts import Reason
+from kubetrain.contracts import Reason, parse_timestamp
 from kubetrain.termination import TrainerReport, decode_report
 
 from .names import CONTAINER, LABEL_ATTEMPT
@@ -33,6 +34,7 @@ class PodOutcome:
     reason: str = ""
     message: str = ""
     symptom: bool = False  # failed because a peer did (the trainer said PeerLost): the peer's account says why
+    finished_at: datetime | None = None  # when its container ended (failed pods, where the kubelet said)
 
 
 def container_status(pod: dict) -> dict:
@@ -60,6 +62,13 @@ def disruption(pod: dict) -> str | None:
     if status.get("reason") in NODE_GONE_REASONS:
         return f"{status['reason']}: {status.get('message') or 'node gone'}"
     return None
+
+
+def _finished_at(terminated: dict) -> datetime | None:
+    try:
+        return parse_timestamp(terminated.get("finishedAt"))
+    except (TypeError, ValueError):  # not the kubelet's RFC 3339: unknown
+        return None
 
 
 def _tail(text: str, lines: int = 3, limit: int = 400) -> str:
@@ -92,7 +101,8 @@ def classify(pod: dict) -> PodOutcome:
             return PodOutcome("invalid", Reason.INVALID_SPEC, why)
         if report.permanent or code == EXIT_PERMANENT:
             return PodOutcome("permanent", report.reason or Reason.POD_FAILED, why)
-        return PodOutcome("failed", Reason.POD_FAILED, why, symptom=report.reason == Reason.PEER_LOST)
+        return PodOutcome("failed", Reason.POD_FAILED, why, symptom=report.reason == Reason.PEER_LOST,
+                          finished_at=_finished_at(terminated))
     if terminated.get("reason") == "OOMKilled":
         return PodOutcome("failed", Reason.POD_FAILED, f"pod {name} was OOM-killed (exit code {code}): the container "
                           "ran out of memory; raise spec.resources memory or lower data.maxTokensPerBatch")

@@ -21,12 +21,12 @@ from .torchrun import torchrun_options
 
 
 def node_commands(job: TrainingJob, config: Path, trainer_args: list[str], port: int, rdzv_id: str) -> list[list[str]]:
-    """`rdzv_id` names the rendezvous state in torchrun's unauthenticated store, which the agents unpickle: a
-    random one per run, so another local user who finds the port cannot plant state under a guessed name."""
+    """`rdzv_id` prefixes the group's keys in torchrun's unauthenticated store: a random one per run, so another
+    local user who finds the port cannot write into the group's keys under a guessed name."""
     spec = job.spec
-    torchrun = torchrun_options(spec.nodes, spec.procs_per_node, f"127.0.0.1:{port}", rdzv_id)
-    return [[sys.executable, "-m", "kubetrain_trainer.launch", *torchrun, "--", "--config", str(config), *trainer_args]
-            for _ in range(spec.nodes)]
+    return [[sys.executable, "-m", "kubetrain_trainer.launch",
+             *torchrun_options(spec.nodes, spec.procs_per_node, f"127.0.0.1:{port}", rdzv_id, node_rank=node),
+             "--", "--config", str(config), *trainer_args] for node in range(spec.nodes)]
 
 
 def group_exit_code(codes: list[int]) -> int:

@@ -1,7 +1,8 @@
-"""torchrun's c10d rendezvous store is unauthenticated, and every agent unpickles the state it finds under
-`torch.rendezvous.<run id>`. A process outside the job that reaches the store port and can guess the id
-plants code the agents run. Real `kubetrain run --local` nodes here, and a real TCPStore client as the
-attacker: it writes a crafted state under every id it can derive from the job, and must change nothing."""
+"""torchrun's rendezvous store is unauthenticated, and c10d's dynamic rendezvous has every agent unpickle the
+state it finds under `torch.rendezvous.<run id>`: a process outside the job that reaches the store port and
+can guess the id plants code the agents run. (Our nodes use static rendezvous, which unpickles nothing, under
+a random id.) Real `kubetrain run --local` nodes here, and a real TCPStore client as the attacker: it writes
+a crafted state under every id it can derive from the job, and must change nothing."""
 
 from __future__ import annotations
 

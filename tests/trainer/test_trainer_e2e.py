@@ -269,6 +269,26 @@ def test_a_diverging_run_fails_naming_the_step_and_every_node_reports_the_last_g
     assert said[0].checkpoint_uri == said[1].checkpoint_uri and said[0].checkpoint_uri.endswith(f"step-{max(steps):09d}")
 
 
+def test_node_k_holds_global_rank_k_whichever_node_starts_first(corpus, tmp_path):
+    """The operator reads rank 0's report, metrics and progress from pod 0. torchrun's c10d rendezvous numbered
+    nodes by (address, pid): with equal addresses (the dev cluster, or nodes behind one name) the first process
+    took rank 0, wherever it ran. Node 1 starts first here."""
+    doc = tiny.job_doc("ranks", corpus["train"], None, corpus["tokenizer"], str(tmp_path / "ckpt"), nodes=2,
+                       training__maxSteps=2, checkpoint__everySteps=100)
+    path = tiny.write_job(tmp_path / "job.yaml", doc)
+    commands = node_commands(load_training_job(str(path)), path, ["--work-dir", str(tmp_path / "work")], free_port(),
+                             f"ranks-{os.getpid()}")
+    env = {**os.environ, JOB_UID_ENV: "uid-ranks", "OMP_NUM_THREADS": "1"}
+    nodes = {}
+    for node in (1, 0):
+        nodes[node] = subprocess.Popen(commands[node], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(1.0)  # node 1's agent joins the rendezvous first
+    outputs = {node: proc.communicate(timeout=240)[0] for node, proc in nodes.items()}
+    assert [nodes[n].returncode for n in (0, 1)] == [0, 0], {n: out[-2000:] for n, out in outputs.items()}
+    assert "[rank 0]" in outputs[0], outputs[0][-2000:]  # rank 0 logs its progress; the other ranks only warnings
+    assert "[rank 0]" not in outputs[1], outputs[1][-2000:]
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_causal_lm_with_lora(precision, corpus, tmp_path):
     doc = tiny.job_doc("lm", corpus["train"], corpus["eval"], corpus["tokenizer"], str(tmp_path / "ckpt"),

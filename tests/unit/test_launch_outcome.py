@@ -119,7 +119,7 @@ def test_a_failure_report_keeps_the_newest_checkpoint_a_failing_worker_knew_of(m
 
 
 def test_an_agent_that_loses_the_rendezvous_store_reports_a_lost_peer_not_a_cause(monkeypatch, job_yaml):
-    """The c10d store lives in node rank 0's agent: when that pod dies, the other agents' torchrun raises a
+    """The rendezvous store lives in node rank 0's agent: when that pod dies, the other agents' torchrun raises a
     store or rendezvous error. Its report must say PeerLost (a symptom), so the operator keeps the failed
     pod's own account instead of 'pod ... failed: exit code 1' (seen as a flaky operator e2e test)."""
     import torch.distributed.run as torchrun
