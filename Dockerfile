@@ -71,7 +71,7 @@ RUN --mount=type=bind,source=.,target=/tmp/kubetrain-src,rw \
     python -m pip install --no-cache-dir --require-hashes --no-deps -r /tmp/kubetrain-src/requirements/trainer.txt \
     && python -m pip install --no-cache-dir --no-deps --no-build-isolation /tmp/kubetrain-src
 # The operator starts trainers with --base-dir /opt/kubetrain/examples: relative data paths in a
-# TrainingJob (data/sentiment-train.jsonl) resolve here.
+# TrainingJob (data/reviews-train.jsonl) resolve here.
 COPY examples/ /opt/kubetrain/examples/
 # uid 1000 is the pods' runAsUser (kubetrain_operator.builders.RUN_AS_USER); some base images already
 # have a user with it (Ubuntu's "ubuntu"), which is as good.

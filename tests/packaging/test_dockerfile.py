@@ -273,7 +273,7 @@ def test_trainer_image_matches_the_pods_the_operator_builds(stages: dict[str, St
     trainer = stages["trainer"]
     copies = [i.args.split() for i in trainer.all("COPY")]
     assert ["examples/", IMAGE_EXAMPLES_DIR + "/"] in copies  # --base-dir /opt/kubetrain/examples
-    assert (REPO / "examples" / "data" / "sentiment-train.jsonl").is_file()
+    assert (REPO / "examples" / "data" / "reviews-train.jsonl").is_file()
     (entry,) = trainer.all("ENTRYPOINT")
     body = yaml.safe_load((REPO / "examples" / "trainingjob.yaml").read_text())
     body["metadata"].update(namespace="ml", uid="u")
@@ -388,7 +388,7 @@ def test_dockerignore_sends_only_what_the_images_need(context: tuple[Path, list[
     assert tops == {"pyproject.toml", "README.md", "requirements", "src", "operator", "trainer_image", "examples"}
     for needed in ("src/kubetrain/api.py", "operator/kubetrain_operator/__main__.py",
                    "trainer_image/kubetrain_trainer/launch.py", "examples/trainingjob.yaml",
-                   "examples/data/sentiment-train.jsonl"):
+                   "examples/data/reviews-train.jsonl"):
         assert needed in files
     assert not [f for f in files if "__pycache__" in f or ".egg-info" in f or f.endswith(".pyc")]
     # setuptools finds the packages in these directories (pyproject.toml): all of them are sent
