@@ -23,12 +23,13 @@ from . import builders
 from .builders import ClusterDefaults
 from .names import ANNOTATION_SPEC_HASH, LABEL_RANK, pod_name
 from .records import Event, Observed, Plan, Progress
-from .recovery import PodOutcome, classify, classify_terminated, disruption, pod_attempt, trainer_report
+from .recovery import PodOutcome, classify, classify_terminated, disruption, pod_attempt, trainer_report, waiting_problem
 
 RECHECK_SECONDS = 5.0  # a running job's live progress
 # A worker that lost contact with a peer usually fails in the same instant as the peer: how long to wait for
 # that peer's pod to end on its own and say why, before deleting it unheard (a hung or unreachable node)
 PEER_ACCOUNT_GRACE = timedelta(seconds=20)
+WAITING = "Waiting"  # condition: the group's pods cannot start, and why
 IDLE_RECHECK_SECONDS = 30.0  # any other job, when its plan asks for nothing sooner (its events drive it)
 
 
@@ -326,9 +327,48 @@ def _watch_group(b: Decision, job: TrainingJob, pods: list[dict]) -> Plan:
         b.enter(Phase.RUNNING, Reason.GROUP_RUNNING, f"all {job.spec.nodes} pods running (attempt {attempt})")
     elif b.status["phase"] != Phase.PENDING and not running_before:
         b.set(phase=Phase.PENDING)
+    if b.status["phase"] == Phase.PENDING and _waiting(b, job, list(mine.values())):
+        return b.finish()
+    if b.status["phase"] != Phase.PENDING:
+        b._clear(WAITING, Reason.PODS_STARTED)
     if b.plan.requeue_after is None and b.status["phase"] == Phase.RUNNING:  # live progress: scrape again soon
         b.plan.requeue_after = RECHECK_SECONDS
     return b.finish()
+
+
+def _waiting(b: Decision, job: TrainingJob, pods: list[dict]) -> bool:
+    """A Pending group: say why pods cannot start (condition Waiting, an Event, the message), and fail the job past
+    runPolicy.schedulingTimeoutSeconds. True when it failed. Not a training failure: backoffLimit is untouched."""
+    problems = [found for p in pods if classify(p).kind == "pending" and (found := waiting_problem(p))]
+    message = "its pods are still pending"
+    if problems:
+        reason, message = problems[0]
+        if len(problems) > 1:
+            message += f" (and {len(problems) - 1} more pod(s))"
+        if b.condition_reason(WAITING) != (reason, message):
+            b.condition(WAITING, "True", reason, message)
+            b.event("Warning", reason, message)
+        b.set(message=message)
+    else:
+        b._clear(WAITING, Reason.PODS_STARTED)
+    limit = job.spec.run_policy.scheduling_timeout_seconds
+    created = [t for p in pods if (t := _created(p))]
+    if not limit or not created:
+        return False
+    waited = (b.obs.now - min(created)).total_seconds()
+    if waited < limit:
+        b.plan.requeue_after = min(limit - waited, b.plan.requeue_after or limit - waited)
+        return False
+    _fail(b, Reason.SCHEDULING_TIMEOUT, f"the group did not start within runPolicy.schedulingTimeoutSeconds ({limit}s): "
+          f"{message}", pods)
+    return True
+
+
+def _created(pod: dict):
+    try:
+        return parse_timestamp(pod["metadata"].get("creationTimestamp"))
+    except (TypeError, ValueError):
+        return None
 
 
 def _peer_account_due(b: Decision, outcomes) -> float | None:

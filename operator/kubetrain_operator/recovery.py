@@ -23,6 +23,10 @@ from kubetrain.termination import TrainerReport, decode_report
 
 from .names import CONTAINER, LABEL_ATTEMPT
 
+# a container that waits for one of these will not start by itself soon (the kubelet's reasons)
+STUCK_WAITING_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
+                                   "RegistryUnavailable", "CreateContainerConfigError", "CreateContainerError",
+                                   "CreateContainerSandboxError"})
 NODE_GONE_REASONS = frozenset({"NodeLost", "Evicted", "Shutdown", "NodeShutdown", "Terminated", "Preempting",
                                "DeletionByTaintManager", "NodeRestarted"})
 Kind = Literal["pending", "running", "succeeded", "preempted", "failed", "permanent", "invalid"]
@@ -71,8 +75,26 @@ def _finished_at(terminated: dict) -> datetime | None:
         return None
 
 
+def _one_line(text: str, limit: int = 400) -> str:
+    return " ".join(text.split())[:limit]
+
+
 def _tail(text: str, lines: int = 3, limit: int = 400) -> str:
     return " | ".join(text.strip().splitlines()[-lines:])[-limit:]
+
+
+def waiting_problem(pod: dict) -> tuple[str, str] | None:
+    """(reason, message) when a pending pod cannot start, in the scheduler's or the kubelet's words; None when
+    it is only starting (being scheduled, pulling, creating)."""
+    name, status = pod["metadata"]["name"], pod.get("status", {})
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
+            return "Unschedulable", _one_line(f"pod {name}: {cond.get('message') or 'no node fits it'}")
+    waiting = (container_status(pod).get("state") or {}).get("waiting") or {}
+    reason = waiting.get("reason")
+    if reason in STUCK_WAITING_REASONS:
+        return reason, _one_line(f"pod {name}: {reason}: {waiting.get('message') or 'no message'}")
+    return None
 
 
 def classify(pod: dict) -> PodOutcome:

@@ -489,6 +489,12 @@ class RunPolicy(_Model):
     ttl_seconds_after_finished: int | None = Field(None, ge=0, le=MAX_STEPS)
     clean_pod_policy: Literal["None", "Running", "All"] = "Running"
     suspend: bool = False
+    scheduling_timeout_seconds: int | None = Field(
+        None, ge=1, le=MAX_STEPS,
+        description="Fail the job (reason SchedulingTimeout, not counted against backoffLimit) when a group's pods "
+        "are not all running this long after the group was created: unschedulable, an image that cannot be "
+        "pulled, a missing Secret. Unset: wait indefinitely (the Waiting condition says why).",
+    )
 
 
 class TrainingJobSpec(_Model):
@@ -556,7 +562,7 @@ class TrainingJobSpec(_Model):
 
 
 Phase = Literal[tuple(p.value for p in contracts.Phase)]  # the wire type of contracts.Phase
-ConditionType = Literal["Created", "Running", "Restarting", "Succeeded", "Failed", "Suspended"]
+ConditionType = Literal["Created", "Running", "Restarting", "Succeeded", "Failed", "Suspended", "Waiting"]
 
 
 class Condition(_Model):

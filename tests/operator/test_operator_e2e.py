@@ -193,3 +193,27 @@ def test_a_tracked_job_preempted_in_the_cluster_is_one_mlflow_run_with_every_ste
         assert run.data.tags["kubetrain.attempt"] in ("1", "2")
         (version,) = client.search_model_versions("name = 'e2e-model'")
         assert version.run_id == run.info.run_id
+
+
+def test_a_group_whose_secret_is_missing_says_why_and_fails_at_its_scheduling_timeout(cluster, corpus):
+    """The kubelet cannot create the trainer container (its S3 Secret does not exist): the job says so in a
+    condition, an Event and its message, and fails at runPolicy.schedulingTimeoutSeconds, not as a training failure."""
+    name = "no-secret"
+    doc = tiny_job(cluster, corpus, name, runPolicy={"schedulingTimeoutSeconds": 20})
+    doc["spec"]["checkpoint"]["s3Secret"] = "no-such-secret"
+    create(cluster, doc)
+    waiting = wait_for("the Waiting condition", lambda: next(
+        (c for c in status(cluster, name).get("conditions", []) if c["type"] == "Waiting" and c["status"] == "True"), None),
+        60, cluster)
+    assert waiting["reason"] == "CreateContainerConfigError" and 'secret "no-such-secret" not found' in waiting["message"]
+    assert status(cluster, name)["phase"] == "Pending"
+    final = wait_phase(cluster, name, {"Failed", "Succeeded", "Running"}, timeout=120)
+    assert final["phase"] == "Failed" and (final["failures"], final["restarts"]) == (0, 0), final
+    assert final["message"].startswith("the group did not start within runPolicy.schedulingTimeoutSeconds (20s): pod "
+                                       f"{name}-"), final["message"]
+    assert [c["reason"] for c in final["conditions"] if c["type"] == "Failed"] == ["SchedulingTimeout"]
+    warnings = [(r, m) for t, r, m in events(cluster, name) if t == "Warning"]
+    assert warnings[0][0] == "CreateContainerConfigError" and warnings[-1][0] == "SchedulingTimeout", warnings
+    described = kubectl(cluster, "describe", "tj", name).stdout
+    assert "CreateContainerConfigError" in described and "SchedulingTimeout" in described
+    wait_for("its pods gone", lambda: not pods(cluster, name), 60, cluster)

@@ -764,3 +764,63 @@ def test_status_progress_comes_from_the_trainers_metrics_and_reads_well():
     c.set_pods(phase="Succeeded", exit_code=0, message=report)
     c.step()
     assert c.status["phase"] == "Succeeded" and c.status["progress"]["percent"] == "100%" and "eta" not in c.status["progress"]
+
+
+def stuck(pod: dict, *, created: datetime, waiting: tuple[str, str] | None = None, unschedulable: str | None = None) -> dict:
+    """A pending pod as the API shows one that cannot start: the kubelet's waiting reason, or the scheduler's."""
+    pod = observed_pod(pod, "Pending", uid=pod["metadata"]["uid"],
+                       conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                    "message": unschedulable}] if unschedulable else None)
+    pod["metadata"]["creationTimestamp"] = created.strftime("%Y-%m-%dT%H:%M:%SZ")
+    if waiting:
+        pod["status"]["containerStatuses"] = [{"name": "trainer", "state": {"waiting": {"reason": waiting[0],
+                                                                                        "message": waiting[1]}}}]
+    return pod
+
+
+def test_a_group_that_cannot_start_says_why_and_fails_at_the_scheduling_timeout_without_counting_a_failure():
+    c = Cluster(job_body(runPolicy={"backoffLimit": 3, "schedulingTimeoutSeconds": 120}))
+    c.step()
+    c.pods["bert-0"] = stuck(c.pods["bert-0"], created=c.now, waiting=(
+        "ImagePullBackOff", 'Back-off pulling image "ghcr.io/example/trainer:1"'))
+    c.pods["bert-1"] = stuck(c.pods["bert-1"], created=c.now, unschedulable="0/3 nodes are available: 3 Insufficient "
+                             "nvidia.com/gpu.")
+    c.now += timedelta(seconds=30)
+    p = c.step()
+    said = 'pod bert-0: ImagePullBackOff: Back-off pulling image "ghcr.io/example/trainer:1" (and 1 more pod(s))'
+    waiting = next(x for x in c.status["conditions"] if x["type"] == "Waiting")
+    assert (waiting["status"], waiting["reason"], waiting["message"]) == ("True", "ImagePullBackOff", said)
+    assert c.status["phase"] == "Pending" and c.status["message"] == said
+    assert c.events[-1] == ("ImagePullBackOff", said) and p.requeue_after is not None and p.requeue_after <= 90
+    c.step()
+    assert [e for e in c.events if e[0] == "ImagePullBackOff"] == [("ImagePullBackOff", said)], "said once"
+    c.now += timedelta(seconds=91)
+    p = c.step()
+    assert c.status["phase"] == "Failed" and c.status["failures"] == 0 and c.status["restarts"] == 0
+    failed = next(x for x in c.status["conditions"] if x["type"] == "Failed")
+    assert failed["reason"] == "SchedulingTimeout"
+    assert c.status["message"] == ("the group did not start within runPolicy.schedulingTimeoutSeconds (120s): " + said)
+    assert {x["metadata"]["name"] for x in p.delete_pods} == {"bert-0", "bert-1"}
+
+
+def test_without_a_scheduling_timeout_a_stuck_group_waits_and_the_reason_clears_once_it_runs():
+    c = Cluster(job_body())
+    c.step()
+    for name in c.pods:
+        c.pods[name] = stuck(c.pods[name], created=c.now, unschedulable="0/3 nodes are available: 3 Insufficient memory.")
+    c.step()
+    assert c.status["message"] == "pod bert-0: 0/3 nodes are available: 3 Insufficient memory. (and 1 more pod(s))"
+    c.now += timedelta(hours=10)
+    c.step()
+    assert c.status["phase"] == "Pending"
+    c.set_pods(phase="Running")
+    c.step()
+    waiting = next(x for x in c.status["conditions"] if x["type"] == "Waiting")
+    assert c.status["phase"] == "Running" and (waiting["status"], waiting["reason"]) == ("False", "PodsStarted")
+    # an ordinary start (scheduled, pulling, creating) is not a problem worth a condition
+    fresh = Cluster(job_body(name="fresh"))
+    fresh.step()
+    for name in fresh.pods:
+        fresh.pods[name] = stuck(fresh.pods[name], created=fresh.now, waiting=("ContainerCreating", ""))
+    fresh.step()
+    assert not [x for x in fresh.status["conditions"] if x["type"] == "Waiting"]
