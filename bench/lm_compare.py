@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -184,10 +185,9 @@ def run_hf(args, side: str) -> dict:
     docs = encode(tokenizer, read_rows(corpus(args)["train"]), args.sft, args.max_length)
     flatten = "flatten" in side
     attention = "flash_attention_2" if side.endswith("-fa2") else "sdpa"
-    if attention == "flash_attention_2":
-        import flash_attn  # noqa: F401 -- not installed: the side is reported as not run
-    if "liger" in side:
-        import liger_kernel  # noqa: F401
+    for needed, wanted in (("flash_attn", attention == "flash_attention_2"), ("liger_kernel", "liger" in side)):
+        if wanted:
+            importlib.import_module(needed)  # not installed: ImportError, and the side is reported as not run
     model = AutoModelForCausalLM.from_pretrained(initial_weights(args), dtype=torch.float32, attn_implementation=attention)
     steps, warmup = args.warmup + args.steps, args.warmup
     clock: dict[int, float] = {}
