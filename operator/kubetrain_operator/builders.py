@@ -291,13 +291,36 @@ def pod(job: TrainingJob, owner: dict, rank: int, attempt: int, config_digest: s
         pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True, mode="json") for t in spec.tolerations]
     if spec.priority_class_name:
         pod_spec["priorityClassName"] = spec.priority_class_name
+    _customize(pod_spec, container, spec.pod)
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {**_meta(job, N.pod_name(name, rank), owner, labels),
-                     "annotations": {"kubetrain.io/config-hash": config_digest, N.ANNOTATION_SPEC_HASH: spec_hash(job)}},
+        "metadata": {**_meta(job, N.pod_name(name, rank), owner, {**spec.pod.labels, **labels}),
+                     "annotations": {**spec.pod.annotations, "kubetrain.io/config-hash": config_digest,
+                                     N.ANNOTATION_SPEC_HASH: spec_hash(job)}},
         "spec": pod_spec,
     }
+
+
+def _customize(pod_spec: dict, container: dict, custom) -> None:
+    """spec.pod, added after the operator's own settings (the schema refuses names that would shadow them)."""
+    dump = lambda items: [x.model_dump(by_alias=True, exclude_none=True, mode="json") for x in items]  # noqa: E731
+    container["env"] += dump(custom.env)
+    if custom.env_from:
+        container["envFrom"] = dump(custom.env_from)
+    container["volumeMounts"] += dump(custom.volume_mounts)
+    pod_spec["volumes"] += dump(custom.volumes)
+    if custom.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in custom.image_pull_secrets]
+    if custom.service_account_name:
+        pod_spec["serviceAccountName"] = custom.service_account_name
+    pod_spec["automountServiceAccountToken"] = custom.automount_service_account_token
+    if custom.affinity:
+        pod_spec["affinity"] = custom.affinity.model_dump(by_alias=True, exclude_none=True, mode="json")
+    if custom.topology_spread_constraints:
+        pod_spec["topologySpreadConstraints"] = dump(custom.topology_spread_constraints)
+    if custom.scheduler_name:
+        pod_spec["schedulerName"] = custom.scheduler_name
 
 
 def rendezvous_secret(job: TrainingJob, owner: dict, token: str) -> dict:

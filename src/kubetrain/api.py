@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from pydantic.alias_generators import to_camel
 
 from . import contracts
+from .pod_spec import PodCustomization
 
 GROUP = "kubetrain.io"
 VERSION = "v1alpha1"
@@ -517,6 +518,24 @@ class TrainingJobSpec(_Model):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
+    pod: PodCustomization = Field(default_factory=PodCustomization, description=(
+        "Added to every trainer pod: env/envFrom, volumes (persistentVolumeClaim, secret, configMap, emptyDir) "
+        "and volumeMounts, imagePullSecrets, serviceAccountName (its token only with automountServiceAccountToken), "
+        "affinity, topologySpreadConstraints, schedulerName, labels and annotations. The restricted security "
+        "context is not configurable."))
+
+    @model_validator(mode="after")
+    def _pod_env_keeps_the_secrets_credentials(self) -> TrainingJobSpec:
+        """Credentials come from the Secrets the spec names; spec.pod.env may not shadow them."""
+        from_secrets = {"checkpoint.s3Secret": self.checkpoint.s3_secret and {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                                              "AWS_SESSION_TOKEN"},
+                        "tracking.mlflow.secret": self.tracking.mlflow and self.tracking.mlflow.secret and {
+                            "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}}
+        for var in self.pod.env:
+            for field, names in from_secrets.items():
+                if names and var.name in names:
+                    raise ValueError(f"pod.env: {var.name} comes from {field}; set it there, or leave {field} unset")
+        return self
 
     @model_validator(mode="after")
     def _registration_has_a_model(self) -> TrainingJobSpec:

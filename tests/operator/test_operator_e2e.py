@@ -16,7 +16,7 @@ import pytest
 
 from kubetrain.ports import free_port
 
-from kubetrain_devcluster.cluster import BUCKET
+from kubetrain_devcluster.cluster import BUCKET, S3_SECRET
 from kubetrain_testkit import REPO
 from kubetrain_testkit.clusterkit import (NS, assert_operator_calls_granted, create, events, get_job, kubectl, pod_logs, pods,
                                           s3_manifests, status, tiny_job, wait_for, wait_phase)
@@ -217,3 +217,39 @@ def test_a_group_whose_secret_is_missing_says_why_and_fails_at_its_scheduling_ti
     described = kubectl(cluster, "describe", "tj", name).stdout
     assert "CreateContainerConfigError" in described and "SchedulingTimeout" in described
     wait_for("its pods gone", lambda: not pods(cluster, name), 60, cluster)
+
+
+def test_a_job_with_env_from_a_secret_and_a_mounted_config_map_sees_both(cluster, corpus):
+    """spec.pod in a real pod: an env var from a Secret, a ConfigMap mounted as files, and the S3 credentials
+    through envFrom instead of checkpoint.s3Secret (the checkpoints landing show the trainer got them)."""
+    core = cluster.core_api()
+    core.create_namespaced_secret(NS, {"metadata": {"name": "pod-extras"}, "stringData": {"greeting": "hello from a Secret"}})
+    core.create_namespaced_config_map(NS, {"metadata": {"name": "pod-notes"}, "data": {"note.txt": "mounted from a ConfigMap"}})
+    name = "custom-pod"
+    doc = tiny_job(cluster, corpus, name)
+    del doc["spec"]["checkpoint"]["s3Secret"]
+    doc["spec"]["pod"] = {
+        "env": [{"name": "GREETING", "valueFrom": {"secretKeyRef": {"name": "pod-extras", "key": "greeting"}}},
+                {"name": "NOTE_FILE", "value": "/etc/notes/note.txt"}],
+        "envFrom": [{"secretRef": {"name": S3_SECRET}}],
+        "volumes": [{"name": "notes", "configMap": {"name": "pod-notes"}}],
+        "volumeMounts": [{"name": "notes", "mountPath": "/etc/notes", "readOnly": True}],
+        "labels": {"team": "nlp"},
+    }
+    create(cluster, doc)
+
+    def environ_of_pod_0() -> dict | None:
+        started = re.findall(rf"pod {NS}/{name}-0 started: pid (\d+)", (cluster.logs / "executor.log").read_text())
+        try:
+            raw = open(f"/proc/{started[-1]}/environ", "rb").read() if started else b""
+        except OSError:
+            return None
+        return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item) or None
+
+    env = wait_for("pod 0's process", environ_of_pod_0, 120, cluster)
+    assert env["GREETING"] == "hello from a Secret" and env["AWS_ACCESS_KEY_ID"]
+    assert open(env["NOTE_FILE"]).read() == "mounted from a ConfigMap"  # the mount, at its local stand-in path
+    assert all(p.metadata.labels["team"] == "nlp" for p in pods(cluster, name))
+    final = wait_phase(cluster, name, {"Succeeded", "Failed"}, timeout=300)
+    assert final["phase"] == "Succeeded", final
+    assert final["lastCheckpoint"]["uri"].startswith(f"s3://{BUCKET}/e2e/{NS}/{name}/step-")
