@@ -78,6 +78,9 @@ class SchedulerMixin:
         for uid, pod in list(self._pods.items()):
             if self._pods.get(uid) is not pod or not self._wants_scheduling(pod):
                 continue
+            if spec(pod).get("schedulingGates"):  # kube-scheduler leaves a gated pod alone until its gates are gone
+                await self._mark_unscheduled(pod, "SchedulingGated", "Scheduling is blocked due to non-empty scheduling gates")
+                continue
             node = self._pick_node(pod)
             if node is None:
                 await self._mark_unschedulable(pod)
@@ -126,15 +129,18 @@ class SchedulerMixin:
             self._reconcile(latest)
 
     async def _mark_unschedulable(self, pod: Pod) -> None:
-        """PodScheduled=False/Unschedulable, written only when it changes."""
         total = len(self.node_names) - len(self._lost)
         message = (f"0/{total} nodes are available: {total} node(s) didn't match Pod's node affinity/selector."
                    if total else "0/0 nodes are available: every node of the executor was lost.")
+        await self._mark_unscheduled(pod, "Unschedulable", message)
+
+    async def _mark_unscheduled(self, pod: Pod, reason: str, message: str) -> None:
+        """PodScheduled=False with the scheduler's reason, written only when it changes."""
         current = {c.get("type"): c for c in status(pod).get("conditions") or []}.get("PodScheduled") or {}
-        if current.get("reason") == "Unschedulable" and current.get("message") == message:
+        if current.get("reason") == reason and current.get("message") == message:
             return
         conditions = stamp_conditions(status(pod).get("conditions") or [],
-                                      [condition("PodScheduled", False, "Unschedulable", message)], now_rfc3339())
+                                      [condition("PodScheduled", False, reason, message)], now_rfc3339())
         namespace, name = pod_key(pod)
         with contextlib.suppress(ApiError):
             # no phase: with several executors on one server, another one may have bound it meanwhile

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 
 import yaml
@@ -292,14 +293,25 @@ def pod(job: TrainingJob, owner: dict, rank: int, attempt: int, config_digest: s
     if spec.priority_class_name:
         pod_spec["priorityClassName"] = spec.priority_class_name
     _customize(pod_spec, container, spec.pod)
+    annotations = {**spec.pod.annotations, "kubetrain.io/config-hash": config_digest, N.ANNOTATION_SPEC_HASH: spec_hash(job)}
+    queue = kueue_queue(job)
+    if queue:  # Kueue admits the attempt's pods as one group: gated until then, so nothing holds a GPU while queued
+        labels = {**labels, N.KUEUE_QUEUE_LABEL: queue, N.KUEUE_POD_GROUP_LABEL: N.pod_group_name(name, attempt)}
+        annotations[N.KUEUE_POD_GROUP_COUNT] = str(spec.nodes)
+        pod_spec["schedulingGates"] = [{"name": N.KUEUE_ADMISSION_GATE}]
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {**_meta(job, N.pod_name(name, rank), owner, {**spec.pod.labels, **labels}),
-                     "annotations": {**spec.pod.annotations, "kubetrain.io/config-hash": config_digest,
-                                     N.ANNOTATION_SPEC_HASH: spec_hash(job)}},
+        "metadata": {**_meta(job, N.pod_name(name, rank), owner, {**spec.pod.labels, **labels}), "annotations": annotations},
         "spec": pod_spec,
     }
+
+
+def kueue_queue(job: TrainingJob) -> str | None:
+    """The Kueue LocalQueue the job's metadata names (label kueue.x-k8s.io/queue-name), if a valid one."""
+    labels = (job.metadata.model_extra or {}).get("labels") or {}
+    queue = labels.get(N.KUEUE_QUEUE_LABEL) if isinstance(labels, dict) else None
+    return queue if isinstance(queue, str) and re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", queue) and len(queue) <= 63 else None
 
 
 def _customize(pod_spec: dict, container: dict, custom) -> None:

@@ -48,3 +48,13 @@ def pod_dns_name(job: str, namespace: str, rank: int) -> str:
 
 def job_selector(job: str) -> str:
     return f"{LABEL_JOB}={job}"
+
+# Kueue's plain-pod groups: a job labelled with a queue gets its pods admitted by Kueue as one group per attempt
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_POD_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
+KUEUE_POD_GROUP_COUNT = "kueue.x-k8s.io/pod-group-total-count"
+KUEUE_ADMISSION_GATE = "kueue.x-k8s.io/admission"
+
+
+def pod_group_name(job: str, attempt: int) -> str:
+    return f"{job}-attempt-{attempt}"

@@ -30,6 +30,7 @@ RECHECK_SECONDS = 5.0  # a running job's live progress
 # that peer's pod to end on its own and say why, before deleting it unheard (a hung or unreachable node)
 PEER_ACCOUNT_GRACE = timedelta(seconds=20)
 WAITING = "Waiting"  # condition: the group's pods cannot start, and why
+QUEUED = "SchedulingGated"  # a pod's scheduling gate: waiting for admission (Kueue), not stuck
 IDLE_RECHECK_SECONDS = 30.0  # any other job, when its plan asks for nothing sooner (its events drive it)
 
 
@@ -345,10 +346,13 @@ def _waiting(b: Decision, job: TrainingJob, pods: list[dict]) -> bool:
         reason, message = problems[0]
         if len(problems) > 1:
             message += f" (and {len(problems) - 1} more pod(s))"
+        queued = all(r == QUEUED for r, _ in problems)
         if b.condition_reason(WAITING) != (reason, message):
             b.condition(WAITING, "True", reason, message)
-            b.event("Warning", reason, message)
+            b.event("Normal" if queued else "Warning", reason, message)
         b.set(message=message)
+        if queued:  # time in a queue is not time failing to start (Kueue's waitForPodsReady has its own timeout)
+            return False
     else:
         b._clear(WAITING, Reason.PODS_STARTED)
     limit = job.spec.run_policy.scheduling_timeout_seconds

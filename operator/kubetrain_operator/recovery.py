@@ -87,6 +87,9 @@ def waiting_problem(pod: dict) -> tuple[str, str] | None:
     """(reason, message) when a pending pod cannot start, in the scheduler's or the kubelet's words; None when
     it is only starting (being scheduled, pulling, creating)."""
     name, status = pod["metadata"]["name"], pod.get("status", {})
+    gates = [g.get("name") for g in pod.get("spec", {}).get("schedulingGates") or [] if isinstance(g, dict)]
+    if gates:  # queued, not broken: e.g. Kueue admits the group by removing its gate
+        return "SchedulingGated", _one_line(f"pod {name}: waiting for admission (scheduling gate {', '.join(map(str, gates))})")
     for cond in status.get("conditions") or []:
         if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
             return "Unschedulable", _one_line(f"pod {name}: {cond.get('message') or 'no node fits it'}")

@@ -253,3 +253,38 @@ def test_a_job_with_env_from_a_secret_and_a_mounted_config_map_sees_both(cluster
     final = wait_phase(cluster, name, {"Succeeded", "Failed"}, timeout=300)
     assert final["phase"] == "Succeeded", final
     assert final["lastCheckpoint"]["uri"].startswith(f"s3://{BUCKET}/e2e/{NS}/{name}/step-")
+
+
+def test_a_kueue_queued_job_waits_gated_until_admitted_and_an_eviction_is_a_preemption(cluster, corpus):
+    """Kueue's plain-pod groups: each attempt's pods carry the queue, the group name and size, and Kueue's
+    admission gate. The test admits them as Kueue does (it removes the gate); deleting the running group's
+    pods, as Kueue's eviction does, is a preemption, and the next attempt waits for admission again."""
+    name = "queued"
+    doc = tiny_job(cluster, corpus, name)
+    doc["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "team-gpus"}
+    create(cluster, doc)
+
+    def gated(attempt: int):
+        listed = [p for p in pods(cluster, name) if p.metadata.labels.get("kubetrain.io/attempt") == str(attempt)]
+        return len(listed) == 2 and all(p.spec.scheduling_gates for p in listed) and listed
+
+    def admit(attempt: int) -> None:
+        group = wait_for(f"attempt {attempt}'s gated pods", lambda: gated(attempt), 120, cluster)
+        assert {p.metadata.labels["kueue.x-k8s.io/pod-group-name"] for p in group} == {f"{name}-attempt-{attempt}"}
+        assert all(p.metadata.annotations["kueue.x-k8s.io/pod-group-total-count"] == "2" for p in group)
+        assert not any(p.spec.node_name for p in group), "a gated pod is not scheduled"
+        for p in group:
+            cluster.core_api().patch_namespaced_pod(p.metadata.name, NS, [{"op": "remove", "path": "/spec/schedulingGates"}])
+
+    waiting = wait_for("the Waiting condition", lambda: next(
+        (c for c in status(cluster, name).get("conditions", []) if c["type"] == "Waiting" and c["status"] == "True"), None),
+        60, cluster)
+    assert waiting["reason"] == "SchedulingGated" and status(cluster, name)["phase"] == "Pending"
+    admit(1)
+    wait_phase(cluster, name, {"Running"}, timeout=120)
+    for p in pods(cluster, name):  # Kueue evicts the workload: its pods go
+        kubectl(cluster, "delete", "pod", p.metadata.name, "--wait=false", "--ignore-not-found")
+    admit(2)
+    final = wait_phase(cluster, name, {"Succeeded", "Failed"}, timeout=300)
+    assert final["phase"] == "Succeeded", final
+    assert (final["preemptions"], final["failures"], final["attempt"]) == (1, 0, 2), final

@@ -824,3 +824,35 @@ def test_without_a_scheduling_timeout_a_stuck_group_waits_and_the_reason_clears_
         fresh.pods[name] = stuck(fresh.pods[name], created=fresh.now, waiting=("ContainerCreating", ""))
     fresh.step()
     assert not [x for x in fresh.status["conditions"] if x["type"] == "Waiting"]
+
+
+def test_a_job_in_a_kueue_queue_has_each_attempts_pods_gated_as_one_group_and_waits_without_a_timeout():
+    body = job_body(runPolicy={"backoffLimit": 3, "schedulingTimeoutSeconds": 60})
+    body["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "team-gpus"}
+    c = Cluster(body)
+    c.step()
+    for pod in c.pods.values():
+        meta = pod["metadata"]
+        assert meta["labels"]["kueue.x-k8s.io/queue-name"] == "team-gpus"
+        assert meta["labels"]["kueue.x-k8s.io/pod-group-name"] == "bert-attempt-1"
+        assert meta["annotations"]["kueue.x-k8s.io/pod-group-total-count"] == "2"
+        assert pod["spec"]["schedulingGates"] == [{"name": "kueue.x-k8s.io/admission"}]
+    for name in c.pods:
+        c.pods[name]["metadata"]["creationTimestamp"] = c.now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    c.step()
+    waiting = next(x for x in c.status["conditions"] if x["type"] == "Waiting")
+    assert waiting["reason"] == "SchedulingGated" and "waiting for admission" in waiting["message"]
+    assert c.events[-1][0] == "SchedulingGated"
+    c.now += timedelta(hours=3)  # queued for hours: not a scheduling timeout
+    c.step()
+    assert c.status["phase"] == "Pending"
+    # Kueue admits: the gates go, the group runs; an unlabelled job has no gate
+    for pod in c.pods.values():
+        pod["spec"].pop("schedulingGates")
+    c.set_pods(phase="Running")
+    c.step()
+    assert c.status["phase"] == "Running"
+    plain = Cluster(job_body())
+    plain.step()
+    assert all("schedulingGates" not in p["spec"] and "kueue.x-k8s.io/queue-name" not in p["metadata"]["labels"]
+               for p in plain.pods.values())
