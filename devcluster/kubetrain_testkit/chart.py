@@ -89,6 +89,12 @@ def by_kind(docs: list[dict], kind: str) -> list[dict]:
     return [d for d in docs if d["kind"] == kind]
 
 
+def operator_roles(docs: list[dict]) -> list[dict]:
+    """The operator's ClusterRoles: not the ones aggregated into Kubernetes' user roles (templates/user-roles.yaml)."""
+    return [r for r in by_kind(docs, "ClusterRole")
+            if not any(k.startswith("rbac.authorization.k8s.io/aggregate-to-") for k in r["metadata"].get("labels") or {})]
+
+
 def granted(rules: list[dict]) -> set[tuple[str, str, str]]:
     out = set()
     for rule in rules:

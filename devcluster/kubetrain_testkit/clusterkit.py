@@ -124,9 +124,9 @@ def assert_operator_calls_granted(cluster: DevCluster) -> None:
     """Every (group, resource, verb) the running operator (kopf included) sent, per the API server's audit
     log, is granted by the chart's ClusterRole. tests/packaging/test_chart.py derives the rules from the code; this checks
     them against what really went over the wire, so a call hidden in a library cannot slip through."""
-    from .chart import by_kind, granted, helm_binary, render
+    from .chart import granted, helm_binary, operator_roles, render
 
-    (role,) = by_kind(render(helm_binary()), "ClusterRole")
+    (role,) = operator_roles(render(helm_binary()))
     allowed = granted(role["rules"])
     used = {(e["group"], e["resource"] + (f"/{e['subresource']}" if e["subresource"] else ""), e["verb"])
             for e in cluster.requests_by("operator")}

@@ -36,7 +36,7 @@ from kubetrain.api import parse_training_job
 from kubetrain_operator import builders
 from kubetrain_operator.names import LABEL_JOB, LABEL_RANK
 from kubetrain_testkit import REPO
-from kubetrain_testkit.chart import (CHART, NAMESPACE, RELEASE, by_kind, granted, helm_binary, helm_run, render,
+from kubetrain_testkit.chart import (CHART, NAMESPACE, RELEASE, by_kind, granted, helm_binary, helm_run, operator_roles, render,
                                      run_checkov)
 
 ALL_VALUES = CHART / "ci" / "all-enabled-values.yaml"
@@ -88,7 +88,7 @@ def test_helm_is_the_real_helm_4(helm: Path) -> None:
 def test_default_render(default_docs: list[dict]) -> None:
     kinds = sorted(d["kind"] for d in default_docs)
     assert kinds == sorted(["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service",
-                            "NetworkPolicy", *["ConfigMap"] * len(dashboard_files())])
+                            "NetworkPolicy", *["ConfigMap"] * len(dashboard_files()), "ClusterRole", "ClusterRole"])
     for doc in default_docs:
         if doc["kind"] not in {"ClusterRole", "ClusterRoleBinding"}:
             assert doc["metadata"]["namespace"] == NAMESPACE, doc["metadata"]
@@ -97,7 +97,8 @@ def test_default_render(default_docs: list[dict]) -> None:
 
 def test_all_enabled_render(all_docs: list[dict]) -> None:
     kinds = sorted(d["kind"] for d in all_docs)
-    assert kinds == sorted(["CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
+    assert kinds == sorted(["CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRole", "ClusterRole",
+                            "ClusterRoleBinding",
                             "Role", "Role", "RoleBinding", "RoleBinding", "Deployment", "Service", "NetworkPolicy",
                             "ServiceMonitor", "PodMonitor", "PrometheusRule",
                             *["ConfigMap"] * len(dashboard_files())])
@@ -359,7 +360,7 @@ def operator_api_calls() -> set[tuple[str, str, str]]:
 
 
 def test_rbac_cluster_wide_is_exactly_what_the_code_uses(default_docs: list[dict]) -> None:
-    (role,) = by_kind(default_docs, "ClusterRole")
+    (role,) = operator_roles(default_docs)
     assert granted(role["rules"]) == operator_api_calls() | KOPF_NAMESPACED | KOPF_CLUSTER
     assert not by_kind(default_docs, "Role")
     (binding,) = by_kind(default_docs, "ClusterRoleBinding")
@@ -369,7 +370,7 @@ def test_rbac_cluster_wide_is_exactly_what_the_code_uses(default_docs: list[dict
 
 
 def test_rbac_namespaced_mode_has_a_role_per_namespace(all_docs: list[dict]) -> None:
-    (cluster_role,) = by_kind(all_docs, "ClusterRole")
+    (cluster_role,) = operator_roles(all_docs)
     assert granted(cluster_role["rules"]) == KOPF_CLUSTER | KOPF_NAMESPACE_MODE  # cluster-scoped reads only
     roles = {r["metadata"]["namespace"]: r for r in by_kind(all_docs, "Role")}
     bindings = {b["metadata"]["namespace"]: b for b in by_kind(all_docs, "RoleBinding")}
@@ -394,6 +395,24 @@ def test_every_rbac_rule_says_which_code_uses_it() -> None:
             comment.insert(0, lines[j])
         text = " ".join(comment)
         assert re.search(r"kopf|operator/|kube\.py", text), f"rbac.yaml:{i + 1}: comment names no code: {text}"
+
+
+def test_namespace_users_get_trainingjobs_through_the_aggregated_edit_admin_and_view_roles(default_docs: list[dict],
+                                                                                            helm: Path) -> None:
+    users = {r["metadata"]["name"].rsplit("-", 1)[1]: r for r in by_kind(default_docs, "ClusterRole") if r not in
+             operator_roles(default_docs)}
+    assert set(users) == {"edit", "view"}
+    aggregated = {k for r in users.values() for k, v in r["metadata"]["labels"].items() if "aggregate-to" in k and v == "true"}
+    assert aggregated == {f"rbac.authorization.k8s.io/aggregate-to-{r}" for r in ("edit", "admin", "view")}
+    assert granted(users["edit"]["rules"]) == {("kubetrain.io", "trainingjobs", v) for v in (
+        "create", "delete", "deletecollection", "get", "list", "patch", "update", "watch")} | {
+        ("kubetrain.io", "trainingjobs/status", v) for v in ("get", "list", "watch")}
+    assert granted(users["view"]["rules"]) == {("kubetrain.io", r, v) for r in ("trainingjobs", "trainingjobs/status")
+                                               for v in ("get", "list", "watch")}
+    bound = {b["roleRef"]["name"] for b in by_kind(default_docs, "ClusterRoleBinding")}
+    assert not bound & {r["metadata"]["name"] for r in users.values()}, "aggregated, never bound by the chart"
+    off = render(helm, sets=("rbac.userRoles=false",))
+    assert len(by_kind(off, "ClusterRole")) == 1
 
 
 def test_no_rbac_when_disabled(helm: Path) -> None:
