@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import yaml
 
 from kubetrain.api import API_VERSION, KIND, SpecError, TrainingJob, parse_training_job
+from kubetrain.patterns import DNS_LABEL
+from kubetrain.pod_spec import MLFLOW_CREDENTIAL_ENV, S3_CREDENTIAL_ENV
 from kubetrain.termination import TERMINATION_MESSAGE_ENV
 from kubetrain.torchrun import RDZV_PORT, torchrun_options
 
@@ -212,11 +214,11 @@ def _env(job: TrainingJob, attempt: int) -> list[dict]:
                                                                       "key": N.RDZV_ID_KEY}}})
     secret = job.spec.checkpoint.s3_secret
     if secret:
-        for key, optional in (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True)):
+        for key, optional in zip(S3_CREDENTIAL_ENV, (False, False, True), strict=True):  # the session token is optional
             env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": optional}}})
     mlflow = job.spec.tracking.mlflow
     if mlflow is not None and mlflow.secret:  # the tracking server's credentials, never in the spec
-        for key in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        for key in MLFLOW_CREDENTIAL_ENV:
             env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": mlflow.secret, "key": key, "optional": True}}})
     return env
 
@@ -311,7 +313,7 @@ def kueue_queue(job: TrainingJob) -> str | None:
     """The Kueue LocalQueue the job's metadata names (label kueue.x-k8s.io/queue-name), if a valid one."""
     labels = (job.metadata.model_extra or {}).get("labels") or {}
     queue = labels.get(N.KUEUE_QUEUE_LABEL) if isinstance(labels, dict) else None
-    return queue if isinstance(queue, str) and re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", queue) and len(queue) <= 63 else None
+    return queue if isinstance(queue, str) and re.match(DNS_LABEL, queue) and len(queue) <= 63 else None
 
 
 def _customize(pod_spec: dict, container: dict, custom) -> None:

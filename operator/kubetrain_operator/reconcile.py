@@ -23,7 +23,8 @@ from . import builders
 from .builders import ClusterDefaults
 from .names import ANNOTATION_SPEC_HASH, LABEL_RANK, pod_name
 from .records import Event, Observed, Plan, Progress
-from .recovery import PodOutcome, classify, classify_terminated, disruption, pod_attempt, trainer_report, waiting_problem
+from .recovery import (PodOutcome, classify, classify_terminated, disruption, observed_time, pod_attempt, trainer_report,
+                       waiting_problem)
 
 RECHECK_SECONDS = 5.0  # a running job's live progress
 # A worker that lost contact with a peer usually fails in the same instant as the peer: how long to wait for
@@ -356,7 +357,7 @@ def _waiting(b: Decision, job: TrainingJob, pods: list[dict]) -> bool:
     else:
         b._clear(WAITING, Reason.PODS_STARTED)
     limit = job.spec.run_policy.scheduling_timeout_seconds
-    created = [t for p in pods if (t := _created(p))]
+    created = [t for p in pods if (t := observed_time(p["metadata"].get("creationTimestamp")))]
     if not limit or not created:
         return False
     waited = (b.obs.now - min(created)).total_seconds()
@@ -366,13 +367,6 @@ def _waiting(b: Decision, job: TrainingJob, pods: list[dict]) -> bool:
     _fail(b, Reason.SCHEDULING_TIMEOUT, f"the group did not start within runPolicy.schedulingTimeoutSeconds ({limit}s): "
           f"{message}", pods)
     return True
-
-
-def _created(pod: dict):
-    try:
-        return parse_timestamp(pod["metadata"].get("creationTimestamp"))
-    except (TypeError, ValueError):
-        return None
 
 
 def _peer_account_due(b: Decision, outcomes) -> float | None:

@@ -68,10 +68,11 @@ def disruption(pod: dict) -> str | None:
     return None
 
 
-def _finished_at(terminated: dict) -> datetime | None:
+def observed_time(value) -> datetime | None:
+    """A timestamp the API server or the kubelet wrote (creationTimestamp, finishedAt); None if absent or malformed."""
     try:
-        return parse_timestamp(terminated.get("finishedAt"))
-    except (TypeError, ValueError):  # not the kubelet's RFC 3339: unknown
+        return parse_timestamp(value)
+    except (TypeError, ValueError):  # not RFC 3339: unknown
         return None
 
 
@@ -127,7 +128,7 @@ def classify(pod: dict) -> PodOutcome:
         if report.permanent or code == EXIT_PERMANENT:
             return PodOutcome("permanent", report.reason or Reason.POD_FAILED, why)
         return PodOutcome("failed", Reason.POD_FAILED, why, symptom=report.reason == Reason.PEER_LOST,
-                          finished_at=_finished_at(terminated))
+                          finished_at=observed_time(terminated.get("finishedAt")))
     if terminated.get("reason") == "OOMKilled":
         return PodOutcome("failed", Reason.POD_FAILED, f"pod {name} was OOM-killed (exit code {code}): the container "
                           "ran out of memory; raise spec.resources memory or lower data.maxTokensPerBatch")

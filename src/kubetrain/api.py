@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from pydantic.alias_generators import to_camel
 
 from . import contracts
-from .pod_spec import PodCustomization
+from .patterns import DNS_LABEL, DNS_SUBDOMAIN, SIZE
+from .pod_spec import MLFLOW_CREDENTIAL_ENV, S3_CREDENTIAL_ENV, PodCustomization
 
 GROUP = "kubetrain.io"
 VERSION = "v1alpha1"
@@ -58,8 +59,6 @@ def step_dir_name(step: int) -> str:
 
 
 # Kubernetes object names that become DNS labels (pod hostnames) must be RFC 1123 labels.
-DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 # An image reference: [registry[:port]/]path[:tag][@sha256:digest].
 IMAGE_REF = (r"^([a-zA-Z0-9.-]+(:[0-9]+)?/)?[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*"
              r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?$")
@@ -117,7 +116,6 @@ LOADER_OPTIONS = frozenset({
 ConfigValue = bool | int | float | Annotated[str, StringConstraints(max_length=4096, pattern=SAFE_TEXT)] | None
 MAX_STEPS = 10**9  # a sanity bound for step counts and intervals (years of training at 30 steps/s)
 Quantity = int | str  # "4Gi", "500m", 1
-SIZE = r"^[1-9][0-9]{0,8}(Ki|Mi|Gi|Ti|k|M|G|T)?$"  # a byte quantity: "8Gi", "500M"
 
 
 def _yaml11_float(value: Any) -> Any:
@@ -527,10 +525,8 @@ class TrainingJobSpec(_Model):
     @model_validator(mode="after")
     def _pod_env_keeps_the_secrets_credentials(self) -> TrainingJobSpec:
         """Credentials come from the Secrets the spec names; spec.pod.env may not shadow them."""
-        from_secrets = {"checkpoint.s3Secret": self.checkpoint.s3_secret and {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                                                              "AWS_SESSION_TOKEN"},
-                        "tracking.mlflow.secret": self.tracking.mlflow and self.tracking.mlflow.secret and {
-                            "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}}
+        from_secrets = {"checkpoint.s3Secret": self.checkpoint.s3_secret and S3_CREDENTIAL_ENV,
+                        "tracking.mlflow.secret": self.tracking.mlflow and self.tracking.mlflow.secret and MLFLOW_CREDENTIAL_ENV}
         for var in self.pod.env:
             for field, names in from_secrets.items():
                 if names and var.name in names:

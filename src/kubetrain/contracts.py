@@ -72,7 +72,6 @@ class Reason(StrEnum):
     SPEC_CHANGED = "SpecChanged"
     MODEL_EXPORTED = "ModelExported"  # spec.output: the trained model landed
     # a group that cannot start: the condition Waiting carries the kubelet's or the scheduler's reason
-    PODS_WAITING = "PodsWaiting"
     PODS_STARTED = "PodsStarted"
     SCHEDULING_TIMEOUT = "SchedulingTimeout"
 

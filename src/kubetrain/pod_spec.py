@@ -8,18 +8,18 @@ mounted only when asked. Names the operator itself sets (its env, volumes, mount
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
+from .patterns import DNS_LABEL, DNS_SUBDOMAIN, SIZE
+
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]{0,255}$"
-DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 LABEL_KEY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
 LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
 ABSOLUTE_PATH = r"^/[^\x00-\x1f\x7f]*$"
-SIZE = r"^[1-9][0-9]{0,8}(Ki|Mi|Gi|Ti|k|M|G|T)?$"
 KEY = r"^[-._A-Za-z0-9]{1,253}$"  # a Secret or ConfigMap key
 
 # What the operator sets itself (tests/unit/test_pod_customization.py checks these against a built pod)
@@ -27,6 +27,9 @@ OPERATOR_ENV = frozenset({"POD_IP", "POD_NAME", "HOME", "PYTHONUNBUFFERED"})  # 
 OPERATOR_VOLUMES = frozenset({"config", "scratch", "shm"})
 OPERATOR_PATHS = ("/etc/kubetrain", "/tmp", "/dev/shm", "/dev/termination-log")
 OPERATOR_PREFIX = "kubetrain.io/"  # labels and annotations
+# env the operator sets from the Secrets the spec names (checkpoint.s3Secret, tracking.mlflow.secret)
+S3_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+MLFLOW_CREDENTIAL_ENV = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 class _K8s(BaseModel):
@@ -240,8 +243,6 @@ class PodCustomization(_K8s):
 
     @model_validator(mode="after")
     def _consistent(self) -> PodCustomization:
-        import re
-
         for var in self.env:
             if var.name in OPERATOR_ENV or var.name.startswith("KUBETRAIN_"):
                 raise ValueError(f"env: {var.name} is set by the operator")
