@@ -41,6 +41,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 from kubetrain_testkit import tiny  # tokenizer training, job documents
+from kubetrain_testkit.benchkit import StepLog, peak_memory_gib, sync
 from kubetrain_testkit.synthetic import make_rows, words, write_jsonl  # the skewed-length corpus
 
 ROBERTA_BASE = {"model_type": "roberta", "vocab_size": 50265, "hidden_size": 768, "num_hidden_layers": 12,
@@ -55,11 +56,6 @@ log = logging.getLogger("hf_compare")
 
 # --- shared measurement -------------------------------------------------------------------------
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def fresh_side(b: Bench, side: str) -> None:
     """Before a side: an empty work dir (no resume from an earlier run), free memory, no compiled
     graphs, a fresh peak-memory counter."""
@@ -69,10 +65,6 @@ def fresh_side(b: Bench, side: str) -> None:
     if b.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(b.device)
-
-
-def peak_memory_gib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
 @torch.no_grad()
@@ -205,22 +197,6 @@ def run_hf(b: Bench, side: str, *, best: bool, compile: bool) -> dict:
 
 
 # --- kubetrain -----------------------------------------------------------------------------------
-
-class StepLog(logging.Handler):
-    """Collects the trainer's step log lines (emitted right after a device sync) with their time."""
-
-    def __init__(self):
-        super().__init__()
-        self.windows: list[tuple[float, int, float, float]] = []  # (time, step, samples/s, tokens/s)
-        self.evals: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.msg.startswith("step %d/%d"):
-            a = record.args
-            self.windows.append((time.perf_counter(), a[0], a[7], a[8]))
-        elif record.msg.startswith("eval at step"):
-            self.evals.append(record.getMessage())
-
 
 def kubetrain_job(b: Bench, side: str, compile: str, train: Path, evals: Path) -> dict:
     a = b.args

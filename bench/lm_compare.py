@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from kubetrain_testkit import tiny
+from kubetrain_testkit.benchkit import StepLog, peak_memory_gib, sync
 from kubetrain_testkit.synthetic import make_rows, words, write_jsonl
 
 LLAMA = {"model_type": "llama", "vocab_size": 49152, "max_position_embeddings": 2048, "tie_word_embeddings": True,
@@ -61,11 +62,6 @@ log = logging.getLogger("lm_compare")
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def sync() -> None:
-    if device().type == "cuda":
-        torch.cuda.synchronize()
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -170,10 +166,6 @@ def result(args, side: str, *, model, tokens: float, seconds: float, peak, extra
             "eval_loss": eval_loss(model, docs), **extra}
 
 
-def peak_gib():
-    return torch.cuda.max_memory_allocated() / 2**30 if device().type == "cuda" else None
-
-
 # --- Hugging Face Trainer ------------------------------------------------------------------------
 
 def run_hf(args, side: str) -> dict:
@@ -195,7 +187,7 @@ def run_hf(args, side: str) -> dict:
     class Clock(TrainerCallback):
         def on_step_end(self, targs, state, control, **kwargs):
             if state.global_step in (warmup, steps):
-                sync()
+                sync(device())
                 clock[state.global_step] = time.perf_counter()
 
     class CountingTrainer(Trainer):
@@ -225,24 +217,12 @@ def run_hf(args, side: str) -> dict:
     trainer = CountingTrainer(model=model, args=TrainingArguments(**options), train_dataset=train, data_collator=collator,
                               callbacks=[Clock()])
     trainer.train()
-    peak = peak_gib()
+    peak = peak_memory_gib(device())
     return result(args, side, model=model, tokens=float(trainer.real_tokens.item()), seconds=clock[steps] - clock[warmup],
                   peak=peak, extra={"attention": attention})
 
 
 # --- kubetrain -----------------------------------------------------------------------------------
-
-class StepLog(logging.Handler):
-    """The trainer's step log lines (each written after a device sync) with their time and real-token rate."""
-
-    def __init__(self):
-        super().__init__()
-        self.windows: list[tuple[float, int, float]] = []  # (time, step, real tokens/s)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if isinstance(record.msg, str) and record.msg.startswith("step %d/%d"):
-            self.windows.append((time.perf_counter(), record.args[0], record.args[8]))
-
 
 def run_kubetrain(args, side: str) -> dict:
     from transformers import AutoModelForCausalLM
@@ -272,10 +252,10 @@ def run_kubetrain(args, side: str) -> dict:
     run = build_run(parse_training_job(doc), RunOptions(work_dir=args.work / side / "w",
                                                         checkpoint_prefix_uri=str(args.work / side / "ckpt"), metrics_port=None))
     assert loop.train(run) == 0
-    peak = peak_gib()
-    at = {step: t for t, step, _ in times.windows}
+    peak = peak_memory_gib(device())
+    at = {step: t for t, step, _, _ in times.windows}
     tokens, since = 0.0, at[args.warmup]
-    for t, step, rate in times.windows:  # the trainer's own real-token rate over each timed window
+    for t, step, _, rate in times.windows:  # the trainer's own real-token rate over each timed window
         if step > args.warmup:
             tokens, since = tokens + rate * (t - since), t
     final = max((args.work / side / "ckpt").rglob("model.pt"), key=lambda p: p.parent.name)
