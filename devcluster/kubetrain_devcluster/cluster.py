@@ -199,21 +199,28 @@ class DevCluster:
             argv += ["--env", f"{key}={value}"]
         self.executor = ManagedProcess("executor", argv, self.logs / "executor.log", "kubetrain executor ready").start()
 
-    def start_operator(self) -> ManagedProcess:
-        """(Re)start the operator; it picks up every existing job (kopf resume handlers)."""
-        self.operator_metrics_port = free_port()
-        self.operator = ManagedProcess(
-            "operator",
-            [sys.executable, "-m", "kubetrain_operator", "--metrics-port", str(self.operator_metrics_port),
-             "--metrics-addr", "127.0.0.1", "--liveness-port", "0",
-             "--default-checkpoint-uri", CHECKPOINT_URI, "--default-s3-secret", S3_SECRET,
-             "--default-s3-endpoint", self.s3_endpoint,
-             # Pods share this machine's network, so each job gets its own port; the range lies below
-             # Linux's ephemeral ports (32768-60999), which any outgoing connection may already hold.
-             "--rendezvous-port-range", "20000-29999"],
-            self.logs / "operator.log", "kubetrain operator started",
-            env={"KUBECONFIG": str(self.component_kubeconfig("operator"))}).start()
-        return self.operator
+    def start_operator(self, *, leader_elect: bool = False, name: str = "operator") -> ManagedProcess:
+        """(Re)start the operator; it picks up every existing job (kopf resume handlers).
+
+        `name` "operator" is the cluster's operator (`self.operator`, metrics at `operator_metrics_port`); other
+        names start more replicas beside it, for leader election (`leader_elect`: each campaigns for the Lease
+        kubetrain-operator in the cluster's namespace, and is ready once it campaigns, leader or not)."""
+        metrics_port = free_port()
+        argv = [sys.executable, "-m", "kubetrain_operator", "--metrics-port", str(metrics_port),
+                "--metrics-addr", "127.0.0.1", "--liveness-port", "0",
+                "--default-checkpoint-uri", CHECKPOINT_URI, "--default-s3-secret", S3_SECRET,
+                "--default-s3-endpoint", self.s3_endpoint,
+                # Pods share this machine's network, so each job gets its own port; the range lies below
+                # Linux's ephemeral ports (32768-60999), which any outgoing connection may already hold.
+                "--rendezvous-port-range", "20000-29999"]
+        if leader_elect:
+            argv += ["--leader-elect", "--leader-election-namespace", self.namespace]
+        proc = ManagedProcess(name, argv, self.logs / f"{name}.log",
+                              "campaigns for lease" if leader_elect else "kubetrain operator started",
+                              env={"KUBECONFIG": str(self.component_kubeconfig("operator"))}).start()
+        if name == "operator":
+            self.operator, self.operator_metrics_port = proc, metrics_port
+        return proc
 
     def component_kubeconfig(self, component: str) -> Path:
         return self.state_dir / f"{component}.kubeconfig"

@@ -73,8 +73,9 @@ def _no_duplicates(loader: StrictLoader, node: yaml.MappingNode, deep: bool = Fa
 StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
 
 
-def render(helm: Path, *values: Path, sets: tuple[str, ...] = (), crds: bool = False) -> list[dict]:
-    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+def render(helm: Path, *values: Path, sets: tuple[str, ...] = (), crds: bool = False,
+           extra: tuple[str, ...] = ()) -> list[dict]:
+    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE, *extra]
     for v in values:
         args += ["-f", str(v)]
     for s in sets:

@@ -1,15 +1,23 @@
 """python -m kubetrain_operator: run the operator (kopf) against the cluster in KUBECONFIG or in-cluster.
 
     python -m kubetrain_operator [--namespace NS ...] [--metrics-port 8080] [--liveness-port 8081]
+                                 [--leader-elect --leader-election-namespace NS --leader-election-id NAME]
+
+With --leader-elect several replicas may run: they elect a leader over a Lease (leadership.py), and only
+the leader runs kopf; a standby answers /healthz and takes over when the leader dies.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import http.server
 import logging
 import os
 import sys
+import threading
+from collections.abc import Iterator
 
 import kopf
 import kubernetes
@@ -18,6 +26,7 @@ from kubetrain.contracts import accept_api_nesting
 
 from .builders import ClusterDefaults
 from .kube import Kube
+from .leadership import Leadership
 from .metrics import OperatorMetrics
 
 
@@ -52,6 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="where the operator runs: the trainers' NetworkPolicy lets its pods scrape /metrics")
     p.add_argument("--metrics-namespaces", default=env("KUBETRAIN_METRICS_NAMESPACES", ""), metavar="NS,...",
                    help="namespaces whose pods may scrape trainers' /metrics too (e.g. monitoring)")
+    p.add_argument("--leader-elect", action="store_true", default=env("KUBETRAIN_LEADER_ELECT", "false") == "true",
+                   help="elect a leader over a Lease, so that several replicas can run (one reconciles)")
+    p.add_argument("--leader-election-namespace", default=env("KUBETRAIN_LEADER_ELECTION_NAMESPACE"),
+                   help="namespace of the Lease; default: --operator-namespace")
+    p.add_argument("--leader-election-id", default=env("KUBETRAIN_LEADER_ELECTION_ID", "kubetrain-operator"),
+                   help="name of the Lease")
     p.add_argument("--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -83,15 +98,55 @@ def main(argv: list[str] | None = None) -> int:
                                network_policy=not args.no_network_policy, operator_namespace=args.operator_namespace,
                                metrics_namespaces=split_list(args.metrics_namespaces))
     memo = kopf.Memo(kube=Kube(), metrics=metrics, defaults=defaults, jobs=JobRegistry())
+    leadership = None
+    if args.leader_elect:
+        namespace = args.leader_election_namespace or args.operator_namespace
+        if not namespace:
+            print("--leader-elect needs --leader-election-namespace or --operator-namespace", file=sys.stderr)
+            return 2
+        leadership = Leadership(namespace, args.leader_election_id).start()
+        with standby_health(args.liveness_port):
+            leadership.wait()
+    metrics.leader.set(1)
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
-    asyncio.run(kopf.operator(
-        standalone=True,  # one replica (the chart's Deployment uses strategy Recreate)
-        namespaces=args.namespace,
-        clusterwide=not args.namespace,
-        liveness_endpoint=liveness,
-        memo=memo,
-    ))
+    try:
+        asyncio.run(kopf.operator(
+            standalone=True,  # no kopf peering: alone, or the leader of --leader-elect's election
+            namespaces=args.namespace,
+            clusterwide=not args.namespace,
+            liveness_endpoint=liveness,
+            memo=memo,
+        ))
+    finally:
+        if leadership:
+            leadership.release()
     return 0
+
+
+@contextlib.contextmanager
+def standby_health(port: int) -> Iterator[None]:
+    """/healthz answers 200 while this replica is the standby (kopf's own endpoint takes the port once it leads)."""
+    if not port:
+        yield
+        return
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(200 if self.path == "/healthz" else 404)
+            self.send_header("Content-Type", "text/plain")
+            self.end_headers()
+            self.wfile.write(b"standby\n")
+
+        def log_message(self, *_) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", port), Healthy)
+    threading.Thread(target=server.serve_forever, name="kubetrain-standby-health", daemon=True).start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 if __name__ == "__main__":

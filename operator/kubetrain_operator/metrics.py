@@ -25,6 +25,8 @@ class OperatorMetrics:
                                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
         self.errors = Counter(M.RECONCILE_ERRORS, "Reconciles that raised", ["kind"], registry=r)
         self.transitions = Counter(M.PHASE_TRANSITIONS, "Phase transitions", ["phase"], registry=r)
+        self.leader = Gauge(M.LEADER, "1 on the replica that reconciles (the leader, or the only one), 0 on a standby",
+                            registry=r)
         self._phases: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
         # Every known label value exported from the start, at 0: increase()/rate() then see the first

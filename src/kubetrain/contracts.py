@@ -129,6 +129,7 @@ class OperatorMetric(StrEnum):
     RECONCILE_DURATION = "kubetrain_operator_reconcile_duration_seconds"  # histogram
     RECONCILE_ERRORS = "kubetrain_operator_reconcile_errors_total"
     PHASE_TRANSITIONS = "kubetrain_operator_phase_transitions_total"
+    LEADER = "kubetrain_operator_leader"  # 1 on the replica that holds the leader Lease (or runs alone), else 0
 
 
 def total(counter: str) -> str:

@@ -288,3 +288,66 @@ def test_a_kueue_queued_job_waits_gated_until_admitted_and_an_eviction_is_a_pree
     final = wait_phase(cluster, name, {"Succeeded", "Failed"}, timeout=300)
     assert final["phase"] == "Succeeded", final
     assert (final["preemptions"], final["failures"], final["attempt"]) == (1, 0, 2), final
+
+
+def test_two_operators_elect_one_and_the_standby_takes_over_within_15_s_when_the_leader_is_killed(cluster, corpus):
+    """The chart's two replicas (--leader-elect): one leads over the Lease, the other waits. The leader is
+    killed (SIGKILL, no clean-up) while a job runs; the standby takes the Lease within 15 s and carries the
+    job to the end without a second group or duplicate pods. A clean stop releases the Lease at once."""
+    import time
+
+    import kubernetes
+
+    from kubetrain_operator.leadership import LEASE_SECONDS
+    from kubetrain_testkit.chart import by_kind, granted, helm_binary, render
+
+    leases = kubernetes.client.CoordinationV1Api(cluster.api_client())
+
+    def holder() -> str | None:
+        try:
+            return leases.read_namespaced_lease("kubetrain-operator", NS).spec.holder_identity
+        except kubernetes.client.ApiException as err:
+            assert err.status == 404, err
+            return None
+
+    cluster.operator.stop()
+    replicas = {}
+    try:
+        for name in ("operator-a", "operator-b"):
+            replicas[name] = cluster.start_operator(leader_elect=True, name=name)
+        lead = wait_for("a leader", holder, 30, cluster)
+        (leader,) = [n for n, p in replicas.items() if lead.endswith(f"-{p.proc.pid}")]
+        (standby,) = set(replicas) - {leader}
+        time.sleep(2 * 2)  # two of the standby's polls: it stays a standby while the leader renews
+        assert holder() == lead and "leads" not in replicas[standby].output()
+
+        doc = tiny_job(cluster, corpus, "failover")
+        doc["spec"]["training"]["maxSteps"] = 60
+        create(cluster, doc)
+        wait_phase(cluster, "failover", {"Running"}, timeout=120)
+        replicas[leader].kill()
+        killed = time.monotonic()
+        took_over = wait_for("the standby's takeover", lambda: holder() not in (None, lead) and holder(), 30, cluster)
+        waited = time.monotonic() - killed
+        assert took_over.endswith(f"-{replicas[standby].proc.pid}")
+        print(f"standby took over {waited:.1f}s after the leader was killed")
+        assert waited < 15, f"the standby took {waited:.1f}s (lease {LEASE_SECONDS}s)"
+        wait_for("the new leader's kopf", lambda: "kubetrain operator started" in replicas[standby].output(), 30, cluster)
+
+        final = wait_phase(cluster, "failover", {"Succeeded", "Failed"}, timeout=300)
+        assert final["phase"] == "Succeeded", final
+        assert (final["attempt"], final["restarts"]) == (1, 0), final
+        names = [p.metadata.name for p in pods(cluster, "failover")]
+        assert sorted(names) == ["failover-0", "failover-1"], names
+
+        replicas[standby].stop()  # a clean stop deletes the Lease: a successor need not wait for it to expire
+        assert holder() is None
+    finally:
+        for proc in replicas.values():
+            proc.stop()
+        cluster.start_operator()
+    # the Lease calls are granted by the chart's leader-election Role, in the operator's namespace
+    (role,) = [r for r in by_kind(render(helm_binary()), "Role") if r["metadata"]["name"].endswith("-leader-election")]
+    used = {(e["group"], e["resource"], e["verb"]) for e in cluster.requests_by("operator") if e["resource"] == "leases"}
+    assert {("coordination.k8s.io", "leases", v) for v in ("get", "create", "update", "delete")} == used
+    assert used <= granted(role["rules"])

@@ -87,10 +87,11 @@ def test_helm_is_the_real_helm_4(helm: Path) -> None:
 
 def test_default_render(default_docs: list[dict]) -> None:
     kinds = sorted(d["kind"] for d in default_docs)
-    assert kinds == sorted(["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service",
-                            "NetworkPolicy", *["ConfigMap"] * len(dashboard_files()), "ClusterRole", "ClusterRole"])
+    assert kinds == sorted(["CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment",
+                            "Service", "NetworkPolicy", *["ConfigMap"] * len(dashboard_files()), "ClusterRole", "ClusterRole",
+                            "Role", "RoleBinding", "PodDisruptionBudget"])
     for doc in default_docs:
-        if doc["kind"] not in {"ClusterRole", "ClusterRoleBinding"}:
+        if doc["kind"] not in {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}:
             assert doc["metadata"]["namespace"] == NAMESPACE, doc["metadata"]
         assert doc["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
 
@@ -99,7 +100,8 @@ def test_all_enabled_render(all_docs: list[dict]) -> None:
     kinds = sorted(d["kind"] for d in all_docs)
     assert kinds == sorted(["CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRole", "ClusterRole",
                             "ClusterRoleBinding",
-                            "Role", "Role", "RoleBinding", "RoleBinding", "Deployment", "Service", "NetworkPolicy",
+                            "Role", "Role", "Role", "RoleBinding", "RoleBinding", "RoleBinding", "Deployment", "Service",
+                            "NetworkPolicy", "PodDisruptionBudget",
                             "ServiceMonitor", "PodMonitor", "PrometheusRule",
                             *["ConfigMap"] * len(dashboard_files())])
     env = {e["name"]: e.get("value") for e in one(all_docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
@@ -230,17 +232,34 @@ def test_dashboard_labels_are_configurable(helm: Path) -> None:
     assert not by_kind(render(helm, sets=("dashboards.enabled=false",)), "ConfigMap")
 
 
-def test_chart_crd_is_the_generated_crd(all_docs: list[dict]) -> None:
-    chart_copy = (CHART / "crds" / "trainingjob.yaml").read_text()
+def test_chart_crd_is_the_generated_crd(default_docs: list[dict]) -> None:
+    chart_copy = (CHART / "files" / "trainingjob-crd.yaml").read_text()
     generated = crd.crd_yaml()
     if chart_copy != generated:
         diff = "".join(list(difflib.unified_diff(chart_copy.splitlines(True), generated.splitlines(True),
-                                                 "charts/kubetrain/crds/trainingjob.yaml", "generated"))[:40])
-        pytest.fail("charts/kubetrain/crds/trainingjob.yaml is out of date; run: python -m kubetrain.crd "
-                    f"crds/trainingjob.yaml && cp crds/trainingjob.yaml charts/kubetrain/crds/\n{diff}")
+                                                 "charts/kubetrain/files/trainingjob-crd.yaml", "generated"))[:40])
+        pytest.fail("charts/kubetrain/files/trainingjob-crd.yaml is out of date; run: python -m kubetrain.crd "
+                    f"crds/trainingjob.yaml && cp crds/trainingjob.yaml charts/kubetrain/files/trainingjob-crd.yaml\n{diff}")
     assert chart_copy == (REPO / "crds" / "trainingjob.yaml").read_text()
-    assert [p.name for p in (CHART / "crds").iterdir()] == ["trainingjob.yaml"]
-    assert one(all_docs, "CustomResourceDefinition") == yaml.safe_load(chart_copy)
+    assert not (CHART / "crds").exists(), "crds/ is installed once and never upgraded: the CRD is a template"
+    rendered = one(default_docs, "CustomResourceDefinition")
+    meta = rendered.pop("metadata")
+    expected = yaml.safe_load(chart_copy)
+    assert meta.pop("labels")["app.kubernetes.io/managed-by"] == "Helm"  # the release owns it: upgrades upgrade it
+    assert meta == {**expected.pop("metadata"), "annotations": {"helm.sh/resource-policy": "keep"}}
+    assert rendered == expected
+
+
+def test_helm_upgrade_upgrades_the_crd_and_uninstall_keeps_it(helm: Path) -> None:
+    """crds/ is skipped on upgrade (and by helm template without --include-crds); a template is not."""
+    upgrade = render(helm, extra=("--is-upgrade",))
+    (crd_doc,) = by_kind(upgrade, "CustomResourceDefinition")
+    assert crd_doc["metadata"]["name"] == "trainingjobs.kubetrain.io"
+    out = helm_run(helm, "lint", "--strict", str(CHART), "--namespace", NAMESPACE, "--set", "crds.keep=false").stdout
+    assert "0 chart(s) failed" in out
+    unkept = one(render(helm, sets=("crds.keep=false",)), "CustomResourceDefinition")
+    assert "helm.sh/resource-policy" not in (unkept["metadata"].get("annotations") or {})
+    assert not by_kind(render(helm, sets=("crds.install=false",)), "CustomResourceDefinition")
 
 
 # ---------------------------------------------------------------------------------- the operator
@@ -253,14 +272,17 @@ def operator_deployment(docs: list[dict]) -> dict:
 def test_operator_deployment(default_docs: list[dict]) -> None:
     dep = operator_deployment(default_docs)
     spec = dep["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}  # kopf standalone=True
+    # two replicas, one leading over a Lease: a rolling update may overlap them
+    assert spec["replicas"] == 2 and spec["strategy"] == {"type": "RollingUpdate",
+                                                          "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     pod = spec["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"] == "ghcr.io/example/kubetrain-operator:0.1.0"
     assert "args" not in container  # cluster-wide
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env == {"KUBETRAIN_OPERATOR_METRICS_PORT": "8080", "KUBETRAIN_OPERATOR_LIVENESS_PORT": "8081",
-                   "KUBETRAIN_OPERATOR_NAMESPACE": None, "KUBETRAIN_NETWORK_POLICY": "true", "PYTHONUNBUFFERED": "1"}
+                   "KUBETRAIN_OPERATOR_NAMESPACE": None, "KUBETRAIN_NETWORK_POLICY": "true", "PYTHONUNBUFFERED": "1",
+                   "KUBETRAIN_LEADER_ELECT": "true", "KUBETRAIN_LEADER_ELECTION_ID": "kt-kubetrain-operator", "POD_NAME": None}
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"metrics": 8080, "healthz": 8081}
     for probe in (container["livenessProbe"], container["readinessProbe"]):
@@ -283,7 +305,7 @@ def test_operator_flags_and_env_match_its_cli(all_docs: list[dict]) -> None:
     assert container["image"].endswith("@sha256:" + "0" * 64)
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     fields = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"] if "valueFrom" in e}
-    assert fields == {"KUBETRAIN_OPERATOR_NAMESPACE": "metadata.namespace"}
+    assert fields == {"KUBETRAIN_OPERATOR_NAMESPACE": "metadata.namespace", "POD_NAME": "metadata.name"}
     env["KUBETRAIN_OPERATOR_NAMESPACE"] = NAMESPACE  # what the kubelet fills in
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -296,6 +318,7 @@ def test_operator_flags_and_env_match_its_cli(all_docs: list[dict]) -> None:
             else:
                 os.environ[k] = v
     assert args.namespace == ["ml-team-a", "ml-team-b"] and args.verbose
+    assert args.leader_elect and args.leader_election_id == f"{RELEASE}-kubetrain-operator"
     assert (args.metrics_port, args.liveness_port) == (8080, 8081)
     assert args.default_checkpoint_uri == "s3://kubetrain-checkpoints/runs"
     assert (args.default_s3_secret, args.default_s3_endpoint) == ("s3-creds", "http://minio.minio:9000")
@@ -362,7 +385,7 @@ def operator_api_calls() -> set[tuple[str, str, str]]:
 def test_rbac_cluster_wide_is_exactly_what_the_code_uses(default_docs: list[dict]) -> None:
     (role,) = operator_roles(default_docs)
     assert granted(role["rules"]) == operator_api_calls() | KOPF_NAMESPACED | KOPF_CLUSTER
-    assert not by_kind(default_docs, "Role")
+    assert [r["metadata"]["name"] for r in by_kind(default_docs, "Role")] == [f"{RELEASE}-kubetrain-operator-leader-election"]
     (binding,) = by_kind(default_docs, "ClusterRoleBinding")
     sa = one(default_docs, "ServiceAccount")["metadata"]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
@@ -372,8 +395,9 @@ def test_rbac_cluster_wide_is_exactly_what_the_code_uses(default_docs: list[dict
 def test_rbac_namespaced_mode_has_a_role_per_namespace(all_docs: list[dict]) -> None:
     (cluster_role,) = operator_roles(all_docs)
     assert granted(cluster_role["rules"]) == KOPF_CLUSTER | KOPF_NAMESPACE_MODE  # cluster-scoped reads only
-    roles = {r["metadata"]["namespace"]: r for r in by_kind(all_docs, "Role")}
-    bindings = {b["metadata"]["namespace"]: b for b in by_kind(all_docs, "RoleBinding")}
+    roles = {r["metadata"]["namespace"]: r for r in by_kind(all_docs, "Role") if not r["metadata"]["name"].endswith("-election")}
+    bindings = {b["metadata"]["namespace"]: b for b in by_kind(all_docs, "RoleBinding")
+                if not b["metadata"]["name"].endswith("-election")}
     assert set(roles) == set(bindings) == {"ml-team-a", "ml-team-b"}
     for ns, role in roles.items():
         assert granted(role["rules"]) == operator_api_calls() | KOPF_NAMESPACED
@@ -413,6 +437,21 @@ def test_namespace_users_get_trainingjobs_through_the_aggregated_edit_admin_and_
     assert not bound & {r["metadata"]["name"] for r in users.values()}, "aggregated, never bound by the chart"
     off = render(helm, sets=("rbac.userRoles=false",))
     assert len(by_kind(off, "ClusterRole")) == 1
+
+
+def test_replicas_elect_a_leader_over_a_lease_the_chart_grants_and_nothing_more(default_docs: list[dict], helm: Path) -> None:
+    (role,) = [r for r in by_kind(default_docs, "Role") if r["metadata"]["name"].endswith("-leader-election")]
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert granted(role["rules"]) == {("coordination.k8s.io", "leases", v) for v in ("get", "create", "update", "delete")}
+    (binding,) = [b for b in by_kind(default_docs, "RoleBinding") if b["roleRef"]["name"] == role["metadata"]["name"]]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": one(default_docs, "ServiceAccount")["metadata"]["name"],
+                                    "namespace": NAMESPACE}]
+    assert one(default_docs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+    proc = helm_run(helm, "template", RELEASE, str(CHART), "--set", "leaderElection.enabled=false", check=False)
+    assert proc.returncode != 0 and "replicas > 1 needs leaderElection.enabled" in proc.stderr
+    single = render(helm, sets=("leaderElection.enabled=false", "replicas=1"))
+    assert operator_deployment(single)["spec"]["strategy"] == {"type": "Recreate"}
+    assert not by_kind(single, "Role") and not by_kind(single, "PodDisruptionBudget")
 
 
 def test_no_rbac_when_disabled(helm: Path) -> None:
@@ -456,7 +495,7 @@ def test_checkov_finds_nothing_unexplained(helm: Path, tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------ yamllint
 
 YAMLLINT_PATHS = ["charts/kubetrain/Chart.yaml", "charts/kubetrain/values.yaml", "charts/kubetrain/ci",
-                  "charts/kubetrain/crds", "charts/kubetrain/rules", "crds", "examples", ".yamllint.yaml", ".hadolint.yaml"]
+                  "charts/kubetrain/files", "charts/kubetrain/rules", "crds", "examples", ".yamllint.yaml", ".hadolint.yaml"]
 
 
 def test_yamllint_is_clean(tmp_path: Path) -> None:
