@@ -39,8 +39,9 @@ class Leadership:
     """Campaign for the Lease `namespace/name` in a daemon thread; `wait()` returns once this process leads."""
 
     def __init__(self, namespace: str, name: str, who: str | None = None,
-                 on_lost: Callable[[], None] | None = None):
+                 on_lost: Callable[[], None] | None = None, api_client: client.ApiClient | None = None):
         self.namespace, self.name, self.identity = namespace, name, who or identity()
+        self._api = client.CoordinationV1Api(api_client)  # default: the process's kube config
         self.leading = threading.Event()
         self._on_lost = on_lost or _exit_at_once
         self._thread = threading.Thread(target=self._campaign, name="kubetrain-leader-election", daemon=True)
@@ -57,7 +58,7 @@ class Leadership:
         """On a clean stop: delete the Lease if this process holds it, so the standby need not wait for it to expire."""
         if not self.leading.is_set():
             return
-        api = client.CoordinationV1Api()
+        api = self._api
         try:
             lease = api.read_namespaced_lease(self.name, self.namespace)
             if lease.spec and lease.spec.holder_identity == self.identity:
@@ -69,7 +70,9 @@ class Leadership:
             log.warning("could not release lease %s/%s: %s", self.namespace, self.name, err)
 
     def _campaign(self) -> None:
-        config = electionconfig.Config(LeaseLock(self.name, self.namespace, self.identity), LEASE_SECONDS,
+        lock = LeaseLock(self.name, self.namespace, self.identity)
+        lock.api_instance = self._api
+        config = electionconfig.Config(lock, LEASE_SECONDS,
                                        RENEW_DEADLINE_SECONDS, RETRY_SECONDS, self._started, self._lost)
         while True:
             try:

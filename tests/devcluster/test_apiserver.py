@@ -725,3 +725,34 @@ def test_the_cli_refuses_to_start_without_tokens(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "kubetrain_devcluster.apiserver", "--port", "0"], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 2 and "bearer tokens are required" in done.stderr
+
+
+def test_a_leader_that_cannot_renew_its_lease_stops_and_the_standby_takes_over(server: Server, api: client.ApiClient,
+                                                                               ns: str) -> None:
+    """operator/leadership.py against the server's Leases: one of two candidates leads, the other waits;
+    when the leader's renewals fail (the server refuses every PUT for 10 s) it gives up leading within its
+    renew deadline -- before its Lease expires for the standby -- and the standby leads once it can."""
+    from kubetrain_operator.leadership import LEASE_SECONDS, RENEW_DEADLINE_SECONDS, RETRY_SECONDS, Leadership
+
+    leases = client.CoordinationV1Api(api)
+    lost = {who: threading.Event() for who in ("a", "b")}
+    a = Leadership(ns, "lead", "a", on_lost=lost["a"].set, api_client=api).start()
+    assert a.leading.wait(10)
+    b = Leadership(ns, "lead", "b", on_lost=lost["b"].set, api_client=api).start()
+    time.sleep(2 * RETRY_SECONDS + 1)
+    assert not b.leading.is_set() and leases.read_namespaced_lease("lead", ns).spec.holder_identity == "a"
+
+    refused = time.monotonic()
+    http(server, "POST", "/_kubetrain/faults", {"status": 503, "seconds": 10.0, "methods": ["PUT"],
+                                                "pathRegex": f"/namespaces/{ns}/leases/lead$"})
+    assert lost["a"].wait(RENEW_DEADLINE_SECONDS + 2 * RETRY_SECONDS)
+    gave_up = time.monotonic() - refused
+    assert not b.leading.is_set(), "the standby may not lead while the old leader might still act"
+    assert gave_up < LEASE_SECONDS + RETRY_SECONDS
+    assert b.leading.wait(20) and leases.read_namespaced_lease("lead", ns).spec.holder_identity == "b"
+    assert not lost["b"].is_set()
+    b.release()
+    with pytest.raises(ApiException) as gone:
+        leases.read_namespaced_lease("lead", ns)
+    assert gone.value.status == 404
+    http(server, "DELETE", "/_kubetrain/faults")
