@@ -46,6 +46,7 @@ from .faults import FAULTS_PATH, Fault, FaultsMixin
 from .objects import Key, Obj, meta, now_rfc3339
 from .patches import apply_patch, checked_object, merged_update
 from .paths import guess_action, parse_api_path
+from .schema import admit, version_schema
 from .resources import CRD_RESOURCE, NAMESPACES, Target, api_version, apply_defaults, builtin_resources
 from .selectors import request_selector
 from .tables import TablesMixin, header, wants_table
@@ -355,13 +356,13 @@ class KubeApiEmulator(WatchMixin, DeletionMixin, CrdMixin, TablesMixin, FaultsMi
     async def _serve_create(self, request: kmock.Request, t: Target) -> aiohttp.web.StreamResponse:
         body = checked_object(request.data)
         async with self._lock:
-            obj = await self._create(t, copy.deepcopy(body))
+            obj = await self._create(t, copy.deepcopy(body), strict=strict_fields(request))
         return self._respond(request, t, obj, status=201)
 
-    async def _create(self, t: Target, body: Obj) -> Obj:
+    async def _create(self, t: Target, body: Obj, strict: bool = False) -> Obj:
         """Validate, name, stamp and store a new object (lock held)."""
         namespace = self._create_namespace(t, body)
-        obj = self._new_object(t.res, namespace, body)
+        obj = self._admitted(t, self._new_object(t.res, namespace, body), strict)
         name = meta(obj)["name"]
         if t.res == CRD_RESOURCE:
             validate_crd(obj)
@@ -433,7 +434,7 @@ class KubeApiEmulator(WatchMixin, DeletionMixin, CrdMixin, TablesMixin, FaultsMi
             candidate = apply_patch(copy.deepcopy(current), content_type, request.data,
                                     strategic_ok=t.res.group in ("", "apiextensions.k8s.io",
                                                                  "coordination.k8s.io", "events.k8s.io"))
-            obj = await self._update(t, current, candidate)
+            obj = await self._update(t, current, candidate, strict=strict_fields(request))
         return self._respond(request, t, obj)
 
     async def _serve_replace(self, request: kmock.Request, t: Target) -> aiohttp.web.StreamResponse:
@@ -442,16 +443,16 @@ class KubeApiEmulator(WatchMixin, DeletionMixin, CrdMixin, TablesMixin, FaultsMi
             raise api_error(400, "the name of the object does not match the name on the URL")
         async with self._lock:
             current = self._require(t)
-            obj = await self._update(t, current, copy.deepcopy(body))
+            obj = await self._update(t, current, copy.deepcopy(body), strict=strict_fields(request))
         return self._respond(request, t, obj)
 
-    async def _update(self, t: Target, current: Obj, candidate: Obj) -> Obj:
+    async def _update(self, t: Target, current: Obj, candidate: Obj, strict: bool = False) -> Obj:
         """Check, merge and store a PUT/PATCH result; remove the object if its finalizers are done."""
         wanted_rv = meta(candidate).get("resourceVersion")
         if wanted_rv and wanted_rv != meta(current)["resourceVersion"]:
             raise conflict(t.res, t.key[2], "the object has been modified; please apply your changes "
                                              "to the latest version and try again")
-        new = merged_update(t, current, candidate)
+        new = self._admitted(t, merged_update(t, current, candidate), strict)
         if t.res == CRD_RESOURCE:
             validate_crd(new)
         if new == current:
@@ -460,6 +461,14 @@ class KubeApiEmulator(WatchMixin, DeletionMixin, CrdMixin, TablesMixin, FaultsMi
         if ready_to_remove(t.res, new):
             return await self._remove(t.key, new)
         return new
+
+    def _admitted(self, t: Target, obj: Obj, strict: bool) -> Obj:
+        """A custom resource pruned and validated against its CRD's schema (schema.py); others as they are."""
+        if t.res == CRD_RESOURCE:
+            return obj
+        crd = self._get((CRD_RESOURCE, None, f"{t.res.plural}.{t.res.group}"))
+        found = version_schema(crd, t.res.version) if crd else None
+        return obj if found is None else admit(obj, found, t.info.kind or "", t.res.group, strict)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -471,6 +480,11 @@ class KubeApiEmulator(WatchMixin, DeletionMixin, CrdMixin, TablesMixin, FaultsMi
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+
+
+def strict_fields(request: kmock.Request) -> bool:
+    """fieldValidation=Strict (kubectl apply's default): an unknown field is an error, not silently pruned."""
+    return request.params.get("fieldValidation") == "Strict"
 
 
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")

@@ -110,7 +110,9 @@ def ns(core: client.CoreV1Api) -> str:
 
 def tj(name: str, nodes: int = 2, **metadata: Any) -> dict[str, Any]:
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TrainingJob",
-            "metadata": {"name": name, **metadata}, "spec": {"nodes": nodes, "image": "img"}}
+            "metadata": {"name": name, **metadata},
+            "spec": {"nodes": nodes, "image": "img", "model": {"name": "m", "task": "sequence-classification"},
+                     "data": {"train": "train.jsonl"}, "checkpoint": {"uri": "s3://b/c"}}}  # valid to the CRD's schema
 
 
 def pod(name: str, labels: dict[str, str] | None = None, node: str | None = None, **metadata: Any) -> dict[str, Any]:
@@ -240,22 +242,23 @@ def test_label_and_field_selectors(core: client.CoreV1Api, ns: str) -> None:
 
 
 def test_merge_patch_json_patch_and_generation(custom: client.CustomObjectsApi, ns: str) -> None:
-    created = create_tj(custom, ns, {**tj("job"), "spec": {"nodes": 2, "image": "img", "extra": {"a": 1, "b": 2}}})
+    base = tj("job")["spec"]
+    created = create_tj(custom, ns, {**tj("job"), "spec": {**base, "nodeSelector": {"a": "1", "b": "2"}}})
     labelled = custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "job",
                                                      {"metadata": {"labels": {"team": "nlp"}}})
     assert labelled["metadata"]["generation"] == 1  # metadata changes do not count
     assert int(labelled["metadata"]["resourceVersion"]) > int(created["metadata"]["resourceVersion"])
 
     patched = custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "job",
-                                                    {"spec": {"nodes": 4, "extra": {"a": None}}})
-    assert patched["spec"] == {"nodes": 4, "image": "img", "extra": {"b": 2}}
+                                                    {"spec": {"nodes": 4, "nodeSelector": {"a": None}}})
+    assert patched["spec"] == {**base, "nodes": 4, "nodeSelector": {"b": "2"}}
     assert patched["metadata"]["generation"] == 2 and patched["metadata"]["labels"] == {"team": "nlp"}
 
-    ops = [{"op": "replace", "path": "/spec/nodes", "value": 8}, {"op": "add", "path": "/spec/extra/c", "value": 3},
+    ops = [{"op": "replace", "path": "/spec/nodes", "value": 8}, {"op": "add", "path": "/spec/nodeSelector/c", "value": "3"},
            {"op": "remove", "path": "/metadata/labels/team"}]
     jsonpatched = custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "job", ops,
                                                         _content_type="application/json-patch+json")
-    assert jsonpatched["spec"]["nodes"] == 8 and jsonpatched["spec"]["extra"] == {"b": 2, "c": 3}
+    assert jsonpatched["spec"]["nodes"] == 8 and jsonpatched["spec"]["nodeSelector"] == {"b": "2", "c": "3"}
     assert jsonpatched["metadata"]["labels"] == {} and jsonpatched["metadata"]["generation"] == 3
 
     noop = custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "job", {"spec": {"nodes": 8}})
@@ -267,7 +270,7 @@ def test_put_and_patch_conflict_on_stale_resource_version(custom: client.CustomO
     stale_rv = created["metadata"]["resourceVersion"]
     custom.patch_namespaced_custom_object_status(GROUP, VERSION, ns, PLURAL, "job", {"status": {"phase": "Running"}})
 
-    stale = {**created, "spec": {"nodes": 5, "image": "img"}}
+    stale = {**created, "spec": {**created["spec"], "nodes": 5}}
     with pytest.raises(ApiException) as e:
         custom.replace_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "job", stale)
     assert e.value.status == 409 and json.loads(e.value.body)["reason"] == "Conflict"
@@ -278,8 +281,8 @@ def test_put_and_patch_conflict_on_stale_resource_version(custom: client.CustomO
 
     current = get_tj(custom, ns, "job")
     replaced = custom.replace_namespaced_custom_object(
-        GROUP, VERSION, ns, PLURAL, "job", {**current, "spec": {"nodes": 5, "image": "img"}, "status": {"x": 1}})
-    assert replaced["spec"] == {"nodes": 5, "image": "img"} and replaced["metadata"]["generation"] == 2
+        GROUP, VERSION, ns, PLURAL, "job", {**current, "spec": {**created["spec"], "nodes": 5}, "status": {"x": 1}})
+    assert replaced["spec"] == {**created["spec"], "nodes": 5} and replaced["metadata"]["generation"] == 2
     assert replaced["status"] == {"phase": "Running"}  # PUT on the main resource keeps .status
     assert replaced["metadata"]["uid"] == created["metadata"]["uid"]
     assert replaced["metadata"]["creationTimestamp"] == created["metadata"]["creationTimestamp"]
@@ -626,8 +629,8 @@ def configure(settings, **_):
 
 @kopf.on.create("kubetrain.io", "v1alpha1", "trainingjobs")
 def created(body, spec, patch, **_):
-    patch.status["phase"] = "Seen"
-    patch.status["observedNodes"] = spec["nodes"]
+    patch.status["phase"] = "Pending"  # what the CRD's status schema allows
+    patch.status["step"] = spec["nodes"]
     kopf.info(body, reason="Seen", message="a k8s Event posted by kopf")
 
 @kopf.on.delete("kubetrain.io", "v1alpha1", "trainingjobs")
@@ -653,7 +656,7 @@ def test_kopf_operator_reacts_to_trainingjobs_and_pods(server: Server, core: cli
     try:
         create_tj(custom, "default", tj(name, nodes=3))
         status = eventually(lambda: get_tj(custom, "default", name).get("status"), timeout=20)
-        assert status == {"phase": "Seen", "observedNodes": 3}, (tmp_path / "kopf.log").read_text()
+        assert status == {"phase": "Pending", "step": 3}, (tmp_path / "kopf.log").read_text()
         posted = eventually(lambda: core.list_namespaced_event(
             "default", field_selector=f"involvedObject.name={name}").items)
         assert [(e.reason, e.message) for e in posted] == [("Seen", "a k8s Event posted by kopf")]
@@ -756,3 +759,70 @@ def test_a_leader_that_cannot_renew_its_lease_stops_and_the_standby_takes_over(s
         leases.read_namespaced_lease("lead", ns)
     assert gone.value.status == 404
     http(server, "DELETE", "/_kubetrain/faults")
+
+
+# --- the CRD's schema, enforced as kube-apiserver does (schema.py) -------------------------------
+
+
+def test_a_trainingjob_against_the_crd_schema_gets_a_422_naming_every_bad_field(custom: client.CustomObjectsApi,
+                                                                               ns: str) -> None:
+    bad = tj("bad")
+    bad["spec"].update(nodes=0, image=123, training={"precision": "fp8", "learningRate": "fast"})
+    del bad["spec"]["data"]
+    with pytest.raises(ApiException) as e:
+        create_tj(custom, ns, bad)
+    status = json.loads(e.value.body)
+    assert (e.value.status, status["reason"]) == (422, "Invalid")
+    causes = {c["field"]: c for c in status["details"]["causes"]}
+    assert set(causes) == {"spec.nodes", "spec.image", "spec.training.precision", "spec.training.learningRate", "spec.data"}
+    assert causes["spec.nodes"]["message"] == "Invalid value: 0: spec.nodes in body should be greater than or equal to 1"
+    assert causes["spec.image"]["message"] == 'Invalid value: "integer": spec.image in body must be of type string: "integer"'
+    assert causes["spec.training.precision"]["message"].startswith('Unsupported value: "fp8": supported values: ')
+    assert causes["spec.data"] == {"reason": "FieldValueRequired", "message": "Required value", "field": "spec.data"}
+    assert status["message"].startswith('TrainingJob.kubetrain.io "bad" is invalid: [')
+    assert "spec.nodes: Invalid value: 0: spec.nodes in body should be" in status["message"]
+    assert status["details"]["kind"] == "TrainingJob" and status["details"]["group"] == "kubetrain.io"
+    with pytest.raises(ApiException):
+        get_tj(custom, ns, "bad")  # nothing stored
+
+    create_tj(custom, ns, tj("good"))  # updates are checked too, the status subresource's included
+    for write in (lambda: custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "good", {"spec": {"nodes": -1}}),
+                  lambda: custom.patch_namespaced_custom_object_status(GROUP, VERSION, ns, PLURAL, "good",
+                                                                       {"status": {"step": "ten"}})):
+        with pytest.raises(ApiException) as e:
+            write()
+        assert e.value.status == 422
+    assert get_tj(custom, ns, "good")["spec"]["nodes"] == 2
+
+
+def test_unknown_fields_are_pruned_or_with_strict_field_validation_refused(server: Server, custom: client.CustomObjectsApi,
+                                                                          ns: str) -> None:
+    doc = tj("extra")
+    doc["spec"]["gpus"] = 8
+    doc["spec"]["training"] = {"epochs": 1, "turbo": True}
+    path = f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}"
+    code, refused = http(server, "POST", f"{path}?fieldValidation=Strict", doc)
+    assert code == 400 and refused["reason"] == "BadRequest"
+    assert refused["message"] == 'strict decoding error: unknown field "spec.gpus", unknown field "spec.training.turbo"'
+    stored = create_tj(custom, ns, doc)  # without Strict, as the server's default: dropped
+    assert "gpus" not in stored["spec"] and stored["spec"]["training"] == {"epochs": 1}
+    assert stored["spec"]["model"]["name"] == "m"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="no kubectl binary on PATH")
+def test_kubectl_apply_of_a_bad_spec_is_refused_at_apply_time(server: Server, tmp_path: Path, ns: str) -> None:
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["spec"]["nodes"] = "two"
+    doc["spec"]["gpus"] = 8
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(doc))
+    result = subprocess.run(["kubectl", "--kubeconfig", str(server.kubeconfig), "--cache-dir", str(tmp_path), "apply",
+                             "-n", ns, "-f", str(tmp_path / "bad.yaml")], capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0, result.stdout
+    assert 'unknown field "spec.gpus"' in result.stderr, result.stderr
+    doc["spec"].pop("gpus")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(doc))
+    result = subprocess.run(["kubectl", "--kubeconfig", str(server.kubeconfig), "--cache-dir", str(tmp_path), "apply",
+                             "-n", ns, "-f", str(tmp_path / "bad.yaml")], capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0 and result.stderr.strip() == (
+        'The TrainingJob "sentiment-minilm" is invalid: spec.nodes: Invalid value: "string": spec.nodes in body must be '
+        'of type integer: "string"'), result.stderr
