@@ -253,3 +253,29 @@ def test_a_fused_loss_lm_trains_as_the_logits_path_does(name, packed):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for n, g in grads.items():
         torch.testing.assert_close(g, want_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_packed_attention_runs_in_autocasts_dtype_even_when_handed_fp32_q_k_v(monkeypatch) -> None:
+    """transformers 5.17's Llama hands fp32 q, k and v to the attention under bf16 autocast (seen on an H200):
+    packed attention must cast them to bf16 itself, as its GPU branch (flash varlen) takes only bf16/fp16;
+    before, it ran the fp32 dense-mask path there at half the speed. On the CPU the same cast precedes
+    the dense path, so the kernel is seen receiving bf16 (autocast would cast only inside it)."""
+    import types
+
+    import torch.nn.functional as F
+
+    from kubetrain_trainer.packing import packed_attention
+
+    handed = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **kw: handed.append(q.dtype) or sdpa(q, *a, **kw))
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)  # grouped-query heads
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    module = types.SimpleNamespace(is_causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = packed_attention(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=4)
+    assert out.dtype == torch.bfloat16 and handed == [torch.bfloat16]
+    expected, _ = packed_attention(module, q.bfloat16(), k.bfloat16(), v.bfloat16(), None, cu_seq_lens_q=cu, max_length_q=4)
+    torch.testing.assert_close(out, expected)

@@ -67,8 +67,13 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     causal = bool(getattr(module, "is_causal", False))
-    if query.dtype != value.dtype:  # e.g. Llama's rotary embedding returns fp32 q/k under bf16 autocast
-        query, key = query.to(value.dtype), key.to(value.dtype)
+    kind = query.device.type
+    compute = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else value.dtype
+    if {query.dtype, key.dtype, value.dtype} != {compute}:
+        # Under bf16 autocast transformers may hand over fp32 q/k (Llama's rotary) and, measured with 5.17 on an
+        # H200, fp32 v too: attention then ran in fp32 through the dense mask, at half the speed. SDPA would run
+        # in autocast's dtype, so flash varlen (and the CPU's dense path) run in it too.
+        query, key, value = query.to(compute), key.to(compute), value.to(compute)
     if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, dim]
         out = torch.ops.aten._flash_attention_forward(
