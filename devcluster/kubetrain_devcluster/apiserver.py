@@ -46,7 +46,7 @@ from .faults import FAULTS_PATH, Fault, FaultsMixin
 from .objects import Key, Obj, meta, now_rfc3339
 from .patches import apply_patch, checked_object, merged_update
 from .paths import guess_action, parse_api_path
-from .schema import admit, version_schema
+from .schema import admit_custom, strict_fields
 from .resources import CRD_RESOURCE, NAMESPACES, Target, api_version, apply_defaults, builtin_resources
 from .selectors import request_selector
 from .tables import TablesMixin, header, wants_table
@@ -463,12 +463,9 @@ class KubeApiEmulator(WatchMixin, DeletionMixin, CrdMixin, TablesMixin, FaultsMi
         return new
 
     def _admitted(self, t: Target, obj: Obj, strict: bool) -> Obj:
-        """A custom resource pruned and validated against its CRD's schema (schema.py); others as they are."""
-        if t.res == CRD_RESOURCE:
-            return obj
-        crd = self._get((CRD_RESOURCE, None, f"{t.res.plural}.{t.res.group}"))
-        found = version_schema(crd, t.res.version) if crd else None
-        return obj if found is None else admit(obj, found, t.info.kind or "", t.res.group, strict)
+        """A custom resource as its CRD's schema admits it (schema.py); anything else as it is."""
+        crd = None if t.res == CRD_RESOURCE else self._get((CRD_RESOURCE, None, f"{t.res.plural}.{t.res.group}"))
+        return admit_custom(crd, t.res.version, obj, t.info.kind or "", t.res.group, strict)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -480,11 +477,6 @@ class KubeApiEmulator(WatchMixin, DeletionMixin, CrdMixin, TablesMixin, FaultsMi
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-
-
-def strict_fields(request: kmock.Request) -> bool:
-    """fieldValidation=Strict (kubectl apply's default): an unknown field is an error, not silently pruned."""
-    return request.params.get("fieldValidation") == "Strict"
 
 
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")

@@ -176,6 +176,17 @@ def admit(obj: dict, schema: Schema, kind: str, group: str, strict: bool) -> dic
     return pruned
 
 
+def admit_custom(crd: dict | None, version: str, obj: dict, kind: str, group: str, strict: bool) -> dict:
+    """`admit` against the CRD's schema for `version`; without a CRD or schema, the object as it is."""
+    found = version_schema(crd, version) if crd else None
+    return obj if found is None else admit(obj, found, kind, group, strict)
+
+
+def strict_fields(request: Any) -> bool:
+    """fieldValidation=Strict (kubectl apply's default): an unknown field is an error, not silently pruned."""
+    return request.params.get("fieldValidation") == "Strict"
+
+
 def version_schema(crd: dict, version: str) -> Schema | None:
     for v in (crd.get("spec") or {}).get("versions") or []:
         if v.get("name") == version:
