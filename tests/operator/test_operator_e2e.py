@@ -212,8 +212,12 @@ def test_a_group_whose_secret_is_missing_says_why_and_fails_at_its_scheduling_ti
     assert final["message"].startswith("the group did not start within runPolicy.schedulingTimeoutSeconds (20s): pod "
                                        f"{name}-"), final["message"]
     assert [c["reason"] for c in final["conditions"] if c["type"] == "Failed"] == ["SchedulingTimeout"]
-    warnings = [(r, m) for t, r, m in events(cluster, name) if t == "Warning"]
-    assert warnings[0][0] == "CreateContainerConfigError" and warnings[-1][0] == "SchedulingTimeout", warnings
+    def warnings():  # the Event is posted right after the status patch: the Failed phase may be seen first
+        found = [(r, m) for t, r, m in events(cluster, name) if t == "Warning"]
+        return found if found and found[-1][0] == "SchedulingTimeout" else None
+
+    found = wait_for("the SchedulingTimeout Event", warnings, 30, cluster)
+    assert found[0][0] == "CreateContainerConfigError", found
     described = kubectl(cluster, "describe", "tj", name).stdout
     assert "CreateContainerConfigError" in described and "SchedulingTimeout" in described
     wait_for("its pods gone", lambda: not pods(cluster, name), 60, cluster)
