@@ -814,15 +814,17 @@ def test_kubectl_apply_of_a_bad_spec_is_refused_at_apply_time(server: Server, tm
     doc = yaml.safe_load(EXAMPLE.read_text())
     doc["spec"]["nodes"] = "two"
     doc["spec"]["gpus"] = 8
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(doc))
-    result = subprocess.run(["kubectl", "--kubeconfig", str(server.kubeconfig), "--cache-dir", str(tmp_path), "apply",
-                             "-n", ns, "-f", str(tmp_path / "bad.yaml")], capture_output=True, text=True, timeout=30)
+
+    def apply(body: dict) -> subprocess.CompletedProcess:
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(body))
+        return subprocess.run(["kubectl", "--kubeconfig", str(server.kubeconfig), "--cache-dir", str(tmp_path), "apply",
+                               "-n", ns, "-f", str(tmp_path / "bad.yaml")], capture_output=True, text=True, timeout=30)
+
+    result = apply(doc)
     assert result.returncode != 0, result.stdout
     assert 'unknown field "spec.gpus"' in result.stderr, result.stderr
     doc["spec"].pop("gpus")
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(doc))
-    result = subprocess.run(["kubectl", "--kubeconfig", str(server.kubeconfig), "--cache-dir", str(tmp_path), "apply",
-                             "-n", ns, "-f", str(tmp_path / "bad.yaml")], capture_output=True, text=True, timeout=30)
+    result = apply(doc)
     assert result.returncode != 0 and result.stderr.strip() == (
         'The TrainingJob "sentiment-minilm" is invalid: spec.nodes: Invalid value: "string": spec.nodes in body must be '
         'of type integer: "string"'), result.stderr
