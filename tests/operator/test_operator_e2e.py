@@ -18,8 +18,8 @@ from kubetrain.ports import free_port
 
 from kubetrain_devcluster.cluster import BUCKET, S3_SECRET
 from kubetrain_testkit import REPO
-from kubetrain_testkit.clusterkit import (NS, assert_operator_calls_granted, create, events, get_job, kubectl, pod_logs, pods,
-                                          s3_manifests, status, tiny_job, wait_for, wait_phase)
+from kubetrain_testkit.clusterkit import (NS, assert_operator_calls_granted, create, events, get_job, kubectl, newest_step, pod_logs,
+                                          pods, s3_manifests, status, tiny_job, wait_for, wait_phase)
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -177,8 +177,8 @@ def test_a_tracked_job_preempted_in_the_cluster_is_one_mlflow_run_with_every_ste
                        output={"uri": f"s3://{BUCKET}/models/{name}"},
                        tracking={"mlflow": {"trackingUri": server.uri, "experiment": "e2e", "registerModel": "e2e-model"}})
         create(cluster, doc)
-        wait_for(f"{name} past step 15", lambda: (status(cluster, name).get("step") or 0) >= 15, 240, cluster)
-        assert status(cluster, name)["step"] < 300, "the job must still be training when its pod is deleted"
+        at = wait_for(f"{name} past step 15", lambda: (step := newest_step(cluster, name)) >= 15 and step, 240, cluster)
+        assert at < 300, "the job must still be training when its pod is deleted"
         kubectl(cluster, "delete", "pod", f"{name}-1", "--wait=false")
         final = wait_phase(cluster, name, {"Succeeded", "Failed"}, timeout=420)
         assert final["phase"] == "Succeeded" and final["preemptions"] == 1, final
