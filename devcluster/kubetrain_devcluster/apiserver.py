@@ -81,6 +81,10 @@ class KubeApiEmulator(WatchMixin, DeletionMixin, CrdMixin, TablesMixin, FaultsMi
     _columns: dict[kmock.resource, list[Obj]] = attrs.field(factory=dict, init=False)
     _tasks: set[asyncio.Task[None]] = attrs.field(factory=set, init=False)
     _closing: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
+    # Indexes of the not-removed objects, kept by _store and _remove: a list or a GC check looks at its own
+    # resource's keys (not at every object ever stored, events included), so hundreds of jobs stay fast.
+    _live_keys: defaultdict[kmock.resource, set[Key]] = attrs.field(factory=lambda: defaultdict(set), init=False)
+    _live_uids: set[str] = attrs.field(factory=set, init=False)
 
     def __attrs_post_init__(self) -> None:
         # Only the scaffold's discovery routes: the emulator's own fallbacks would store objects
@@ -257,7 +261,7 @@ class KubeApiEmulator(WatchMixin, DeletionMixin, CrdMixin, TablesMixin, FaultsMi
 
     def _live(self, res: kmock.resource | None = None) -> Iterator[tuple[Key, Obj]]:
         """All stored, not removed objects (of one resource), in (namespace, name) order."""
-        keys = sorted((k for k in self.objects.keys() if res is None or k[0] == res),
+        keys = sorted(set().union(*self._live_keys.values()) if res is None else self._live_keys.get(res, ()),
                       key=lambda k: (k[1] or "", k[2]))
         for key in keys:
             if (obj := self._get(key)) is not None:
@@ -315,6 +319,9 @@ class KubeApiEmulator(WatchMixin, DeletionMixin, CrdMixin, TablesMixin, FaultsMi
             del history[: -self.history_limit]
         else:
             self.objects[key] = obj
+        self._live_keys[key[0]].add(key)
+        if uid := meta(obj).get("uid"):
+            self._live_uids.add(uid)
         return obj
 
     async def _publish(self, res: kmock.resource, kind: str, obj: Obj, old: Obj | None = None) -> None:
@@ -339,6 +346,8 @@ class KubeApiEmulator(WatchMixin, DeletionMixin, CrdMixin, TablesMixin, FaultsMi
         final = copy.deepcopy(obj)
         self._store(key, final)
         self.objects[key].delete()
+        self._live_keys[key[0]].discard(key)
+        self._live_uids.discard(meta(final).get("uid"))
         await self._publish(key[0], "DELETED", final)
         if key[0] == CRD_RESOURCE:
             await self._undeclare_crd(final)
@@ -477,15 +486,8 @@ class KubeApiEmulator(WatchMixin, DeletionMixin, CrdMixin, TablesMixin, FaultsMi
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-
-
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # the real server's: no vowels, no confusables
-
-
-
-# ---------------------------------------------------------------------------------------------
-# Serving
 
 
 @dataclasses.dataclass(frozen=True)
@@ -496,7 +498,6 @@ class ApiServer:
     host: str
     port: int
     emulator: KubeApiEmulator
-
 
 
 @contextlib.asynccontextmanager

@@ -130,10 +130,9 @@ class DeletionMixin:
         if not owner_uid:
             return
         async with self._lock:
-            live_uids = {meta(obj).get("uid") for _, obj in self._live()}
             for key, obj in list(self._live()):
                 owners = {ref.get("uid") for ref in meta(obj).get("ownerReferences") or []}
-                if owner_uid in owners and not owners & live_uids and (current := self._get(key)) is not None:
+                if owner_uid in owners and not owners & self._live_uids and (current := self._get(key)) is not None:
                     await self._delete(key, current, {})
 
     async def _collect_if_orphaned(self, key: Key) -> None:
@@ -144,8 +143,7 @@ class DeletionMixin:
             if current is None:
                 return
             owners = {ref.get("uid") for ref in meta(current).get("ownerReferences") or []}
-            live_uids = {meta(obj).get("uid") for _, obj in self._live()}
-            if owners and not owners & live_uids:
+            if owners and not owners & self._live_uids:
                 await self._delete(key, current, {})
 
     # -- pods ----------------------------------------------------------------------------------
