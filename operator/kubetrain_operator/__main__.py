@@ -75,6 +75,14 @@ def split_list(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
+def api_client() -> kubernetes.client.ApiClient:
+    """A connection for every worker thread (kopf's 16 and the rechecks' 8): with the default pool of
+    cpus*5, a burst of jobs discarded connections and paid a TLS handshake per API call."""
+    config = kubernetes.client.Configuration.get_default_copy()
+    config.connection_pool_maxsize = 32
+    return kubernetes.client.ApiClient(config)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     accept_api_nesting()  # a TrainingJob nested 1,500 deep must be refused, not crash the watch (and the operator)
@@ -97,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                                allowed_toleration_keys=split_list(args.allowed_toleration_keys),
                                network_policy=not args.no_network_policy, operator_namespace=args.operator_namespace,
                                metrics_namespaces=split_list(args.metrics_namespaces))
-    memo = kopf.Memo(kube=Kube(), metrics=metrics, defaults=defaults, jobs=JobRegistry())
+    memo = kopf.Memo(kube=Kube(api_client()), metrics=metrics, defaults=defaults, jobs=JobRegistry())
     leadership = None
     if args.leader_elect:
         namespace = args.leader_election_namespace or args.operator_namespace

@@ -48,6 +48,13 @@ class Kube:
     def _raw(self, response) -> dict:
         return json.loads(response.data)
 
+    @staticmethod
+    def _drained(response) -> None:
+        """Read and give back the connection of a response we do not need: an unread one keeps its
+        connection out of the pool, and the next call pays a new TLS handshake (a burst of jobs did)."""
+        response.data  # noqa: B018 - reading is the point
+        response.release_conn()
+
     def get_job(self, namespace: str, name: str) -> dict | None:
         try:
             return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
@@ -70,20 +77,8 @@ class Kube:
 
     def observe(self, job: dict, now: datetime) -> Observed:
         meta = job["metadata"]
-        ns, name = meta["namespace"], meta["name"]
-        service = self.read_service(ns, name)
-        foreign = None
-        if service is not None and not controlled_by(service, meta.get("uid", "")):
-            if left_by_predecessor(service, name):
-                service = None  # being garbage-collected: created again once it is gone
-            else:
-                foreign = foreign_message("Service", ns, name)
-        uid = meta.get("uid", "")
-        pods = self.list_pods(ns, name)
-        mine = [p for p in pods if controlled_by(p, uid)]  # status belongs to this object, never to a predecessor
-        earlier = sum(1 for p in pods if not controlled_by(p, uid) and left_by_predecessor(p, name))
-        return Observed(job=job, pods=mine, has_service=service is not None, now=now, foreign=foreign,
-                        token=secrets.token_hex(16), predecessor_pods=earlier)
+        service = self.read_service(meta["namespace"], meta["name"])
+        return observed_of(job, self.list_pods(meta["namespace"], meta["name"]), service, now)
 
     # --- writing
     def apply(self, job: dict, plan: Plan, now: datetime) -> None:
@@ -94,6 +89,8 @@ class Kube:
             self.patch_status(ns, name, meta.get("resourceVersion"), plan.status)
         if plan.replace_config is not None:
             self.put_config_map(plan.replace_config)
+        if plan.suspend_job:
+            self.suspend_job(ns, name)
         for manifest in plan.create:
             self.create(manifest)
         for pod in plan.delete_pods:
@@ -114,6 +111,11 @@ class Kube:
                 raise Conflict(f"{namespace}/{name} changed since it was read") from None
             raise
 
+    def suspend_job(self, namespace: str, name: str) -> None:
+        body = {"spec": {"runPolicy": {"suspend": True}}}
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, body)
+        log.info("suspended TrainingJob %s/%s (runPolicy.schedulingTimeoutPolicy: Suspend)", namespace, name)
+
     def create(self, manifest: dict) -> None:
         """Create-only. A Secret that exists must be this job's (its rendezvous id); other kinds are left as they are."""
         ns, kind, name = manifest["metadata"]["namespace"], manifest["kind"], manifest["metadata"]["name"]
@@ -121,7 +123,7 @@ class Kube:
                   "ConfigMap": self.core.create_namespaced_config_map, "Secret": self.core.create_namespaced_secret,
                   "NetworkPolicy": self.networking.create_namespaced_network_policy}[kind]
         try:
-            create(ns, manifest, _preload_content=False)
+            self._drained(create(ns, manifest, _preload_content=False))
             log.info("created %s %s/%s", kind, ns, name)
         except ApiException as err:
             if err.status != 409:
@@ -144,7 +146,7 @@ class Kube:
         meta = manifest["metadata"]
         ns, name = meta["namespace"], meta["name"]
         try:
-            self.core.create_namespaced_config_map(ns, manifest, _preload_content=False)
+            self._drained(self.core.create_namespaced_config_map(ns, manifest, _preload_content=False))
             log.info("created ConfigMap %s/%s", ns, name)
             return
         except ApiException as err:
@@ -154,7 +156,7 @@ class Kube:
         self._check_owned("ConfigMap", current, manifest)
         body = {**manifest, "metadata": {**meta, "resourceVersion": current["metadata"]["resourceVersion"]}}
         try:
-            self.core.replace_namespaced_config_map(name, ns, body, _preload_content=False)
+            self._drained(self.core.replace_namespaced_config_map(name, ns, body, _preload_content=False))
         except ApiException as err:
             if err.status == 409:  # changed since it was read: the reconcile starts over
                 raise Conflict(f"ConfigMap {ns}/{name} changed since it was read") from None
@@ -164,7 +166,7 @@ class Kube:
         meta = pod["metadata"]
         body = kubernetes.client.V1DeleteOptions(preconditions=kubernetes.client.V1Preconditions(uid=meta["uid"]))
         try:
-            self.core.delete_namespaced_pod(meta["name"], meta["namespace"], body=body, _preload_content=False)
+            self._drained(self.core.delete_namespaced_pod(meta["name"], meta["namespace"], body=body, _preload_content=False))
             log.info("deleting pod %s/%s", meta["namespace"], meta["name"])
         except ApiException as err:
             if err.status not in (404, 409):  # gone already, or a newer pod of that name
@@ -197,9 +199,26 @@ class Kube:
             "count": 1,
         }
         try:
-            self.core.create_namespaced_event(meta["namespace"], body, _preload_content=False)
+            self._drained(self.core.create_namespaced_event(meta["namespace"], body, _preload_content=False))
         except ApiException as err:  # an event is worth a log line, never a failed reconcile
             log.warning("could not post event %s for %s/%s: %s", reason, meta["namespace"], meta["name"], err.status)
+
+
+def observed_of(job: dict, pods: list[dict], service: dict | None, now: datetime) -> Observed:
+    """What a reconcile sees, from the job, the pods labelled with its name and the Service of its name (read
+    fresh, or from the watch cache)."""
+    meta = job["metadata"]
+    ns, name, uid = meta["namespace"], meta["name"], meta.get("uid", "")
+    foreign = None
+    if service is not None and not controlled_by(service, uid):
+        if left_by_predecessor(service, name):
+            service = None  # being garbage-collected: created again once it is gone
+        else:
+            foreign = foreign_message("Service", ns, name)
+    mine = [p for p in pods if controlled_by(p, uid)]  # status belongs to this object, never to a predecessor
+    earlier = sum(1 for p in pods if not controlled_by(p, uid) and left_by_predecessor(p, name))
+    return Observed(job=job, pods=mine, has_service=service is not None, now=now, foreign=foreign,
+                    token=secrets.token_hex(16), predecessor_pods=earlier)
 
 
 def foreign_message(kind: str, namespace: str, name: str) -> str:
