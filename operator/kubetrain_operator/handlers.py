@@ -2,12 +2,14 @@
 
 The decision is `reconcile.plan` (pure); `kube.Kube` reads and writes. Per-job state lives in the
 operator's kopf memo (`JobRegistry`): a lock per job, so a pod event and a recheck never act on the
-same job at once, and the trainer reports seen on pod watch events.
+same job at once, the trainer reports seen on pod watch events, and the watch cache that periodic
+looks plan from (`cache.WatchCache`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import defaultdict
@@ -21,15 +23,17 @@ from kubetrain.api import GROUP, PLURAL, VERSION, SpecError, job_checkpoint_pref
 
 from . import live_progress
 from .builders import ClusterDefaults, controller_of, job_from_object
-from .kube import Conflict, ForeignObject, Kube, Predecessor
+from .cache import WatchCache, progress_only
+from .kube import Conflict, ForeignObject, Kube, Predecessor, observed_of
 from .metrics import OperatorMetrics
 from .rechecks import Rechecks
 from .names import LABEL_ATTEMPT, LABEL_JOB
-from .reconcile import IDLE_RECHECK_SECONDS, RECHECK_SECONDS, plan
+from .reconcile import plan
 from .records import Observed, Plan, PodReport, Progress
 
 log = logging.getLogger("kubetrain.operator")
 CONFLICT_RETRIES = 5
+RETRY_SECONDS = 5.0  # a periodic look that failed is tried again this soon
 JobKey = tuple[str, str]  # (namespace, name)
 
 
@@ -41,21 +45,26 @@ class JobRegistry:
     # The trainer reports of terminated pods, from watch events, by job and pod uid (see Observed.reports), each
     # with the uid of the TrainingJob object that controls the pod: a predecessor's late reports are not this job's.
     reports: defaultdict[JobKey, dict[str, tuple[str, PodReport]]] = field(default_factory=lambda: defaultdict(dict))
+    watched: WatchCache = field(default_factory=WatchCache)
 
     def reports_of(self, key: JobKey, job_uid: str) -> list[PodReport]:
         return [report for owner, report in self.reports.get(key, {}).values() if owner == job_uid]
 
     def forget(self, key: JobKey) -> None:
         self.reports.pop(key, None)  # the lock stays: a reconcile of the deleted job may still hold it
+        self.watched.forget(key)
 
 
-def reconcile(memo: kopf.Memo, namespace: str, name: str, scrape: bool = False) -> Plan | None:
-    """Read, plan, apply; again on a write conflict. Returns the applied plan (None: job gone)."""
+def reconcile(memo: kopf.Memo, namespace: str, name: str, scrape: bool = False, cached: bool = False) -> Plan | None:
+    """Read, plan, apply; again on a write conflict. Returns the applied plan (None: job gone).
+    `cached`: plan from the watch cache first, and apply that plan only if it just moves progress."""
     kube: Kube = memo.kube
     metrics: OperatorMetrics = memo.metrics
     jobs: JobRegistry = memo.jobs
     foreign = None  # learnt while applying: a ConfigMap or Secret of the job's name that is not ours
     with jobs.locks[(namespace, name)], metrics.reconcile_seconds.time():
+        if cached and (decided := _from_cache(memo, namespace, name, scrape)) is not None:
+            return decided
         for _ in range(CONFLICT_RETRIES):
             job = kube.get_job(namespace, name)
             if job is None:
@@ -63,6 +72,7 @@ def reconcile(memo: kopf.Memo, namespace: str, name: str, scrape: bool = False) 
                 return None
             now = datetime.now(UTC)
             observed = kube.observe(job, now)
+            jobs.watched.read_fresh((namespace, name))
             observed.reports = jobs.reports_of((namespace, name), job["metadata"].get("uid", ""))
             observed.foreign = observed.foreign or foreign
             if scrape:
@@ -80,6 +90,28 @@ def reconcile(memo: kopf.Memo, namespace: str, name: str, scrape: bool = False) 
             _count(metrics, job, decided)
             return decided
         raise kopf.TemporaryError(f"{namespace}/{name}: status kept changing under us", delay=1)
+
+
+def _from_cache(memo: kopf.Memo, namespace: str, name: str, scrape: bool) -> Plan | None:
+    """The applied plan, if the watch cache sufficed: a plan that only moves progress, written without a read."""
+    snapshot = memo.jobs.watched.snapshot((namespace, name))
+    if snapshot is None:
+        return None
+    job, pods, service = snapshot
+    observed = observed_of(job, pods, service, datetime.now(UTC))
+    observed.reports = memo.jobs.reports_of((namespace, name), job["metadata"].get("uid", ""))
+    if scrape:
+        observed.live = _scrape(observed, memo.defaults)
+    decided = plan(observed, memo.defaults)
+    if observed.foreign or not progress_only(job.get("status"), decided):
+        return None  # something to do: decided again from fresh reads
+    if decided.status is not None:
+        try:
+            memo.kube.patch_status(namespace, name, job["metadata"].get("resourceVersion"), decided.status)
+        except Conflict:
+            return None  # the cache was behind
+    memo.metrics.observe_phase(namespace, name, (decided.status or job.get("status") or {}).get("phase"))
+    return decided
 
 
 def _scrape(observed: Observed, defaults: ClusterDefaults) -> Progress | None:
@@ -112,10 +144,10 @@ def _count(metrics: OperatorMetrics, job: dict, decided: Plan) -> None:
             metrics.preemptions.inc()
 
 
-def _guarded(memo: kopf.Memo, namespace: str, name: str, scrape: bool = False) -> None:
+def _guarded(memo: kopf.Memo, namespace: str, name: str, cached: bool = False) -> None:
     """Errors become kopf retries and a metric; never a crashed operator."""
     try:
-        reconcile(memo, namespace, name, scrape)
+        reconcile(memo, namespace, name, cached=cached)
     except kopf.TemporaryError:
         memo.metrics.errors.labels("conflict").inc()
         raise
@@ -146,12 +178,15 @@ def job_changed(memo: kopf.Memo, namespace: str, name: str, **_) -> None:
 
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
-def pod_changed(memo: kopf.Memo, namespace: str, labels: dict, body: kopf.Body, **_) -> None:
+def pod_changed(memo: kopf.Memo, type: str, namespace: str, labels: dict, body: kopf.Body, **_) -> None:  # noqa: A002
+    memo.jobs.watched.pod_event(type, dict(body))
     report = PodReport.of(dict(body))
     owner = (controller_of(dict(body)) or {}).get("uid")
     if report and owner:  # kept until the job is deleted: one small record per pod that ever terminated with one
         memo.jobs.reports[(namespace, labels[LABEL_JOB])][body["metadata"]["uid"]] = (owner, report)
-    _guarded(memo, namespace, labels[LABEL_JOB])
+    # From the cache, which holds this event: most pod events (our own creates, a pod starting) need no
+    # action, and any plan that acts is made again from fresh reads.
+    _guarded(memo, namespace, labels[LABEL_JOB], cached=True)
 
 
 def recheck(memo: kopf.Memo, namespace: str, name: str) -> float | None:
@@ -159,27 +194,27 @@ def recheck(memo: kopf.Memo, namespace: str, name: str) -> float | None:
     Returns when to look again; None once the job is gone."""
     started = time.monotonic()
     try:
-        decided = reconcile(memo, namespace, name, scrape=True)
+        decided = reconcile(memo, namespace, name, scrape=True, cached=True)
     except kopf.TemporaryError as err:
         memo.metrics.errors.labels("conflict").inc()
-        return err.delay or RECHECK_SECONDS
+        return err.delay or RETRY_SECONDS
     except ApiException as err:
         memo.metrics.errors.labels("api").inc()
-        return None if err.status == 404 else RECHECK_SECONDS
+        return None if err.status == 404 else RETRY_SECONDS
     except Exception:  # a bug must not stop the operator from serving other jobs
         memo.metrics.errors.labels("internal").inc()
         log.exception("recheck of %s/%s failed", namespace, name)
-        return RECHECK_SECONDS
+        return RETRY_SECONDS
     log.debug("recheck of %s/%s took %.3fs", namespace, name, time.monotonic() - started)
     if decided is None:
         memo.jobs.forget((namespace, name))
         return None
-    return decided.requeue_after or IDLE_RECHECK_SECONDS
+    return decided.requeue_after or math.inf
 
 
 @kopf.on.startup()
 def start_rechecks(memo: kopf.Memo, **_) -> None:
-    memo.rechecks = Rechecks(lambda ns, name: recheck(memo, ns, name), IDLE_RECHECK_SECONDS).start()
+    memo.rechecks = Rechecks(lambda ns, name: recheck(memo, ns, name)).start()
 
 
 @kopf.on.cleanup()
@@ -189,11 +224,20 @@ def stop_rechecks(memo: kopf.Memo, **_) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def job_seen(memo: kopf.Memo, type: str, namespace: str, name: str, **_) -> None:  # noqa: A002 - kopf's name
+def job_seen(memo: kopf.Memo, type: str, namespace: str, name: str, body: kopf.Body, **_) -> None:  # noqa: A002
     """Every job the watch shows is rechecked; a deleted one is dropped (no finalizer holds it)."""
     if type == "DELETED":
         memo.jobs.forget((namespace, name))
         memo.rechecks.forget((namespace, name))
         memo.metrics.observe_phase(namespace, name, None)
     else:
+        memo.jobs.watched.job_event(type, dict(body))
         memo.rechecks.track((namespace, name))
+
+
+@kopf.on.event("", "v1", "services", labels={LABEL_JOB: kopf.PRESENT})
+def service_seen(memo: kopf.Memo, type: str, namespace: str, labels: dict, body: kopf.Body, **_) -> None:  # noqa: A002
+    """Cached for the periodic looks; a deleted one is made again at once."""
+    memo.jobs.watched.service_event(type, dict(body))
+    if type == "DELETED":
+        _guarded(memo, namespace, labels[LABEL_JOB])

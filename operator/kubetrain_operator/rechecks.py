@@ -3,13 +3,19 @@
 A kopf timer makes kopf put its finalizer on every TrainingJob, and a delete that lands while a timer's
 reconcile runs then waits for kopf's cancellation polling (60 s by default). The operator needs no
 finalizer: owner references make the garbage collector delete a job's pods, Service, ConfigMap and
-Secret. So this thread reconciles each known job again every `interval` seconds (sooner when a plan
-asks), and a deleted job drops out: its reconcile finds no object.
+Secret. So this thread reconciles each known job again on a cadence (sooner when a plan asks), and a
+deleted job drops out: its reconcile finds no object.
+
+The cadence adapts to how many jobs there are (`cadence`): every 10 s while few run, stretched so that all
+of them together cost about `LOOKS_PER_SECOND`, never more than 2 minutes apart, and jittered so that
+jobs created together do not come due together.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -18,11 +24,23 @@ from concurrent.futures import ThreadPoolExecutor
 log = logging.getLogger("kubetrain.rechecks")
 JobKey = tuple[str, str]
 TICK_SECONDS = 0.25
+MIN_INTERVAL_S = 10.0  # how old a running job's status.progress gets while few jobs run
+MAX_INTERVAL_S = 120.0  # ... and however many run
+LOOKS_PER_SECOND = 1.5  # the periodic looks' budget, all jobs together, between those bounds
+JITTER = 0.2
+
+
+def cadence(jobs: int, draw: float) -> float:
+    """Seconds until a job's next periodic look while `jobs` jobs are known; `draw` in [0, 1) jitters it by ±20%."""
+    base = min(MAX_INTERVAL_S, max(MIN_INTERVAL_S, jobs / LOOKS_PER_SECOND))
+    return base * (1 - JITTER + 2 * JITTER * draw)
 
 
 class Rechecks:
-    def __init__(self, reconcile: Callable[[str, str], float | None], interval: float, workers: int = 8):
-        """`reconcile(namespace, name)` -> seconds until the next look, or None when the job is gone."""
+    def __init__(self, reconcile: Callable[[str, str], float | None],
+                 interval: Callable[[int], float] = lambda jobs: cadence(jobs, random.random()), workers: int = 8):
+        """`reconcile(namespace, name)` -> seconds until the next look at the latest (math.inf: nothing sooner
+        than the cadence), or None when the job is gone; `interval(known jobs)` -> the cadence."""
         self.reconcile, self.interval = reconcile, interval
         self._due: dict[JobKey, float] = {}
         self._running: set[JobKey] = set()
@@ -33,8 +51,9 @@ class Rechecks:
         self._thread = threading.Thread(target=self._loop, name="kubetrain-rechecks", daemon=True)
 
     def track(self, key: JobKey, after: float | None = None) -> None:
-        """Look at `key` again `after` seconds from now (default: the interval); a sooner wish wins."""
-        due = time.monotonic() + (self.interval if after is None else after)
+        """Look at `key` again `after` seconds from now (default: the cadence); a sooner wish wins."""
+        regular = self.interval(len(self._due) + len(self._running))
+        due = time.monotonic() + (regular if after is None else min(after, regular))
         with self._lock:
             self._due[key] = min(due, self._due.get(key, due))
 
@@ -71,7 +90,7 @@ class Rechecks:
                     return
 
     def _one(self, key: JobKey) -> None:
-        after: float | None = self.interval
+        after: float | None = math.inf
         try:
             after = self.reconcile(*key)
         except Exception:  # noqa: BLE001 - the reconcile logs and counts its own errors; look again later
@@ -83,4 +102,4 @@ class Rechecks:
                     self._dropped.discard(key)
                     after = None
         if after is not None:
-            self.track(key, min(after, self.interval))
+            self.track(key, after)

@@ -26,13 +26,11 @@ from .records import Event, Observed, Plan, Progress
 from .recovery import (PodOutcome, classify, classify_terminated, disruption, observed_time, pod_attempt, trainer_report,
                        waiting_problem)
 
-RECHECK_SECONDS = 5.0  # a running job's live progress
 # A worker that lost contact with a peer usually fails in the same instant as the peer: how long to wait for
 # that peer's pod to end on its own and say why, before deleting it unheard (a hung or unreachable node)
 PEER_ACCOUNT_GRACE = timedelta(seconds=20)
 WAITING = "Waiting"  # condition: the group's pods cannot start, and why
 QUEUED = "SchedulingGated"  # a pod's scheduling gate: waiting for admission (Kueue), not stuck
-IDLE_RECHECK_SECONDS = 30.0  # any other job, when its plan asks for nothing sooner (its events drive it)
 
 
 def current_status(job: dict) -> TrainingJobStatus:
@@ -333,8 +331,7 @@ def _watch_group(b: Decision, job: TrainingJob, pods: list[dict]) -> Plan:
         return b.finish()
     if b.status["phase"] != Phase.PENDING:
         b._clear(WAITING, Reason.PODS_STARTED)
-    if b.plan.requeue_after is None and b.status["phase"] == Phase.RUNNING:  # live progress: scrape again soon
-        b.plan.requeue_after = RECHECK_SECONDS
+    b.plan.live = b.status["phase"] == Phase.RUNNING  # its progress is scraped again on the progress cadence
     return b.finish()
 
 
@@ -364,9 +361,21 @@ def _waiting(b: Decision, job: TrainingJob, pods: list[dict]) -> bool:
     if waited < limit:
         b.plan.requeue_after = min(limit - waited, b.plan.requeue_after or limit - waited)
         return False
-    _fail(b, Reason.SCHEDULING_TIMEOUT, f"the group did not start within runPolicy.schedulingTimeoutSeconds ({limit}s): "
-          f"{message}", pods)
+    why = f"the group did not start within runPolicy.schedulingTimeoutSeconds ({limit}s): {message}"
+    if job.spec.run_policy.scheduling_timeout_policy == "Suspend":
+        _suspend_unplaced(b, why, pods)
+    else:
+        _fail(b, Reason.SCHEDULING_TIMEOUT, why, pods)
     return True
+
+
+def _suspend_unplaced(b: Decision, why: str, pods: list[dict]) -> None:
+    """schedulingTimeoutPolicy Suspend: the status says so first, then spec.runPolicy.suspend is set as a user
+    would set it (so resuming is the user's usual edit), and the pods go."""
+    b.plan.suspend_job = True
+    b.enter(Phase.SUSPENDED, Reason.SCHEDULING_TIMEOUT, f"suspended: {why}; set spec.runPolicy.suspend to false to "
+            "try again", "Warning")
+    _delete_all(b, pods)
 
 
 def _peer_account_due(b: Decision, outcomes) -> float | None:
@@ -450,6 +459,9 @@ def _suspend(b: Decision, pods: list[dict]) -> Plan:
     (then step and lastCheckpoint are final: what a resume starts from)."""
     _progress(b, pods)
     _delete_all(b, pods)
+    if b.condition_reason(Phase.SUSPENDED)[0] == Reason.SCHEDULING_TIMEOUT:  # suspended by us: why stays readable
+        b.plan.requeue_after = 1.0 if pods else None
+        return b.finish()
     if pods:
         b.enter(Phase.SUSPENDED, Reason.SUSPENDING, f"runPolicy.suspend is true: stopping {len(pods)} pod(s), each saves "
                 "a checkpoint first")
@@ -462,6 +474,11 @@ def _suspend(b: Decision, pods: list[dict]) -> Plan:
 
 
 def _resume(b: Decision, job: TrainingJob, pods: list[dict]) -> Plan:
+    unplaced = b.condition_reason(Phase.SUSPENDED)[0] == Reason.SCHEDULING_TIMEOUT
+    if unplaced and b.old.observed_generation == b.obs.job["metadata"].get("generation"):
+        b.plan.suspend_job = True  # our spec write did not land (the spec is as we suspended it): write it again
+        _delete_all(b, pods)
+        return b.finish()
     if pods:  # the suspended group is still saving its checkpoint
         _delete_all(b, pods)
         b.plan.requeue_after = 1.0

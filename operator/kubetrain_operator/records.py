@@ -79,4 +79,6 @@ class Plan:
     status: dict | None = None  # the full new status, or None if unchanged
     events: list[Event] = field(default_factory=list)
     delete_job: bool = False  # ttlSecondsAfterFinished passed
-    requeue_after: float | None = None
+    suspend_job: bool = False  # set spec.runPolicy.suspend (runPolicy.schedulingTimeoutPolicy: Suspend)
+    requeue_after: float | None = None  # look again this soon (a deadline, a TTL, a grace period)
+    live: bool = False  # running: look again for its live progress (on the operator's progress cadence)

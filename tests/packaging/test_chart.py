@@ -352,6 +352,7 @@ KOPF_NAMESPACED = {
     ("kubetrain.io", "trainingjobs", "list"), ("kubetrain.io", "trainingjobs", "watch"),  # its watch streams
     ("kubetrain.io", "trainingjobs", "patch"),  # progress/diff-base annotations, the timer's finalizer
     ("", "pods", "list"), ("", "pods", "watch"),  # @kopf.on.event pods
+    ("", "services", "list"), ("", "services", "watch"),  # @kopf.on.event services (the watch cache)
     ("", "events", "create"),  # kopf's own events (settings.posting.level)
 }
 KOPF_CLUSTER = {("apiextensions.k8s.io", "customresourcedefinitions", "list"),
@@ -359,11 +360,11 @@ KOPF_CLUSTER = {("apiextensions.k8s.io", "customresourcedefinitions", "list"),
 KOPF_NAMESPACE_MODE = {("", "namespaces", "list"), ("", "namespaces", "watch")}  # only with --namespace
 
 
-def test_kopf_watches_only_trainingjobs_and_pods() -> None:
-    """KOPF_NAMESPACED assumes these handlers (operator/handlers.py): TrainingJobs and pods."""
+def test_kopf_watches_only_trainingjobs_pods_and_services() -> None:
+    """KOPF_NAMESPACED assumes these handlers (operator/handlers.py): TrainingJobs, pods and Services."""
     source = (REPO / "operator" / "kubetrain_operator" / "handlers.py").read_text()
     watched = set(re.findall(r"^@kopf\.(?:on\.\w+|timer|daemon|index)\(([^,)]*), ([^,)]*), ([^,)]*)", source, re.M))
-    assert watched == {("GROUP", "VERSION", "PLURAL"), ('""', '"v1"', '"pods"')}, watched
+    assert watched == {("GROUP", "VERSION", "PLURAL"), ('""', '"v1"', '"pods"'), ('""', '"v1"', '"services"')}, watched
     assert "@kopf.daemon" not in source and "@kopf.index" not in source
     # only kube.py talks to the API server (so operator_api_calls sees every call)
     for path in (REPO / "operator" / "kubetrain_operator").glob("*.py"):

@@ -191,6 +191,7 @@ class Cluster:
         self.created: list[str] = []
         self.reports: list[PodReport] = []
         self.predecessors = 0
+        self.drop_spec_writes = False  # the operator's spec write fails (a lost request)
 
     def step(self, live=None):
         p = plan(Observed(copy.deepcopy(self.job), list(self.pods.values()), self.service, self.now, live,
@@ -207,7 +208,14 @@ class Cluster:
         for pod in p.delete_pods:
             self.pods[pod["metadata"]["name"]]["metadata"]["deletionTimestamp"] = "now"
         self.events += [(e.reason, e.message) for e in p.events]
+        if p.suspend_job and not self.drop_spec_writes:
+            self.edit_spec(runPolicy={**self.job["spec"].get("runPolicy", {}), "suspend": True})
         return p
+
+    def edit_spec(self, **fields):
+        """A spec write, as the API makes it: a new generation."""
+        self.job["spec"].update(fields)
+        self.job["metadata"]["generation"] = self.job["metadata"].get("generation", 1) + 1
 
     def set_pods(self, **kw):
         for name in list(self.pods):
@@ -801,6 +809,36 @@ def test_a_group_that_cannot_start_says_why_and_fails_at_the_scheduling_timeout_
     assert failed["reason"] == "SchedulingTimeout"
     assert c.status["message"] == ("the group did not start within runPolicy.schedulingTimeoutSeconds (120s): " + said)
     assert {x["metadata"]["name"] for x in p.delete_pods} == {"bert-0", "bert-1"}
+
+
+def test_the_suspend_policy_suspends_a_group_that_cannot_start_and_a_resume_tries_again():
+    c = Cluster(job_body(runPolicy={"backoffLimit": 3, "schedulingTimeoutSeconds": 60,
+                                    "schedulingTimeoutPolicy": "Suspend"}))
+    c.step()
+    for name in c.pods:
+        c.pods[name] = stuck(c.pods[name], created=c.now, unschedulable="0/3 nodes are available: 3 Insufficient "
+                             "nvidia.com/gpu.")
+    c.now += timedelta(seconds=61)
+    c.drop_spec_writes = True  # the first spec write is lost: the next reconcile writes it again, not a resume
+    p = c.step()
+    assert p.suspend_job and {x["metadata"]["name"] for x in p.delete_pods} == {"bert-0", "bert-1"}
+    c.gone()
+    c.drop_spec_writes = False
+    p = c.step()
+    assert p.suspend_job and not p.create and c.job["spec"]["runPolicy"]["suspend"] is True
+    c.step()
+    suspended = next(x for x in c.status["conditions"] if x["type"] == "Suspended")
+    assert c.status["phase"] == "Suspended" and suspended["reason"] == "SchedulingTimeout"
+    assert c.status["failures"] == 0 and c.status["restarts"] == 0
+    assert c.status["message"].startswith("suspended: the group did not start within runPolicy.schedulingTimeoutSeconds "
+                                          "(60s): pod bert-0: 0/3 nodes are available")
+    assert [e for e in c.events if e[0] == "SchedulingTimeout"] == [("SchedulingTimeout", c.status["message"])]
+    c.now += timedelta(hours=1)
+    assert not c.step().create  # stays suspended, and says why
+    c.edit_spec(runPolicy={**c.job["spec"]["runPolicy"], "suspend": False})  # the user tries again
+    p = c.step()
+    assert c.status["phase"] == "Pending" and c.status["attempt"] == 2
+    assert sorted(m["metadata"]["name"] for m in p.create if m["kind"] == "Pod") == ["bert-0", "bert-1"]
 
 
 def test_without_a_scheduling_timeout_a_stuck_group_waits_and_the_reason_clears_once_it_runs():

@@ -18,7 +18,7 @@ def test_jobs_are_rechecked_when_due_and_a_gone_job_drops_out():
             done.set()
         return None if name == "gone" else 0.05
 
-    rechecks = Rechecks(reconcile, interval=60).start()
+    rechecks = Rechecks(reconcile, interval=lambda jobs: 60).start()
     try:
         rechecks.track(("ml", "live"), after=0)
         rechecks.track(("ml", "gone"), after=0)
