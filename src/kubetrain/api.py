@@ -494,6 +494,11 @@ class RunPolicy(_Model):
         "are not all running this long after the group was created: unschedulable, an image that cannot be "
         "pulled, a missing Secret. Unset: wait indefinitely (the Waiting condition says why).",
     )
+    scheduling_timeout_policy: Literal["Fail", "Suspend"] = Field(
+        "Fail", description="What schedulingTimeoutSeconds does: Fail the job, or Suspend it (spec.runPolicy.suspend "
+        "set true, its pods deleted, condition Suspended with reason SchedulingTimeout) so that it frees what it "
+        "holds and starts again, from its newest checkpoint, when the suspend is set back to false.",
+    )
 
 
 class TrainingJobSpec(_Model):
