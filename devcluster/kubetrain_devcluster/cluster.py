@@ -102,7 +102,9 @@ class DevCluster:
     """Start with `with DevCluster(state_dir) as cluster:`; `cluster.kubeconfig` is what kubectl needs."""
 
     def __init__(self, state_dir: Path, *, nodes: int = 2, image_root: Path | None = None,
-                 pod_env: dict[str, str] | None = None, namespace: str = "default"):
+                 pod_env: dict[str, str] | None = None, namespace: str = "default", executor: bool = True):
+        """`executor=False`: no pod ever runs (pods stay as the operator made them, or as the caller patches them)."""
+        self.run_executor = executor
         self.state_dir = Path(state_dir).resolve()
         self.nodes, self.image_root, self.namespace = nodes, default_image_root(image_root), namespace
         self.pod_env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -126,7 +128,8 @@ class DevCluster:
             self._start_s3()
             self._start_api()
             self._create_s3_secret()
-            self._start_executor()
+            if self.run_executor:
+                self._start_executor()
             self.start_operator()
         except BaseException:
             self.stop()
