@@ -13,8 +13,8 @@ the first few thousand ids of a WordPiece tokenizer trained on the fly):
 Every side: bf16 autocast, fused AdamW, lr warmup then linear decay, clip 1.0, `--batch` samples of
 `--seq` tokens per step, `--warmup + --steps` steps; timed over the `--steps` after the warm-up,
 bracketed by device syncs. Peak memory is torch.cuda.max_memory_allocated over the whole process
-(model building included). kubetrain's checkpoint stall (fsdp): the final save's, which pins fresh host
-memory, and a second staging of the same state, as every later periodic save stalls.
+(model building included). kubetrain's checkpoint stall (fsdp): the final save's and a second staging of
+the same state, as every later periodic save stalls, split into its parts, beside DCP's DefaultStager.
 
     python bench/large_models.py --all --out bench/results/large_models.json   # each case and side in its own process
     python bench/large_models.py --case 8b-lora --side kubetrain                 # one, printed as JSON
@@ -150,18 +150,39 @@ def run_kubetrain(case: Case, args, work: Path, train: Path, tok: Path, pretrain
     run = build_run(job, RunOptions(work_dir=work / "kt", checkpoint_prefix_uri=str(work / "ckpt"), metrics_port=None))
     assert loop.train(run) == 0
     peak = torch.cuda.max_memory_allocated() / 2**30 if device().type == "cuda" else None
-    stall = {}
-    if run.checkpointer.shards is not None:  # the final save's stall, then a second staging of the same state
-        stall["first_s"] = run.checkpointer.latest.meta.get("stall_seconds")
-        started = time.perf_counter()
-        written = run.checkpointer.shards.stage(work / "kt" / "again")
-        stall["steady_s"] = time.perf_counter() - started
-        written.result()
+    stall = sharded_stall(run.checkpointer, work / "kt" / "again") if run.checkpointer.shards is not None else {}
     seconds = times.at[steps] - times.at[args.warmup]
     tokens = args.steps * args.batch * args.seq
     trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     return {"fused_loss": args.fused_loss, "tokens_per_s": tokens / seconds, "peak_gib": peak, "loss_first": times.losses.get(args.warmup),
             "loss_last": times.losses.get(steps), "trainable_params": trainable, "checkpoint_stall": stall or None}
+
+
+def sharded_stall(checkpointer, again: Path) -> dict:
+    """The final save's stall, then a second staging of the same state (as every later periodic save stalls),
+    split into DCP's state_dict() and our copy to host, beside DCP's DefaultStager on the same state."""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    def timed(fn):
+        started = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - started
+
+    shards = checkpointer.shards
+    stall = {"first_s": checkpointer.latest.meta.get("stall_seconds")}
+    written, stall["steady_s"] = timed(lambda: shards.stage(again))
+    written.result()
+    shutil.rmtree(again, ignore_errors=True)  # 18 GB at 1B: the device's disk is 64 GiB
+    state, stall["state_dict_s"] = timed(shards.component.state_dict)
+    _, stall["copy_to_host_s"] = timed(lambda: shards.stager.stage(state))
+    stall["staged_gb"] = shards.stager.staged_bytes() / 1e9
+    on_gpu = torch.cuda.is_available()
+    default = DefaultStager(StagingOptions(use_pinned_memory=on_gpu, use_shared_memory=False, use_async_staging=False,
+                                           use_non_blocking_copy=on_gpu))
+    for attempt in ("first", "second"):  # DCP's own stager, kept across the two
+        state = shards.component.state_dict()
+        _, stall[f"dcp_default_stager_{attempt}_s"] = timed(lambda: default.stage(state))
+    return stall
 
 
 def run_hf(case: Case, args, work: Path, train: Path, tok: Path, pretrained: Path | None) -> dict:

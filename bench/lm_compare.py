@@ -8,7 +8,8 @@ and tied embeddings: `135m` (SmolLM2-135M: hidden 576, 30 layers, 9/3 heads) and
 16 layers, 32/8 heads, MLP 8192: 1.07B).
 Sides, each in its own process (no compiled graphs, allocator state or peak counter shared):
 - `hf-default`: Trainer, DataCollatorForLanguageModeling (padding to the batch's longest), SDPA;
-- `hf-grouped`: + group_by_length; `hf-grouped-compiled`: + torch_compile;
+- `hf-grouped`: + group_by_length; `hf-grouped-compiled`: + torch_compile; `hf-grouped-no-cudnn`: + cuDNN's
+  SDPA backend off (PyTorch picks it on an H200, and it builds a graph on the host per new padded shape);
 - `hf-flatten`: DataCollatorWithFlattening (padding-free, position_ids; transformers builds the per-document
   causal mask); `hf-flatten-fa2` with flash_attention_2 where the flash-attn package is installed;
 - `kubetrain`: packed (`data.packing`, varlen flash attention), `training.batchSize` = the same samples per step,
@@ -53,7 +54,7 @@ SHAPES = {
     "tiny": {"model_type": "llama", "vocab_size": 2000, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512, "tie_word_embeddings": True},
 }
-HF_SIDES = ["hf-default", "hf-grouped", "hf-flatten", "hf-flatten-fa2", "hf-grouped-compiled", "hf-grouped-liger",
+HF_SIDES = ["hf-default", "hf-grouped", "hf-grouped-no-cudnn", "hf-flatten", "hf-flatten-fa2", "hf-grouped-compiled", "hf-grouped-liger",
             "hf-flatten-liger"]
 SIDES = [*HF_SIDES, "kubetrain", "kubetrain-compiled"]
 LEARNING_RATE = 1e-4
@@ -180,6 +181,8 @@ def run_hf(args, side: str) -> dict:
     for needed, wanted in (("flash_attn", attention == "flash_attention_2"), ("liger_kernel", "liger" in side)):
         if wanted:
             importlib.import_module(needed)  # not installed: ImportError, and the side is reported as not run
+    if side.endswith("-no-cudnn"):
+        torch.backends.cuda.enable_cudnn_sdp(False)
     model = AutoModelForCausalLM.from_pretrained(initial_weights(args), dtype=torch.float32, attn_implementation=attention)
     steps, warmup = args.warmup + args.steps, args.warmup
     clock: dict[int, float] = {}

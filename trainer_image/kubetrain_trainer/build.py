@@ -158,7 +158,7 @@ def build_run(job: TrainingJob, opts: RunOptions) -> Run:
         content.register("optimizer.pt", optimizer)
     content.register("training.pt", Group(scheduler=scheduler, scaler=scaler))  # RNG: seeded per step
     content.register("state.json", state)
-    if rt.is_main and shards is None:  # only rank 0 snapshots; pay for fresh pinned memory now, not at the first checkpoint
+    if rt.is_main or shards is not None:  # the ranks that stage: pay for fresh pinned memory now, not at the first checkpoint
         reserve_pinned_memory(model, lora=lora)
     start = checkpointer.load(chosen)
     if spec.output is not None and spec.output.from_ == "best" and state.best_step is not None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from kubetrain.contracts import CheckpointReason
 
@@ -69,14 +70,17 @@ def reserve_pinned_memory(model, lora: bool = False) -> float:
 
     Fresh pinned memory costs about 1.5 s per 1.5 GB (H100 host); PyTorch's caching host allocator
     keeps freed blocks, so paying it at startup keeps the first checkpoint's stall as short as the
-    rest. Sized for the trainable state plus AdamW's two moments; a no-op without CUDA.
+    rest. Sized for this rank's part of the trainable state plus AdamW's two moments; a no-op without CUDA.
     """
     if not torch.cuda.is_available():
         return 0.0
     started = time.perf_counter()
+    def local(t):  # sharded (fsdp): this rank stages only its own piece
+        return t.to_local() if isinstance(t, DTensor) else t
+
     state = trainable_state_dict(model, lora)
-    shapes = [(t.shape, t.dtype) for t in state.values()]
-    shapes += 2 * [(p.shape, p.dtype) for p in model.parameters() if p.requires_grad]
+    shapes = [(local(t).shape, t.dtype) for t in state.values()]
+    shapes += 2 * [(local(p).shape, p.dtype) for p in model.parameters() if p.requires_grad]
     blocks = [torch.empty(shape, dtype=dtype, device="cpu", pin_memory=True) for shape, dtype in shapes]
     del blocks
     return time.perf_counter() - started

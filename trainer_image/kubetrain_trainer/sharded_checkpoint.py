@@ -6,8 +6,8 @@ maps every tensor's pieces to files by parameter name, so a checkpoint loads on 
 (DCP reshards on load).
 
 Saving, per rank:
-1. in the training thread, the stall: DCP stages this rank's shards into host memory (pinned and
-   reused on a GPU), and its writer thread serializes them to the rank's local staging directory;
+1. in the training thread, the stall: this rank's shards are copied into host buffers kept across saves
+   (pinned on a GPU; `PinnedStager`), and DCP's writer thread serializes them to the rank's local staging directory;
 2. in the checkpointer's writer thread: wait for that, rank 0 clears an older save of the same step,
    every rank uploads its part (retried through outages), the parts' hashes are gathered, and rank 0
    writes the manifest listing every file of every rank: the checkpoint is complete only once all parts
@@ -21,6 +21,7 @@ pieces of its own shards from it.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.tensor import DTensor
 
 from .checkpoint_store import CheckpointError, CheckpointStore, SaveResult
 from .distributed import Runtime, all_reduce
@@ -37,33 +38,59 @@ from .failures import PermanentError, StorageError, describe, one_line
 SHARDS_DIR = "shards"
 
 
-def _deepcopy_atomic(x, memo, **_):
-    return x
+class PinnedStager:
+    """Stages this rank's shards (a nested state of tensors and DTensors) into host buffers it keeps across
+    saves, pinned on a GPU: the stall is one asynchronous device-to-host copy per tensor and one sync.
 
+    Ours rather than DCP's DefaultStager: on an H200 (torch 2.11) that staged the 1B fsdp state (18 GB) at
+    2.6 GB/s, the speed of fresh, pageable memory, also at its second save (its cache of host copies is keyed
+    by storage objects that do not outlive a state_dict() call). Buffers here are keyed by the tensor's path
+    in the state, so every later save copies into the same memory. That is safe because one sharded save is
+    in flight at a time and it is done with these buffers before the next stage (Checkpointer._save_sharded).
+    """
 
-class ReusedStager(DefaultStager):
-    """DCP's stager, kept across saves: its pinned host buffers are paid for once, not at every save.
+    _synchronize_after_execute = False  # stage() returns only once its copies are complete
 
-    Older torch releases (2.11, seen on an H200) lack classes in the stager's copy table, and some close a
-    stager they were given after its save, which empties the table: the next staging of a DTensor then
-    fails with "KeyError: <class 'type'>". The table is completed and kept here (a no-op on torch 2.13,
-    whose table has it), and closing is left to the end of the process."""
+    def __init__(self, pinned: bool):
+        self.pinned = pinned
+        self._buffers: dict[tuple, torch.Tensor] = {}
 
-    def __init__(self, options: StagingOptions):
-        super().__init__(options)
-        table = getattr(getattr(self, "_state_dict_stager", None), "_deepcopy_dispatch", None)
-        if isinstance(table, dict):
-            table.setdefault(type, _deepcopy_atomic)
-        self._table = dict(table) if isinstance(table, dict) else None
+    @property
+    def should_synchronize_after_execute(self) -> bool:
+        return False
 
-    def stage(self, state_dict, **kwargs):
-        table = getattr(getattr(self, "_state_dict_stager", None), "_deepcopy_dispatch", None)
-        if self._table is not None and isinstance(table, dict) and len(table) < len(self._table):
-            table.update(self._table)
-        return super().stage(state_dict, **kwargs)
+    def stage(self, state_dict):
+        staged = self._copy(state_dict, ())
+        if self.pinned:
+            torch.cuda.current_stream().synchronize()
+        return staged
+
+    def synchronize_staging(self) -> None:
+        pass
 
     def close(self) -> None:
-        pass
+        self._buffers.clear()
+
+    def staged_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def _copy(self, x, path: tuple):
+        if isinstance(x, DTensor):  # the same sharding, over a host copy of this rank's piece
+            return DTensor(self._host_copy(x._local_tensor, path), x._spec, requires_grad=False)
+        if isinstance(x, torch.Tensor):
+            return self._host_copy(x, path)
+        if isinstance(x, dict):
+            return {k: self._copy(v, (*path, k)) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return type(x)(self._copy(v, (*path, i)) for i, v in enumerate(x))
+        return copy.deepcopy(x)  # numbers, strings, None
+
+    def _host_copy(self, t: torch.Tensor, path: tuple) -> torch.Tensor:
+        buffer = self._buffers.get(path)
+        if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype:
+            pin = self.pinned and t.device.type == "cuda"
+            buffer = self._buffers[path] = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+        return buffer.copy_(t.detach(), non_blocking=buffer.is_pinned())
 
 
 class Shards:
@@ -71,9 +98,7 @@ class Shards:
         self.component, self.rt, self.store = component, rt, store
         # a CPU group for the background threads (DCP's async save needs one; NCCL's is training's)
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
-        on_gpu = rt.device.type == "cuda"
-        self.stager = ReusedStager(StagingOptions(use_pinned_memory=on_gpu, use_shared_memory=False,
-                                                   use_async_staging=False, use_non_blocking_copy=on_gpu))
+        self.stager = PinnedStager(pinned=rt.device.type == "cuda")
 
     def busy(self, pending: Future | None) -> bool:
         """Collective: is any rank's previous save still landing?"""
