@@ -73,11 +73,8 @@ def reconcile(memo: kopf.Memo, namespace: str, name: str, scrape: bool = False, 
             now = datetime.now(UTC)
             observed = kube.observe(job, now)
             jobs.watched.read_fresh((namespace, name))
-            observed.reports = jobs.reports_of((namespace, name), job["metadata"].get("uid", ""))
             observed.foreign = observed.foreign or foreign
-            if scrape:
-                observed.live = _scrape(observed, memo.defaults)
-            decided = plan(observed, memo.defaults)
+            decided = _planned(memo, (namespace, name), observed, scrape)
             try:
                 kube.apply(job, decided, now)
             except Conflict:
@@ -99,10 +96,7 @@ def _from_cache(memo: kopf.Memo, namespace: str, name: str, scrape: bool) -> Pla
         return None
     job, pods, service = snapshot
     observed = observed_of(job, pods, service, datetime.now(UTC))
-    observed.reports = memo.jobs.reports_of((namespace, name), job["metadata"].get("uid", ""))
-    if scrape:
-        observed.live = _scrape(observed, memo.defaults)
-    decided = plan(observed, memo.defaults)
+    decided = _planned(memo, (namespace, name), observed, scrape)
     if observed.foreign or not progress_only(job.get("status"), decided):
         return None  # something to do: decided again from fresh reads
     if decided.status is not None:
@@ -112,6 +106,14 @@ def _from_cache(memo: kopf.Memo, namespace: str, name: str, scrape: bool) -> Pla
             return None  # the cache was behind
     memo.metrics.observe_phase(namespace, name, (decided.status or job.get("status") or {}).get("phase"))
     return decided
+
+
+def _planned(memo: kopf.Memo, key: tuple[str, str], observed: Observed, scrape: bool) -> Plan:
+    """The plan for what was observed, with the pods' kept reports and, when asked, rank 0's live progress."""
+    observed.reports = memo.jobs.reports_of(key, observed.job["metadata"].get("uid", ""))
+    if scrape:
+        observed.live = _scrape(observed, memo.defaults)
+    return plan(observed, memo.defaults)
 
 
 def _scrape(observed: Observed, defaults: ClusterDefaults) -> Progress | None:
@@ -179,9 +181,10 @@ def job_changed(memo: kopf.Memo, namespace: str, name: str, **_) -> None:
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
 def pod_changed(memo: kopf.Memo, type: str, namespace: str, labels: dict, body: kopf.Body, **_) -> None:  # noqa: A002
-    memo.jobs.watched.pod_event(type, dict(body))
-    report = PodReport.of(dict(body))
-    owner = (controller_of(dict(body)) or {}).get("uid")
+    pod = dict(body)
+    memo.jobs.watched.pod_event(type, pod)
+    report = PodReport.of(pod)
+    owner = (controller_of(pod) or {}).get("uid")
     if report and owner:  # kept until the job is deleted: one small record per pod that ever terminated with one
         memo.jobs.reports[(namespace, labels[LABEL_JOB])][body["metadata"]["uid"]] = (owner, report)
     # From the cache, which holds this event: most pod events (our own creates, a pod starting) need no
