@@ -163,6 +163,8 @@ def sharded_stall(checkpointer, again: Path) -> dict:
     split into DCP's state_dict() and our copy to host, beside DCP's DefaultStager on the same state."""
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
+    from kubetrain_trainer.sharded_checkpoint import SHARDS_DIR
+
     def timed(fn):
         started = time.perf_counter()
         out = fn()
@@ -174,7 +176,7 @@ def sharded_stall(checkpointer, again: Path) -> dict:
     written.result()
     shutil.rmtree(again, ignore_errors=True)  # 18 GB at 1B: the device's disk is 64 GiB
     state, stall["state_dict_s"] = timed(shards.component.state_dict)
-    _, stall["copy_to_host_s"] = timed(lambda: shards.stager.stage(state))
+    _, stall["copy_to_host_s"] = timed(lambda: shards.stager.stage({SHARDS_DIR: state}))  # the saves' own keys
     stall["staged_gb"] = shards.stager.staged_bytes() / 1e9
     on_gpu = torch.cuda.is_available()
     default = DefaultStager(StagingOptions(use_pinned_memory=on_gpu, use_shared_memory=False, use_async_staging=False,
