@@ -3,7 +3,7 @@
 Builds a roberta-base-sized classifier (random init; `--tiny` for a CPU-sized one), takes a few
 AdamW steps so the optimizer holds its full state, then times, on the training thread:
 - `sync_save`: torch.save of model + optimizer to local disk, what the trainer did before;
-- `snapshot`: `kubetrain_trainer.checkpoint.snapshot_to_cpu` of the same state, the stall now
+- `snapshot`: `kubetrain_trainer.host_copies.snapshot_to_cpu` of the same state, the stall now
   (serialization and upload then run in the background), after `reserve_pinned_memory` at startup
   as the trainer does (reported apart: it is startup time, not a stall).
 Prints one JSON line.
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import RobertaConfig, RobertaForSequenceClassification
 
-from kubetrain_trainer.checkpoint import reserve_pinned_memory, snapshot_to_cpu
+from kubetrain_trainer.host_copies import reserve_pinned_memory, snapshot_to_cpu
 
 ROBERTA_BASE = dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                     intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1)

@@ -382,7 +382,7 @@ def test_snapshot_to_cpu_is_a_copy_that_training_cannot_change():
     """The checkpoint is taken from a snapshot while training goes on: later updates must not leak in."""
     import torch
 
-    from kubetrain_trainer.checkpoint import snapshot_to_cpu
+    from kubetrain_trainer.host_copies import snapshot_to_cpu
 
     weights = torch.ones(3)
     state = {"model.pt": {"w": weights}, "optimizer.pt": {"state": {0: {"step": torch.tensor(5.0), "exp_avg": weights * 2}},

@@ -11,7 +11,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from kubetrain_trainer.sharded_checkpoint import PinnedStager
+from kubetrain_trainer.host_copies import PinnedStager
 
 
 @pytest.fixture

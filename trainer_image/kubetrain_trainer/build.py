@@ -21,12 +21,13 @@ from kubetrain.api import TrainingJob
 
 from . import data as D
 from .batching import DeviceBatcher
-from .checkpoint import Checkpointer, reserve_pinned_memory
+from .checkpoint import Checkpointer
 from .checkpoint_state import CheckpointContent, Group, ModelWeights, TrainState
 from .checkpoint_store import CheckpointStore
 from .compile import compile_for_training
 from .distributed import Runtime, configure_determinism, init_distributed, seed_everything
 from .generation_eval import Prompts, prompts_for
+from .host_copies import reserve_pinned_memory
 from .graphs import StepGraphs, one_batch_per_shape, one_sample_per_shape
 from .metrics import TrainerMetrics
 from .model import build_model, enable_activation_checkpointing, load_tokenizer

@@ -20,70 +20,18 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch.distributed.tensor import DTensor
-
 from kubetrain.contracts import CheckpointReason
 
 from .checkpoint_state import CheckpointContent, TrainState
 from .checkpoint_store import CheckpointInfo, CheckpointStore
 from .distributed import Runtime, barrier, broadcast_object
 from .failures import IncompatibleCheckpoint, PermanentError
+from .host_copies import snapshot_to_cpu
 from .metrics import TrainerMetrics
-from .model import trainable_state_dict
 from .resume import Start, differences, refusal
 from .sharded_checkpoint import SHARDS_DIR, Shards
 
 log = logging.getLogger("kubetrain.checkpoint")
-
-
-def snapshot_to_cpu(obj):
-    """A CPU copy of every tensor in a nested state (dicts, lists, tuples), safe to write while training goes on.
-
-    CUDA tensors are copied into pinned memory asynchronously and synchronized once, so the stall is
-    one device-to-host transfer of the state, not a serialization.
-    """
-    on_gpu = False
-
-    def copy(x):
-        nonlocal on_gpu
-        if isinstance(x, torch.Tensor):
-            if x.device.type == "cuda":
-                on_gpu = True
-                out = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True)
-                return out.copy_(x.detach(), non_blocking=True)
-            return x.detach().clone()
-        if isinstance(x, dict):
-            return {k: copy(v) for k, v in x.items()}
-        if isinstance(x, list | tuple):
-            return type(x)(copy(v) for v in x)
-        return x  # numbers, strings, None: immutable
-
-    out = copy(obj)
-    if on_gpu:
-        torch.cuda.synchronize()
-    return out
-
-
-def reserve_pinned_memory(model, lora: bool = False) -> float:
-    """Allocate and free the pinned host memory the first snapshot will need; returns the seconds spent.
-
-    Fresh pinned memory costs about 1.5 s per 1.5 GB (H100 host); PyTorch's caching host allocator
-    keeps freed blocks, so paying it at startup keeps the first checkpoint's stall as short as the
-    rest. Sized for this rank's part of the trainable state plus AdamW's two moments; a no-op without CUDA.
-    """
-    if not torch.cuda.is_available():
-        return 0.0
-    started = time.perf_counter()
-    def local(t):  # sharded (fsdp): this rank stages only its own piece
-        return t.to_local() if isinstance(t, DTensor) else t
-
-    state = trainable_state_dict(model, lora)
-    shapes = [(local(t).shape, t.dtype) for t in state.values()]
-    shapes += 2 * [(local(p).shape, p.dtype) for p in model.parameters() if p.requires_grad]
-    blocks = [torch.empty(shape, dtype=dtype, device="cpu", pin_memory=True) for shape, dtype in shapes]
-    del blocks
-    return time.perf_counter() - started
 
 
 class LatestWinsWriter:
