@@ -13,7 +13,8 @@ Sides, each in its own process (no compiled graphs, allocator state or peak coun
 - `hf-flatten`: DataCollatorWithFlattening (padding-free, position_ids; transformers builds the per-document
   causal mask); `hf-flatten-fa2` with flash_attention_2 where the flash-attn package is installed;
 - `kubetrain`: packed (`data.packing`, varlen flash attention), `training.batchSize` = the same samples per step,
-  fused LM loss (`fusedLoss: auto`), compile off; `kubetrain-compiled`: the same with `compile: default`.
+  fused LM loss (`fusedLoss: auto`), compile off; `kubetrain-compiled`: the same with `compile: default`;
+  `kubetrain-regional`: with `compile: regional` (each decoder layer compiled, one graph for all).
 liger-kernel sides run where liger_kernel imports (`hf-grouped-liger`, `hf-flatten-liger`).
 Every side: bf16 autocast, fused AdamW, lr warmup then linear decay, clip 1.0, `--batch` samples per step,
 `--warmup + --steps` steps, timed over the `--steps` after the warm-up, bracketed by device syncs. Real tokens
@@ -56,7 +57,8 @@ SHAPES = {
 }
 HF_SIDES = ["hf-default", "hf-grouped", "hf-grouped-no-cudnn", "hf-flatten", "hf-flatten-fa2", "hf-grouped-compiled", "hf-grouped-liger",
             "hf-flatten-liger"]
-SIDES = [*HF_SIDES, "kubetrain", "kubetrain-compiled"]
+SIDES = [*HF_SIDES, "kubetrain", "kubetrain-compiled", "kubetrain-regional"]
+KUBETRAIN_COMPILE = {"kubetrain": "off", "kubetrain-compiled": "default", "kubetrain-regional": "regional"}
 LEARNING_RATE = 1e-4
 log = logging.getLogger("lm_compare")
 
@@ -243,7 +245,7 @@ def run_kubetrain(args, side: str) -> dict:
     doc["spec"]["training"].update(maxSteps=steps, batchSize=args.batch, learningRate=LEARNING_RATE, warmupSteps=args.warmup,
                                    schedule="linear", weightDecay=0.0, maxGradNorm=1.0, seed=args.seed,
                                    precision="bf16" if device().type == "cuda" else "fp32", logEverySteps=args.warmup,
-                                   compile="default" if side.endswith("-compiled") else "off")
+                                   compile=KUBETRAIN_COMPILE[side])
     doc["spec"]["training"].pop("epochs", None)
     doc["spec"]["checkpoint"].update(everySteps=10**6, keep=1)
     doc["spec"].pop("metrics", None)

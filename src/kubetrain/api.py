@@ -362,9 +362,10 @@ class TrainingSpec(_Model):
         "logits (tokens x vocabulary) are never materialised (auto: whenever the model has a plain linear head and "
         "compile is not reduce-overhead). off: full logits.",
     )
-    compile: Literal["off", "default", "reduce-overhead"] = Field(
+    compile: Literal["off", "default", "regional", "reduce-overhead"] = Field(
         "off",
         description="torch.compile the forward/backward (GPU speed; costs a minute at startup). "
+        "regional compiles one transformer block and reuses it for every block (seconds at startup, any strategy). "
         "reduce-overhead also replays the whole step as CUDA graphs (one GPU, ddp, gradientAccumulation 1, "
         "bf16 or fp32; else default).",
     )

@@ -30,7 +30,7 @@ from .generation_eval import Prompts, prompts_for
 from .host_copies import reserve_pinned_memory
 from .graphs import StepGraphs, one_batch_per_shape, one_sample_per_shape
 from .metrics import TrainerMetrics
-from .model import build_model, enable_activation_checkpointing, load_tokenizer
+from .model import build_model, enable_activation_checkpointing, load_tokenizer, without_training_cache
 from .optim import build_optimizer, build_scheduler
 from .packing import PackedBatcher, PackedModel, position_offset
 from .resume import Start, accumulation_for, apply_learning_rate, model_identity, run_settings
@@ -202,6 +202,7 @@ def log_blocks(count: int) -> None:
 def prepare(run: Run) -> Prepared:
     """Wrap the model for training: packed rows, DDP, torch.compile; then the batcher and the step graphs."""
     spec, t, rt = run.job.spec, run.job.spec.training, run.rt
+    without_training_cache(run.model)
     module, loss = fused_lm(run)
     if spec.data.packing:
         module = PackedModel(module, run.task, max_segment=spec.data.max_length)

@@ -2,7 +2,11 @@
 
 - "default": Inductor fuses the elementwise work (layer norms, GELU, dropout, softmax) around the
   matmuls; compiled once with dynamic shapes, so variable batch widths do not recompile.
-- "reduce-overhead": the same, and the whole step (forward, backward, clipping, AdamW) is replayed as
+- "regional": each transformer block's forward compiled alone, dynamic shapes; the blocks share one
+  graph (the same code, the parameters as inputs), so a 16- or 32-layer model compiles once, in seconds,
+  not once per layer or as one huge graph. The embeddings, the head and the loss stay eager. Hooks
+  (fsdp's gathers, activation checkpointing) stay outside the compiled region, so it suits every strategy.
+- "reduce-overhead": the same as default, and the whole step (forward, backward, clipping, AdamW) is replayed as
   one CUDA graph per batch shape (`graphs.StepGraphs`). One graph per shape, so widths are rounded up
   to a multiple of 8 (cap/16 for long caps) and batches are filled to maxSamplesPerBatch rows (see
   batching.BatchShapes; packed rows: packing.PackedShapes). One GPU, no gradient accumulation, bf16 or
@@ -26,7 +30,7 @@ log = logging.getLogger("kubetrain.compile")
 
 
 def batch_shapes(mode: str, data: DataSpec) -> BatchShapes | PackedShapes | None:
-    if mode == "off":
+    if mode in ("off", "regional"):  # regional: dynamic shapes inside each block, any batch
         return None
     if data.packing:  # dynamic shapes take any row; graphs want few row lengths and a fixed sample count
         return PackedShapes(samples=data.max_samples_per_batch or 0, max_segment=data.max_length) if mode == "reduce-overhead" else None
@@ -57,9 +61,27 @@ def compile_for_training(module: torch.nn.Module, mode: str, data: DataSpec, *, 
         log.warning("compile: reduce-overhead (CUDA graphs of the whole step) needs one GPU, strategy ddp, "
                     "gradientAccumulation 1 and bf16 or fp32; using default")
         mode = "default"
+    if mode == "regional":
+        blocks = compile_blocks(module)
+        if blocks:
+            log.info("compile: regional, %d transformer blocks, one graph", blocks)
+            return Compiled(module)
+        log.warning("compile: regional needs repeated transformer blocks (transformers' _no_split_modules), and this "
+                    "model has none; using default")
+        mode = "default"
     compiled = Compiled(torch.compile(module, dynamic=True), batch_shapes(mode, data), step_graphs=mode == "reduce-overhead")
     log.info("compile: torch.compile (%s), batch shapes %s", mode, compiled.shapes)
     return compiled
+
+
+def compile_blocks(module: torch.nn.Module) -> int:
+    """Compile each transformer block's forward in place; returns how many. Module hooks stay eager around it."""
+    from .sharding import transformer_blocks
+
+    blocks = transformer_blocks(module)
+    for block in blocks:
+        block.forward = torch.compile(block.forward, dynamic=True)
+    return len(blocks)
 
 
 def unwrapped(module: torch.nn.Module) -> torch.nn.Module:

@@ -88,7 +88,7 @@ def generation_metrics(model: torch.nn.Module, prompts: Prompts, spec: Generatio
         with autocast():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                  max_new_tokens=spec.max_new_tokens, eos_token_id=prompts.stop_ids, pad_token_id=pad,
-                                 synced_gpus=synced)
+                                 synced_gpus=synced, use_cache=True)
         for row, i in enumerate(chunk):
             answer = tokenizer.decode(out[row, width:].tolist(), skip_special_tokens=True)
             reference = prompts.references[i]

@@ -147,6 +147,15 @@ def load_quantized(spec: ModelSpec, auto, source: str | None, config, precision:
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
+def without_training_cache(model: torch.nn.Module) -> None:
+    """Training never reads a key/value cache, but transformers builds one in every forward while config.use_cache
+    is on (its default): an object per step, and per-layer state that makes a compiled block guard on its layer
+    index (compile: regional would compile once per layer). Generation asks for its cache itself."""
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None):
+        config.use_cache = False
+
+
 def enable_activation_checkpointing(model: torch.nn.Module) -> int:
     """Recompute every transformer block in the backward (non-reentrant checkpointing: works with LoRA,
     torch.compile and FSDP). Returns how many blocks are checkpointed."""
