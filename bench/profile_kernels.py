@@ -57,8 +57,8 @@ def main() -> None:
     with prof:
         row = sibling("lm_compare").main(rest)
     window = stamps[args.skip + 2 + args.active] - stamps[args.skip + 2]  # the active steps' wall time
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA or
-              getattr(e, "self_device_time_total", 0) > 0]
+    # kernels only: an operator's row (aten::mm) carries its kernels' time again, and ProfilerStep the whole step's
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     by_kind: dict[str, float] = {}
     for e in events:
         by_kind[kind(e.key)] = by_kind.get(kind(e.key), 0.0) + e.self_device_time_total / 1e6
