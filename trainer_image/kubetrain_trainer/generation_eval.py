@@ -85,7 +85,8 @@ def generation_metrics(model: torch.nn.Module, prompts: Prompts, spec: Generatio
         for row, tokens in enumerate(rows):  # left-padded: every answer starts right after its prompt
             ids[row, width - len(tokens):] = torch.tensor(tokens)
             mask[row, width - len(tokens):] = 1
-        with autocast():
+        # eager: compiled blocks (compile: regional) would recompile per layer and per length for the KV cache
+        with autocast(), torch.compiler.set_stance("force_eager"):
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                  max_new_tokens=spec.max_new_tokens, eos_token_id=prompts.stop_ids, pad_token_id=pad,
                                  synced_gpus=synced, use_cache=True)
