@@ -236,5 +236,5 @@ def fused_lm(run: Run) -> tuple[torch.nn.Module, Callable | None]:
     if t.compile == "reduce-overhead":
         log.info("training.fusedLoss: not with compile reduce-overhead (its step graphs capture the logits path)")
         return run.model, None
-    fused = run.task.loss_in_forward(run.model)
+    fused = run.task.loss_in_forward(run.model, compiled=t.compile != "off")
     return fused if fused else (run.model, None)

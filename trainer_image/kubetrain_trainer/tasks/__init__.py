@@ -59,9 +59,10 @@ class Task(Protocol):
     def packed_forward(self, model: torch.nn.Module, input_ids, position_ids, sample_starts, varlen: dict):
         """Forward over one packed row; returns an object with `.logits`."""
 
-    def loss_in_forward(self, model: torch.nn.Module):
+    def loss_in_forward(self, model: torch.nn.Module, compiled: bool = False):
         """(a module whose training forward returns the summed loss, the step's loss function) where the task
-        has a cheaper way than logits (training.fusedLoss); None: logits and summed_loss."""
+        has a cheaper way than logits (training.fusedLoss); None: logits and summed_loss. `compiled`: the run
+        compiles (training.compile), so the loss may use torch.compile too."""
 
     def packed_labels(self, ids: np.ndarray, sample_labels: np.ndarray | None, cu: np.ndarray, samples: int,
                       fillers: int, used: int, trained: np.ndarray | None) -> np.ndarray:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from kubetrain.api import DataSpec, ModelSpec
 
 from ..data import IGNORE_LABEL, Encoded, next_token_targets
-from ..lm_loss import CHUNK_TOKENS, FusedLossLM, fusable, fused_loss, position_targets
+from ..lm_loss import FusedLossLM, chunk_tokens, fusable, fused_loss, position_targets
 from ..lm_rows import encode_lm
 
 log = logging.getLogger("kubetrain.model")
@@ -66,14 +66,17 @@ class CausalLM:
     def packed_forward(self, model, input_ids, position_ids, sample_starts, varlen: dict):
         return model(input_ids=input_ids, position_ids=position_ids, **varlen)
 
-    def loss_in_forward(self, model):
+    def loss_in_forward(self, model, compiled: bool = False):
         """The LM head and cross-entropy fused in chunks (lm_loss): the logits are never whole."""
         why = fusable(model)
         if why:
             log.info("training.fusedLoss: full logits (%s)", why)
             return None
-        log.info("training.fusedLoss: the LM head and the cross-entropy fused in chunks of %d tokens", CHUNK_TOKENS)
-        return FusedLossLM(model), fused_loss
+        fused = FusedLossLM(model, compiled=compiled)
+        chunk = chunk_tokens(fused.head.weight.shape[0])
+        log.info("training.fusedLoss: the LM head and the cross-entropy fused in chunks of %d tokens%s", chunk,
+                 ", each chunk's softmax compiled" if compiled else "")
+        return fused, fused_loss
 
     def packed_labels(self, ids, sample_labels, cu, samples: int, fillers: int, used: int, trained=None) -> np.ndarray:
         """The next token inside the same sample; none after a sample's last token, fillers or the tail (and,

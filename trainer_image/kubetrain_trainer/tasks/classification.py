@@ -77,7 +77,7 @@ class SequenceClassification:
             return PackedOutput(inner.classifier(first))
         return PackedOutput(inner.classifier(inner.dropout(encoder.pooler(first))))
 
-    def loss_in_forward(self, model) -> None:
+    def loss_in_forward(self, model, compiled: bool = False) -> None:
         return None  # the head's logits are [samples, labels]: nothing to save
 
     def packed_labels(self, ids, sample_labels, cu, samples: int, fillers: int, used: int, trained=None) -> np.ndarray:
