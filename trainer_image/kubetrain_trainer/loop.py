@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 
 import torch
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from kubetrain.api import EXIT_PREEMPTED
@@ -20,6 +18,7 @@ from kubetrain.contracts import CheckpointReason
 from kubetrain.termination import TrainerReport, write_report
 
 from .build import Run, prepare
+from .clipping import clip_gradients, divided_in_update
 from .compile import unwrapped
 from .data import StepBatches
 from .distributed import Runtime, seed_step
@@ -261,13 +260,11 @@ def train_step(module, optimizer, scaler, batcher, batches: StepBatches, *, task
         loss_total += loss.detach()
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
-    if isinstance(grad_norm, DTensor):  # fsdp: the norm over every rank's shards
-        grad_norm = grad_norm.full_tensor()
+    grad_norm, divisor = clip_gradients(optimizer, params, max_grad_norm, scaler_enabled=scaler.is_enabled())
     if scaler.is_enabled():
         scaler.step(optimizer)  # skips a step whose gradients overflowed, and lowers the scale
     else:
-        with update_skipped_if_non_finite(optimizer, grad_norm):
+        with update_skipped_if_non_finite(optimizer, grad_norm), divided_in_update(optimizer, divisor):
             optimizer.step()
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
