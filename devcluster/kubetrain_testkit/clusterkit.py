@@ -96,6 +96,13 @@ def events(cluster: DevCluster, name: str) -> list[tuple[str, str, str]]:
     return [(e.type, e.reason, e.message) for e in items if e.involved_object.name == name]
 
 
+def wait_events(cluster: DevCluster, name: str, until, timeout: float = 30) -> list[tuple[str, str, str]]:
+    """A job's events once until(events) holds: the operator posts them after the status patch that a test
+    sees first (status first, so a decision is durable before its side effects)."""
+    return wait_for(f"the events of {name}", lambda: (found := events(cluster, name)) and until(found) and found,
+                    timeout, cluster)
+
+
 def s3_manifests(cluster: DevCluster, prefix: str) -> dict[int, dict]:
     """Complete checkpoints under prefix (read from moto directly, not through the fault proxy): step -> manifest."""
     client = cluster.s3.client()

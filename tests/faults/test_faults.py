@@ -38,7 +38,7 @@ from kubetrain_devcluster.cluster import BUCKET, DevCluster
 from kubetrain_testkit import REPO
 from kubetrain_testkit.clusterkit import (NS, assert_operator_calls_granted, create, events, kubectl, newest_step,
                                           get_job, operator_metrics, patch_spec, pod_logs, pods, rank0_logs, rank0_pod, s3_manifests,
-                                          status, tiny_job, wait_for, wait_phase)
+                                          status, tiny_job, wait_events, wait_for, wait_phase)
 from kubetrain_testkit.prometheus import scrape
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.faults]
@@ -388,7 +388,7 @@ def test_hostile_jobs_are_each_refused_or_failed_naming_the_field_with_no_pod_an
         assert s["phase"] == "Failed", (name, s)
         assert field_name in s["message"], (name, field_name, s["message"][:500])
         assert not pods(cluster, name), f"{name}: no pod for an invalid job"
-        assert ("Warning", "InvalidSpec") in [(t, r) for t, r, _ in events(cluster, name)]
+        wait_events(cluster, name, lambda found: ("Warning", "InvalidSpec") in [(t, r) for t, r, _ in found])
     assert cluster.operator.running
     for case, name in names.items():  # Failed jobs stay until deleted; the later scenarios need no extra load
         if case not in refused:
@@ -687,7 +687,7 @@ def test_bad_data_fails_at_the_first_attempt_in_one_line_naming_where(cluster, c
         assert (s["phase"], s["attempt"], s["restarts"], s["failures"]) == ("Failed", 1, 0, 0), (name, s)
         assert s["message"].startswith(message) and "\n" not in s["message"] and len(s["message"]) < 400, s["message"]
         assert {c["type"]: c["reason"] for c in s["conditions"]}["Failed"] == reason
-        assert ("Warning", reason, s["message"]) in events(cluster, name)
+        wait_events(cluster, name, lambda found: ("Warning", reason, s["message"]) in found)
         kubectl(cluster, "delete", "trainingjob", name, "-n", NS)
     record("bad-data", f"{len(cases)} jobs with data no retry can fix: a row missing its text field, a label outside "
            "numLabels, an empty file, invalid UTF-8, a typo in the data path, a bucket that does not exist",

@@ -18,8 +18,8 @@ from kubetrain.ports import free_port
 
 from kubetrain_devcluster.cluster import BUCKET, S3_SECRET
 from kubetrain_testkit import REPO
-from kubetrain_testkit.clusterkit import (NS, assert_operator_calls_granted, create, events, get_job, kubectl, newest_step, pod_logs,
-                                          pods, s3_manifests, status, tiny_job, wait_for, wait_phase)
+from kubetrain_testkit.clusterkit import (NS, assert_operator_calls_granted, create, get_job, kubectl, newest_step, pod_logs,
+                                          pods, s3_manifests, status, tiny_job, wait_events, wait_for, wait_phase)
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -41,7 +41,7 @@ def test_kubectl_apply_of_the_example_succeeds_with_checkpoints_in_s3(cluster):
     assert final["lastCheckpoint"]["uri"] == f"s3://{BUCKET}/checkpoints/{NS}/sentiment-minilm/step-{finished:09d}"
     assert (final["attempt"], final["restarts"], final["preemptions"]) == (1, 0, 0)
     assert sorted(p.status.phase for p in pods(cluster, "sentiment-minilm")) == ["Succeeded", "Succeeded"]
-    reasons = [r for _, r, _ in events(cluster, "sentiment-minilm")]
+    reasons = [r for _, r, _ in wait_events(cluster, "sentiment-minilm", lambda found: found[-1][1] == "JobSucceeded")]
     assert reasons[:2] == ["Created", "GroupRunning"] and reasons[-1] == "JobSucceeded", reasons
     assert "StartedFromScratch" in reasons, reasons  # the trainer said where it started
     phase = kubectl(cluster, "get", "tj", "sentiment-minilm", "-o", "jsonpath={.status.phase} {.status.step}").stdout
@@ -76,7 +76,8 @@ def test_a_transient_error_four_times_with_backoff_limit_3_fails_the_job(cluster
     assert "Traceback" not in final["message"] and "\n" not in final["message"]
     failed = [c for c in final["conditions"] if c["type"] == "Failed"][0]
     assert failed["status"] == "True" and failed["reason"] == "BackoffLimitExceeded"
-    warnings = [(r, m) for t, r, m in events(cluster, name) if t == "Warning"]
+    warnings = [(r, m) for t, r, m in wait_events(cluster, name, lambda found: found[-1][1] == "BackoffLimitExceeded")
+                if t == "Warning"]
     assert [r for r, _ in warnings].count("PodFailed") == 4 and warnings[-1][0] == "BackoffLimitExceeded"
     assert "EndpointConnectionError" in warnings[-1][1]
 
@@ -212,11 +213,8 @@ def test_a_group_whose_secret_is_missing_says_why_and_fails_at_its_scheduling_ti
     assert final["message"].startswith("the group did not start within runPolicy.schedulingTimeoutSeconds (20s): pod "
                                        f"{name}-"), final["message"]
     assert [c["reason"] for c in final["conditions"] if c["type"] == "Failed"] == ["SchedulingTimeout"]
-    def warnings():  # the Event is posted right after the status patch: the Failed phase may be seen first
-        found = [(r, m) for t, r, m in events(cluster, name) if t == "Warning"]
-        return found if found and found[-1][0] == "SchedulingTimeout" else None
-
-    found = wait_for("the SchedulingTimeout Event", warnings, 30, cluster)
+    found = [(r, m) for t, r, m in wait_events(cluster, name, lambda found: found[-1][1] == "SchedulingTimeout")
+             if t == "Warning"]
     assert found[0][0] == "CreateContainerConfigError", found
     described = kubectl(cluster, "describe", "tj", name).stdout
     assert "CreateContainerConfigError" in described and "SchedulingTimeout" in described
