@@ -15,6 +15,7 @@ from transformers import (BertConfig, BertForSequenceClassification, GPT2Config,
 from kubetrain_trainer.batching import BatchShapes, DeviceBatcher
 from kubetrain_trainer.data import Encoded, collate, pack_by_budget, plan_epoch
 from kubetrain_trainer.lm_loss import FusedLossLM, fused_loss, linear_cross_entropy_sum
+from kubetrain_trainer.model import without_training_cache
 from kubetrain_trainer.packing import PackedBatcher, PackedModel, PackedShapes, PackingError, position_offset
 from kubetrain_trainer.tasks import task_for
 
@@ -279,3 +280,33 @@ def test_packed_attention_runs_in_autocasts_dtype_even_when_handed_fp32_q_k_v(mo
     assert out.dtype == torch.bfloat16 and handed == [torch.bfloat16]
     expected, _ = packed_attention(module, q.bfloat16(), k.bfloat16(), v.bfloat16(), None, cu_seq_lens_q=cu, max_length_q=4)
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("name", ["bert", "roberta", "gpt2", "llama-gqa"])
+def test_a_packed_forward_builds_no_attention_mask_and_reads_nothing_back(name, monkeypatch):
+    """Packed attention stays inside each sample through cu_seqlens, so transformers' mask is unused. Left to
+    itself, transformers looks at the packed position ids for sample starts (`(...).all()` in a Python `if`:
+    one host sync per step, seen in py-spy on an H200) and then builds a [T, T] mask, 1 GiB at 32k tokens."""
+    import transformers.masking_utils as masking
+
+    looked = []
+    find = masking.find_packed_sequence_indices
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda *a, **kw: looked.append(1) or find(*a, **kw))
+    _, task, model, with_types = next(m for m in models() if m[0] == name)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    without_training_cache(model)  # as the trainer builds it
+    enc = encoded(task, with_types)
+    packed_model = PackedModel(model, task, max_segment=32)
+    built = []
+    monkeypatch.setitem(masking.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "kubetrain_packed",
+                        lambda *a, **kw: built.append(kw["q_length"]) or masking.sdpa_mask(*a, **kw))
+    batch = PackedBatcher(enc, pad, CPU, task, position_offset(model), PackedShapes(samples=6, max_segment=32, min_step=16))(
+        [4, 0, 2, 5])
+    labels = batch.pop("labels")
+    loss, _ = task.summed_loss(packed_model(**batch).logits, batch, labels)
+    assert torch.isfinite(loss)
+    assert (looked, built) == ([], []), "a packed forward looked for packed sequences or built a mask"
+    padded = collate(enc, [4, 0, 2, 5], pad_id=pad)  # evaluation's padded batches still get their padding mask
+    padded.pop("labels", None)
+    model(**padded)
+    assert built, "a padded forward built no mask"

@@ -11,7 +11,7 @@ The pieces:
   graphs' fixed sample count is met with one-token filler samples; neither adds to the loss.
 - `packed_attention`: registered with transformers' attention interface; flash varlen on CUDA
   (bf16/fp16), a block-diagonal mask elsewhere (CPU tests). Without `cu_seqlens` (evaluation's padded
-  batches) it is plain SDPA.
+  batches) it is plain SDPA. Packed forwards hand transformers a placeholder 4D mask, so it builds none.
 - `PackedModel`: runs the encoder on the packed row and the classification head on each sample's
   first token (BERT- and RoBERTa-style heads), or the causal LM on the row (labels are next tokens
   inside each sample).
@@ -85,6 +85,14 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     return out.transpose(1, 2).contiguous(), None
 
 
+def mask_placeholder(input_ids: torch.Tensor) -> torch.Tensor:
+    """A 4D attention mask of one element, broadcast over the row: transformers returns a 4D mask as it is, so it
+    neither looks at the packed position ids for sample starts (`(...).all()` in a Python `if`, one host sync per
+    step) nor builds a [T, T] mask (1 GiB at 32k tokens) that packed attention would ignore for cu_seqlens."""
+    total = input_ids.shape[-1]
+    return torch.ones((), dtype=torch.bool, device=input_ids.device).expand(1, 1, total, total)
+
+
 def _register_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -130,7 +138,8 @@ class PackedModel(torch.nn.Module):
         self.model, self.task, self.max_segment = model, task, max_segment
 
     def forward(self, input_ids, position_ids, cu_seqlens, sample_starts, token_type_ids=None, targets=None):
-        varlen = {"cu_seq_lens_q": cu_seqlens, "max_length_q": self.max_segment}
+        varlen = {"cu_seq_lens_q": cu_seqlens, "max_length_q": self.max_segment,
+                  "attention_mask": mask_placeholder(input_ids)}
         if token_type_ids is not None:
             varlen["token_type_ids"] = token_type_ids
         if targets is not None:  # the loss in the forward (lm_loss.FusedLossLM)
