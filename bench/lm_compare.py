@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from kubetrain_testkit import tiny
-from kubetrain_testkit.benchkit import StepLog, peak_memory_gib, sync
+from kubetrain_testkit.benchkit import StepLog, SyncSites, peak_memory_gib, sync
 from kubetrain_testkit.synthetic import make_rows, words, write_jsonl
 
 LLAMA = {"model_type": "llama", "vocab_size": 49152, "max_position_embeddings": 2048, "tie_word_embeddings": True,
@@ -276,7 +276,12 @@ def one(args) -> dict:
     if device().type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     try:
-        return (run_kubetrain if args.side.startswith("kubetrain") else run_hf)(args, args.side)
+        run = run_kubetrain if args.side.startswith("kubetrain") else run_hf
+        if not args.sync_sites:
+            return run(args, args.side)
+        with SyncSites() as syncs:
+            row = run(args, args.side)
+        return {**row, "sync_sites": syncs.most_common()}
     except ImportError as err:
         return {"side": args.side, "ok": False, "error": f"not run: {err}"}
     except torch.OutOfMemoryError as err:
@@ -313,6 +318,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--side-timeout", type=float, default=900, help="seconds a side may take, compile included")
     p.add_argument("--tiny", action="store_true", help="tiny Llama on the CPU, a few steps (the test suite runs this)")
+    p.add_argument("--sync-sites", action="store_true", help="count where the host waits for the GPU (CUDA sync debug "
+                   "mode), by call site, into each row: a profile, not a timed run")
     p.add_argument("--work", type=Path, default=Path("/tmp/lm-compare"))
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -357,7 +364,7 @@ def argv_of(args) -> list[str]:
     """The shared settings, for a side's own process."""
     out = ["--shape", args.shape, "--batch", str(args.batch), "--max-length", str(args.max_length), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--eval-rows", str(args.eval_rows), "--seed", str(args.seed), "--work", str(args.work)]
-    return out + (["--sft"] if args.sft else []) + (["--tiny"] if args.tiny else [])
+    return out + (["--sft"] if args.sft else []) + (["--tiny"] if args.tiny else []) + (["--sync-sites"] if args.sync_sites else [])
 
 
 if __name__ == "__main__":
