@@ -14,7 +14,8 @@ Sides, each in its own process (no compiled graphs, allocator state or peak coun
   causal mask); `hf-flatten-fa2` with flash_attention_2 where the flash-attn package is installed;
 - `kubetrain`: packed (`data.packing`, varlen flash attention), `training.batchSize` = the same samples per step,
   fused LM loss (`fusedLoss: auto`), compile off; `kubetrain-compiled`: the same with `compile: default`;
-  `kubetrain-regional`: with `compile: regional` (each decoder layer compiled, one graph for all).
+  `kubetrain-regional`: with `compile: regional` (each decoder layer compiled, one graph for all);
+  `kubetrain-graphs`: `compile: reduce-overhead` (the whole step one CUDA graph per row shape; full logits).
 liger-kernel sides run where liger_kernel imports (`hf-grouped-liger`, `hf-flatten-liger`).
 Every side: bf16 autocast, fused AdamW, lr warmup then linear decay, clip 1.0, `--batch` samples per step,
 `--warmup + --steps` steps, timed over the `--steps` after the warm-up, bracketed by device syncs. Real tokens
@@ -57,8 +58,9 @@ SHAPES = {
 }
 HF_SIDES = ["hf-default", "hf-grouped", "hf-grouped-no-cudnn", "hf-flatten", "hf-flatten-fa2", "hf-grouped-compiled", "hf-grouped-liger",
             "hf-flatten-liger"]
-SIDES = [*HF_SIDES, "kubetrain", "kubetrain-compiled", "kubetrain-regional"]
-KUBETRAIN_COMPILE = {"kubetrain": "off", "kubetrain-compiled": "default", "kubetrain-regional": "regional"}
+SIDES = [*HF_SIDES, "kubetrain", "kubetrain-compiled", "kubetrain-regional", "kubetrain-graphs"]
+KUBETRAIN_COMPILE = {"kubetrain": "off", "kubetrain-compiled": "default", "kubetrain-regional": "regional",
+                     "kubetrain-graphs": "reduce-overhead"}
 LEARNING_RATE = 1e-4
 log = logging.getLogger("lm_compare")
 

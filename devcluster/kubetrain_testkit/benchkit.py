@@ -61,8 +61,13 @@ class SyncSites:
 
         if "synchroniz" not in str(message):
             return self._saved[0](message, category, filename, lineno, file, line)
-        stack = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename and "/warnings" not in f.filename]
-        key = " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in reversed(stack[-self.frames:]))
+        import threading
+
+        where = lambda frames: " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}"  # noqa: E731
+                                           for f in reversed(frames))
+        stack = [f for f in traceback.extract_stack()[:-1] if "/warnings" not in f.filename]
+        ours = [f for f in stack if "/torch/" not in f.filename]
+        key = f"[{threading.current_thread().name}] {where(stack[-2:])} | {where(ours[-self.frames:])}"
         self.sites[key] = self.sites.get(key, 0) + 1
 
     def __exit__(self, *exc):
