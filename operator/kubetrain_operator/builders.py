@@ -18,6 +18,7 @@ from kubetrain.pod_spec import MLFLOW_CREDENTIAL_ENV, S3_CREDENTIAL_ENV
 from kubetrain.termination import TERMINATION_MESSAGE_ENV
 from kubetrain.torchrun import RDZV_PORT, torchrun_options
 
+from . import gang
 from . import names as N
 
 RUN_AS_USER = 1000  # the trainer image's non-root user
@@ -301,6 +302,7 @@ def pod(job: TrainingJob, owner: dict, rank: int, attempt: int, config_digest: s
         labels = {**labels, N.KUEUE_QUEUE_LABEL: queue, N.KUEUE_POD_GROUP_LABEL: N.pod_group_name(name, attempt)}
         annotations[N.KUEUE_POD_GROUP_COUNT] = str(spec.nodes)
         pod_spec["schedulingGates"] = [{"name": N.KUEUE_ADMISSION_GATE}]
+    gang.mark_pod(job, attempt, labels, annotations, pod_spec)
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -364,6 +366,11 @@ def network_policy(job: TrainingJob, owner: dict, defaults: ClusterDefaults) -> 
                         {"from": [operator, *monitoring], "ports": metrics}],
         },
     }
+
+
+def pod_group(job: TrainingJob, owner: dict, attempt: int) -> dict | None:
+    """The attempt's PodGroup under runPolicy.podGroupPolicy (gang.py), labelled as the job's other objects."""
+    return gang.pod_group(job, owner, attempt, _labels(job))
 
 
 def group(job: TrainingJob, owner: dict, attempt: int, rdzv_port: int = RDZV_PORT) -> tuple[dict, list[dict]]:

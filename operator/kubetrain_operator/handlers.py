@@ -24,7 +24,7 @@ from kubetrain.api import GROUP, PLURAL, VERSION, SpecError, job_checkpoint_pref
 from . import live_progress
 from .builders import ClusterDefaults, controller_of, job_from_object
 from .cache import WatchCache, progress_only
-from .kube import Conflict, ForeignObject, Kube, Predecessor, observed_of
+from .kube import Conflict, ForeignObject, Kube, Predecessor, Unserved, observed_of
 from .metrics import OperatorMetrics
 from .rechecks import Rechecks
 from .names import LABEL_ATTEMPT, LABEL_JOB
@@ -61,7 +61,7 @@ def reconcile(memo: kopf.Memo, namespace: str, name: str, scrape: bool = False, 
     kube: Kube = memo.kube
     metrics: OperatorMetrics = memo.metrics
     jobs: JobRegistry = memo.jobs
-    foreign = None  # learnt while applying: a ConfigMap or Secret of the job's name that is not ours
+    foreign = unserved = None  # learnt while applying: an object of the job's name not ours, a kind not served
     with jobs.locks[(namespace, name)], metrics.reconcile_seconds.time():
         if cached and (decided := _from_cache(memo, namespace, name, scrape)) is not None:
             return decided
@@ -73,7 +73,7 @@ def reconcile(memo: kopf.Memo, namespace: str, name: str, scrape: bool = False, 
             now = datetime.now(UTC)
             observed = kube.observe(job, now)
             jobs.watched.read_fresh((namespace, name))
-            observed.foreign = observed.foreign or foreign
+            observed.foreign, observed.unserved = observed.foreign or foreign, unserved
             decided = _planned(memo, (namespace, name), observed, scrape)
             try:
                 kube.apply(job, decided, now)
@@ -81,6 +81,9 @@ def reconcile(memo: kopf.Memo, namespace: str, name: str, scrape: bool = False, 
                 continue
             except ForeignObject as err:  # plan again, knowing: the job fails instead of starting
                 foreign = str(err)
+                continue
+            except Unserved as err:  # plan again, knowing: the job fails, no retry installs a scheduler
+                unserved = str(err)
                 continue
             except Predecessor as err:
                 raise kopf.TemporaryError(f"{err}; waiting for the garbage collector", delay=2) from None

@@ -17,6 +17,7 @@ from kubernetes.client.exceptions import ApiException
 from kubetrain.api import GROUP, KIND, PLURAL, VERSION, API_VERSION
 from kubetrain.contracts import timestamp
 
+from . import gang
 from .builders import controlled_by, left_by_predecessor
 from .names import job_selector
 from .records import Observed, Plan
@@ -33,6 +34,10 @@ class Predecessor(Exception):
     the garbage collector rather than write into something about to be deleted."""
 
 
+class Unserved(Exception):
+    """The cluster does not serve a kind the job asks for (a PodGroup without its scheduler installed)."""
+
+
 class Conflict(Exception):
     """The job changed between our read and our status write; reconcile again."""
 
@@ -43,6 +48,9 @@ class Kube:
         self.core = kubernetes.client.CoreV1Api(self.client)
         self.custom = kubernetes.client.CustomObjectsApi(self.client)
         self.networking = kubernetes.client.NetworkingV1Api(self.client)
+        # PodGroups (gang.py) through an attribute of their own: tests/packaging derives the RBAC grants from
+        # which attribute each call goes through
+        self.pod_groups = kubernetes.client.CustomObjectsApi(self.client)
 
     # --- reading
     def _raw(self, response) -> dict:
@@ -95,6 +103,8 @@ class Kube:
             self.create(manifest)
         for pod in plan.delete_pods:
             self.delete_pod(pod)
+        for ref in plan.delete_pod_groups:
+            self.delete_pod_group(ref)
         for event in plan.events:
             self.post_event(job, event.type, event.reason, event.message, now)
         if plan.delete_job:
@@ -119,6 +129,8 @@ class Kube:
     def create(self, manifest: dict) -> None:
         """Create-only. A Secret that exists must be this job's (its rendezvous id); other kinds are left as they are."""
         ns, kind, name = manifest["metadata"]["namespace"], manifest["kind"], manifest["metadata"]["name"]
+        if kind == "PodGroup":
+            return self._create_pod_group(manifest)
         create = {"Pod": self.core.create_namespaced_pod, "Service": self.core.create_namespaced_service,
                   "ConfigMap": self.core.create_namespaced_config_map, "Secret": self.core.create_namespaced_secret,
                   "NetworkPolicy": self.networking.create_namespaced_network_policy}[kind]
@@ -131,6 +143,32 @@ class Kube:
             if kind == "Secret":
                 self._check_owned(kind, self._raw(self.core.read_namespaced_secret(name, ns, _preload_content=False)),
                                   manifest)
+
+    def _create_pod_group(self, manifest: dict) -> None:
+        meta, api_version = manifest["metadata"], manifest["apiVersion"]
+        group, version = api_version.split("/")
+        try:
+            self._drained(self.pod_groups.create_namespaced_custom_object(group, version, meta["namespace"], gang.PLURAL,
+                                                                      manifest, _preload_content=False))
+            log.info("created PodGroup %s/%s (%s)", meta["namespace"], meta["name"], api_version)
+        except ApiException as err:
+            if err.status == 404:  # the kind is not served: no scheduler of that kind is installed
+                raise Unserved(f"runPolicy.podGroupPolicy: this cluster does not serve {api_version} PodGroup "
+                               f"(install {gang.KINDS[api_version].scheduler}'s PodGroup CRD, or unset "
+                               "podGroupPolicy)") from None
+            if err.status != 409:
+                raise
+
+    def delete_pod_group(self, ref: dict) -> None:
+        meta = ref["metadata"]
+        group, version = ref["apiVersion"].split("/")
+        try:
+            self._drained(self.pod_groups.delete_namespaced_custom_object(group, version, meta["namespace"], gang.PLURAL,
+                                                                      meta["name"], _preload_content=False))
+            log.info("deleted PodGroup %s/%s (its attempt is over)", meta["namespace"], meta["name"])
+        except ApiException as err:
+            if err.status != 404:
+                raise
 
     def _check_owned(self, kind: str, current: dict, manifest: dict) -> None:
         """Raise unless `current` (of the name `manifest` wants) is controlled by the manifest's owner."""

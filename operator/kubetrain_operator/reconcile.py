@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from kubetrain.api import CheckpointRef, OutputRef, SpecError, TrainingJob, TrainingJobStatus
 from kubetrain.contracts import TERMINAL_PHASES, Phase, Reason, parse_timestamp, timestamp
 
-from . import builders
+from . import builders, gang
 from .builders import ClusterDefaults
 from .names import ANNOTATION_SPEC_HASH, LABEL_RANK, pod_name
 from .records import Event, Observed, Plan, Progress
@@ -213,6 +213,11 @@ def _start_group(b: Decision, job: TrainingJob, attempt: int, ranks: list[int] |
         b.plan.create.append(builders.network_policy(job, owner, b.defaults))
     if not b.obs.has_service:
         b.plan.create.append(builders.service(job, owner, b.rdzv_port))
+    group = builders.pod_group(job, owner, attempt)
+    if group is not None:  # create-only, before the pods: the gang scheduler waits for the pods it names
+        b.plan.create.append(group)
+        if ranks is None and attempt > 1:
+            b.plan.delete_pod_groups.append(gang.pod_group_ref(job, attempt - 1))
     if b.obs.predecessor_pods:  # same names: they are created once the garbage collector has taken those
         b.set(message=f"waiting for {b.obs.predecessor_pods} pod(s) of a deleted TrainingJob of this name to go")
         b.plan.requeue_after = 1.0
@@ -250,6 +255,9 @@ def plan(obs: Observed, defaults: ClusterDefaults = ClusterDefaults()) -> Plan:
 
     if obs.foreign and phase not in TERMINAL_PHASES:
         _fail(b, Reason.NAME_CONFLICT, obs.foreign, pods)
+        return b.finish()
+    if obs.unserved and phase not in TERMINAL_PHASES:
+        _fail(b, Reason.POD_GROUP_UNAVAILABLE, obs.unserved, pods)
         return b.finish()
     if phase in TERMINAL_PHASES:
         return _finished(b, job, pods)

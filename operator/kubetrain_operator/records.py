@@ -56,6 +56,9 @@ class Observed:
     # An object the job needs under its own name that another owner holds (a ConfigMap or Service the
     # operator did not create): a message; the job fails rather than adopt or overwrite it.
     foreign: str | None = None
+    # runPolicy.podGroupPolicy asks for a PodGroup kind the cluster does not serve (learnt when creating
+    # one): a message; the job fails, as no retry installs a scheduler.
+    unserved: str | None = None
     # A fresh random token from the I/O layer, for the job's rendezvous Secret when it is first created
     # (plan stays a pure function of what it is given).
     token: str = ""
@@ -76,6 +79,7 @@ class Plan:
     create: list[dict] = field(default_factory=list)  # in order: ConfigMap, Service, Pods
     replace_config: dict | None = None  # a new attempt runs the current spec
     delete_pods: list[dict] = field(default_factory=list)  # pods (uid preconditions) to delete gracefully
+    delete_pod_groups: list[dict] = field(default_factory=list)  # a finished attempt's PodGroup (gang.pod_group_ref)
     status: dict | None = None  # the full new status, or None if unchanged
     events: list[Event] = field(default_factory=list)
     delete_job: bool = False  # ttlSecondsAfterFinished passed

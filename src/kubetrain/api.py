@@ -14,11 +14,11 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from . import contracts
-from .patterns import DNS_LABEL, DNS_SUBDOMAIN, SIZE
+from .patterns import DNS_LABEL, DNS_SUBDOMAIN, QUANTITY, SIZE
 from .pod_spec import MLFLOW_CREDENTIAL_ENV, S3_CREDENTIAL_ENV, PodCustomization
 
 GROUP = "kubetrain.io"
@@ -115,7 +115,15 @@ LOADER_OPTIONS = frozenset({
 })
 ConfigValue = bool | int | float | Annotated[str, StringConstraints(max_length=4096, pattern=SAFE_TEXT)] | None
 MAX_STEPS = 10**9  # a sanity bound for step counts and intervals (years of training at 30 steps/s)
-Quantity = int | str  # "4Gi", "500m", 1
+
+
+def _quantity(value: int | str) -> int | str:
+    if isinstance(value, int) and value < 0 or isinstance(value, str) and not (len(value) <= 64 and re.match(QUANTITY, value)):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (such as 4, 500m, 8Gi)")
+    return value
+
+
+Quantity = Annotated[int | str, AfterValidator(_quantity)]  # "4Gi", "500m", 1
 
 
 def _yaml11_float(value: Any) -> Any:
@@ -483,6 +491,37 @@ class MetricsSpec(_Model):
     )
 
 
+class Coscheduling(_Model):
+    """scheduler-plugins' coscheduling: a `scheduling.x-k8s.io/v1alpha1` PodGroup per attempt."""
+
+    schedule_timeout_seconds: int | None = Field(
+        None, ge=1, le=86400, description="How long the scheduler waits for the whole group to fit before it "
+        "gives the group's reservations back and tries again (the PodGroup's scheduleTimeoutSeconds).")
+
+
+class VolcanoGroup(_Model):
+    """Volcano: a `scheduling.volcano.sh/v1beta1` PodGroup per attempt."""
+
+    queue: str | None = Field(None, max_length=63, pattern=DNS_LABEL, description="Volcano queue (its default: "
+                              "the cluster's default queue).")
+
+
+class PodGroupPolicy(_Model):
+    """Gang scheduling: each attempt's pods are placed all together or not at all, so a group that fits only
+    partly holds no GPU at the rendezvous. The pods go to the gang scheduler (scheduler-plugins-scheduler or
+    volcano; spec.pod.schedulerName names another) with a PodGroup of minMember = spec.nodes and the
+    group's summed requests as minResources. The cluster must serve the PodGroup kind, else the job fails."""
+
+    coscheduling: Coscheduling | None = None
+    volcano: VolcanoGroup | None = None
+
+    @model_validator(mode="after")
+    def _one_scheduler(self) -> PodGroupPolicy:
+        if (self.coscheduling is None) == (self.volcano is None):
+            raise ValueError("set exactly one of coscheduling and volcano")
+        return self
+
+
 class RunPolicy(_Model):
     backoff_limit: int = Field(3, ge=0, le=1000)
     active_deadline_seconds: int | None = Field(None, ge=1, le=MAX_STEPS)
@@ -500,6 +539,11 @@ class RunPolicy(_Model):
         "set true, its pods deleted, condition Suspended with reason SchedulingTimeout) so that it frees what it "
         "holds and starts again, from its newest checkpoint, when the suspend is set back to false.",
     )
+    pod_group_policy: PodGroupPolicy | None = Field(None, description=(
+        "Gang scheduling: each attempt's pods are placed all together or not at all, through a PodGroup of "
+        "minMember spec.nodes (scheduler-plugins coscheduling or Volcano); the pods go to "
+        "scheduler-plugins-scheduler or volcano unless spec.pod.schedulerName names another. The cluster must "
+        "serve the PodGroup kind, else the job fails (reason PodGroupUnavailable). Unset: no gang."))
 
 
 class TrainingJobSpec(_Model):

@@ -51,6 +51,7 @@ class Reason(StrEnum):
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
     NAME_CONFLICT = "NameConflict"  # an object the job needs under its name belongs to someone else
+    POD_GROUP_UNAVAILABLE = "PodGroupUnavailable"  # runPolicy.podGroupPolicy, and the cluster serves no PodGroup
     RESTARTED = "Restarted"
     SUSPENDING = "Suspending"
     JOB_SUSPENDED = "JobSuspended"

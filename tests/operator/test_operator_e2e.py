@@ -292,6 +292,55 @@ def test_a_kueue_queued_job_waits_gated_until_admitted_and_an_eviction_is_a_pree
     assert (final["preemptions"], final["failures"], final["attempt"]) == (1, 0, 2), final
 
 
+POD_GROUP_CRD = """
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: podgroups.scheduling.x-k8s.io}
+spec:
+  group: scheduling.x-k8s.io
+  names: {kind: PodGroup, plural: podgroups, singular: podgroup, shortNames: [pg]}
+  scope: Namespaced
+  versions:
+  - name: v1alpha1
+    served: true
+    storage: true
+    schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+"""
+
+
+def test_a_gang_scheduled_job_runs_with_a_pod_group_and_fails_readably_where_none_is_served(cluster, corpus, tmp_path):
+    """runPolicy.podGroupPolicy.coscheduling: without scheduler-plugins' PodGroup CRD the job fails at once, in one
+    line, before any pod; with it, the attempt's PodGroup (minMember 2, owned by the job) exists and the pods name
+    it. The pods keep schedulerName default-scheduler from spec.pod (scheduler-plugins installed as the default
+    scheduler's profile), so the dev cluster's scheduler, which does not gang-schedule, places them."""
+    gang = {"podGroupPolicy": {"coscheduling": {"scheduleTimeoutSeconds": 60}}}
+    create(cluster, tiny_job(cluster, corpus, "gang-unserved", runPolicy=gang))
+    failed = wait_phase(cluster, "gang-unserved", {"Failed", "Succeeded", "Running"}, timeout=60)
+    assert failed["phase"] == "Failed" and (failed["failures"], failed["restarts"]) == (0, 0), failed
+    assert failed["message"].startswith("runPolicy.podGroupPolicy: this cluster does not serve "
+                                        "scheduling.x-k8s.io/v1alpha1 PodGroup"), failed["message"]
+    assert [c["reason"] for c in failed["conditions"] if c["type"] == "Failed"] == ["PodGroupUnavailable"]
+    assert not pods(cluster, "gang-unserved"), "no pod without its PodGroup"
+
+    (tmp_path / "podgroup-crd.yaml").write_text(POD_GROUP_CRD)
+    kubectl(cluster, "apply", "-f", str(tmp_path / "podgroup-crd.yaml"))
+    try:
+        name = "gang"
+        doc = tiny_job(cluster, corpus, name, runPolicy=gang)
+        doc["spec"]["pod"] = {"schedulerName": "default-scheduler"}
+        create(cluster, doc)
+        final = wait_phase(cluster, name, {"Succeeded", "Failed"}, timeout=300)
+        assert final["phase"] == "Succeeded", final
+        group = cluster.custom_api().get_namespaced_custom_object("scheduling.x-k8s.io", "v1alpha1", NS, "podgroups",
+                                                                  f"{name}-attempt-1")
+        assert group["spec"]["minMember"] == 2 and group["spec"]["scheduleTimeoutSeconds"] == 60
+        assert group["metadata"]["ownerReferences"][0]["uid"] == get_job(cluster, name)["metadata"]["uid"]
+        assert {p.metadata.labels["scheduling.x-k8s.io/pod-group"] for p in pods(cluster, name)} == {f"{name}-attempt-1"}
+        assert_operator_calls_granted(cluster)
+    finally:
+        kubectl(cluster, "delete", "-f", str(tmp_path / "podgroup-crd.yaml"), "--wait=false", check=False)
+
+
 def test_two_operators_elect_one_and_the_standby_takes_over_within_15_s_when_the_leader_is_killed(cluster, corpus):
     """The chart's two replicas (--leader-elect): one leads over the Lease, the other waits. The leader is
     killed (SIGKILL, no clean-up) while a job runs; the standby takes the Lease within 15 s and carries the

@@ -380,6 +380,8 @@ def operator_api_calls() -> set[tuple[str, str, str]]:
     for verb, resource in calls:
         group, plural = RESOURCES[resource]
         used.add((group, plural, VERBS[verb]))
+    for verb in set(re.findall(r"self\.pod_groups\.([a-z]+)_namespaced_custom_object", source)):  # gang.py's kinds
+        used |= {(group, "podgroups", VERBS[verb]) for group in ("scheduling.x-k8s.io", "scheduling.volcano.sh")}
     return used
 
 

@@ -192,10 +192,12 @@ class Cluster:
         self.reports: list[PodReport] = []
         self.predecessors = 0
         self.drop_spec_writes = False  # the operator's spec write fails (a lost request)
+        self.pod_groups: dict[str, dict] = {}
+        self.unserved: str | None = None  # what creating a PodGroup of a kind the cluster lacks would say
 
     def step(self, live=None):
         p = plan(Observed(copy.deepcopy(self.job), list(self.pods.values()), self.service, self.now, live,
-                          reports=self.reports, predecessor_pods=self.predecessors), self.defaults)
+                          reports=self.reports, predecessor_pods=self.predecessors, unserved=self.unserved), self.defaults)
         if p.status is not None:
             self.job["status"] = p.status
         for m in p.create:
@@ -205,8 +207,12 @@ class Cluster:
                 assert m["metadata"]["name"] not in self.pods, "created a pod twice"
                 self.pods[m["metadata"]["name"]] = observed_pod(m, "Pending")
                 self.created.append(m["metadata"]["name"])
+            elif m["kind"] == "PodGroup":
+                self.pod_groups.setdefault(m["metadata"]["name"], m)  # create-only
         for pod in p.delete_pods:
             self.pods[pod["metadata"]["name"]]["metadata"]["deletionTimestamp"] = "now"
+        for ref in p.delete_pod_groups:
+            self.pod_groups.pop(ref["metadata"]["name"], None)
         self.events += [(e.reason, e.message) for e in p.events]
         if p.suspend_job and not self.drop_spec_writes:
             self.edit_spec(runPolicy={**self.job["spec"].get("runPolicy", {}), "suspend": True})
@@ -894,3 +900,69 @@ def test_a_job_in_a_kueue_queue_has_each_attempts_pods_gated_as_one_group_and_wa
     plain.step()
     assert all("schedulingGates" not in p["spec"] and "kueue.x-k8s.io/queue-name" not in p["metadata"]["labels"]
                for p in plain.pods.values())
+
+
+# ---------------------------------------------------------------- gang scheduling (runPolicy.podGroupPolicy)
+
+def test_coscheduling_places_each_attempt_as_one_pod_group_and_drops_the_previous_one():
+    c = Cluster(job_body(runPolicy={"backoffLimit": 3, "podGroupPolicy": {"coscheduling": {"scheduleTimeoutSeconds": 120}}}))
+    first = c.step()
+    kinds = [m["kind"] for m in first.create]
+    assert kinds.index("PodGroup") < kinds.index("Pod"), "the PodGroup exists before the pods naming it"
+    group = c.pod_groups["bert-attempt-1"]
+    assert group["apiVersion"] == "scheduling.x-k8s.io/v1alpha1"
+    assert group["metadata"]["ownerReferences"][0]["uid"] == "uid-1234" and group["metadata"]["labels"][LABEL_JOB] == "bert"
+    # minResources: each pod's requests (a request defaults to its limit) times the 2 pods
+    assert group["spec"] == {"minMember": 2, "scheduleTimeoutSeconds": 120,
+                             "minResources": {"cpu": "4", "memory": str(16 * 2**30), "nvidia.com/gpu": "2"}}
+    for pod in c.pods.values():
+        assert pod["metadata"]["labels"]["scheduling.x-k8s.io/pod-group"] == "bert-attempt-1"
+        assert pod["spec"]["schedulerName"] == "scheduler-plugins-scheduler"
+    c.set_pods(phase="Running")
+    c.step()
+    c.pods["bert-1"]["metadata"]["deletionTimestamp"] = "now"  # preempted
+    c.step()
+    c.set_pods(phase="Failed", exit_code=EXIT_PREEMPTED, deleting=True)
+    c.step()
+    c.gone()
+    c.step()
+    assert c.status["attempt"] == 2 and list(c.pod_groups) == ["bert-attempt-2"], c.pod_groups
+    assert {p["metadata"]["labels"]["scheduling.x-k8s.io/pod-group"] for p in c.pods.values()} == {"bert-attempt-2"}
+    plain = Cluster(job_body())
+    plain.step()
+    assert not plain.pod_groups and all("schedulerName" not in p["spec"] for p in plain.pods.values())
+
+
+def test_volcano_groups_name_the_queue_and_a_scheduler_named_in_spec_pod_wins():
+    c = Cluster(job_body(runPolicy={"podGroupPolicy": {"volcano": {"queue": "research"}}}, resources={},
+                         pod={"schedulerName": "default-scheduler"}))
+    c.step()
+    group = c.pod_groups["bert-attempt-1"]
+    assert group["apiVersion"] == "scheduling.volcano.sh/v1beta1"
+    assert group["spec"] == {"minMember": 2, "queue": "research", "priorityClassName": "training"}
+    for pod in c.pods.values():
+        assert pod["metadata"]["annotations"]["scheduling.k8s.io/group-name"] == "bert-attempt-1"
+        assert "scheduling.x-k8s.io/pod-group" not in pod["metadata"]["labels"]
+        assert pod["spec"]["schedulerName"] == "default-scheduler"  # scheduler-plugins as the default profile
+
+
+def test_a_pod_group_kind_the_cluster_does_not_serve_fails_the_job_before_any_pod():
+    c = Cluster(job_body(runPolicy={"podGroupPolicy": {"coscheduling": {}}}))
+    c.unserved = "runPolicy.podGroupPolicy: this cluster does not serve scheduling.x-k8s.io/v1alpha1 PodGroup"
+    p = c.step()
+    assert c.status["phase"] == "Failed" and not c.pods and not [m for m in p.create if m["kind"] == "Pod"]
+    failed = next(x for x in c.status["conditions"] if x["type"] == "Failed")
+    assert (failed["reason"], c.status["message"]) == ("PodGroupUnavailable", c.unserved)
+    assert c.step().status is None, "reported once"
+
+
+@pytest.mark.parametrize(("run_policy", "resources", "field"), [
+    ({"podGroupPolicy": {}}, None, "podGroupPolicy"),
+    ({"podGroupPolicy": {"coscheduling": {}, "volcano": {}}}, None, "podGroupPolicy"),
+    ({"podGroupPolicy": {"volcano": {"queue": "Not A Queue"}}}, None, "queue"),
+    ({}, {"limits": {"memory": "8 GB"}}, "resources.limits.memory"),
+], ids=["neither", "both", "bad-queue", "bad-quantity"])
+def test_a_bad_pod_group_policy_or_quantity_is_refused_naming_the_field(run_policy, resources, field):
+    overrides = {"runPolicy": run_policy} | ({"resources": resources} if resources else {})
+    with pytest.raises(SpecError, match=field):
+        parsed(job_body(**overrides))
