@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .batching import DeviceBatcher
+from .clipping import clip_gradients, divided_in_update
 from .divergence import update_skipped_if_non_finite
 from .tasks import Task
 
@@ -99,8 +100,9 @@ class StepGraphs:
             logits = self.module(**batch).logits
         loss, _ = self.task.summed_loss(logits, batch, labels)
         (loss * self.scale).backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        with update_skipped_if_non_finite(self.optimizer, norm, self.found_inf):
+        # as train_step clips (clipping.py): the divisor is computed in the graph, read only inside it
+        norm, divisor = clip_gradients(self.optimizer, self.params, self.max_grad_norm, scaler_enabled=False)
+        with update_skipped_if_non_finite(self.optimizer, norm, self.found_inf), divided_in_update(self.optimizer, divisor):
             self.optimizer.step()
         self.loss.copy_(loss.detach())
         self.grad_norm.copy_(norm)
