@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import traceback
+import warnings
 
 import torch
 
@@ -44,8 +47,6 @@ class SyncSites:
         self.frames, self.sites = frames, {}
 
     def __enter__(self):
-        import warnings
-
         self._cuda = torch.cuda.is_available()  # nothing to count without a GPU
         self._saved = warnings.showwarning, torch.cuda.get_sync_debug_mode() if self._cuda else 0
         self._filters = warnings.catch_warnings()
@@ -57,12 +58,8 @@ class SyncSites:
         return self
 
     def _show(self, message, category, filename, lineno, file=None, line=None):
-        import traceback
-
         if "synchroniz" not in str(message):
             return self._saved[0](message, category, filename, lineno, file, line)
-        import threading
-
         where = lambda frames: " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}"  # noqa: E731
                                            for f in reversed(frames))
         stack = [f for f in traceback.extract_stack()[:-1] if "/warnings" not in f.filename]
@@ -71,8 +68,6 @@ class SyncSites:
         self.sites[key] = self.sites.get(key, 0) + 1
 
     def __exit__(self, *exc):
-        import warnings
-
         if self._cuda:
             torch.cuda.set_sync_debug_mode(self._saved[1])
         warnings.showwarning = self._saved[0]

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from decimal import Decimal
 
+from kubernetes.utils import parse_quantity
+
 from kubetrain.api import TrainingJob
 
 from . import names as N
@@ -61,10 +63,9 @@ def pod_group(job: TrainingJob, owner: dict, attempt: int, labels: dict[str, str
             spec["queue"] = policy.volcano.queue
         if job.spec.priority_class_name:
             spec["priorityClassName"] = job.spec.priority_class_name
-    return {"apiVersion": kind.api_version, "kind": "PodGroup",
-            "metadata": {"name": N.pod_group_name(job.metadata.name, attempt), "namespace": job.metadata.namespace,
-                         "labels": labels, "ownerReferences": [owner]},
-            "spec": spec}
+    group = pod_group_ref(job, attempt)
+    group["metadata"].update(labels=labels, ownerReferences=[owner])
+    return {**group, "spec": spec}
 
 
 def pod_group_ref(job: TrainingJob, attempt: int) -> dict | None:
@@ -95,20 +96,7 @@ def group_requests(job: TrainingJob) -> dict[str, str]:
     """Every pod's requests summed over the group (a request defaults to its limit, as the API server does)."""
     res = job.spec.resources
     per_pod = {**res.limits, **res.requests}
-    return {name: format_quantity(parse_quantity(str(q)) * job.spec.nodes) for name, q in sorted(per_pod.items())}
-
-
-_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-             "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": 1,
-             "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
-
-
-def parse_quantity(text: str) -> Decimal:
-    """A Kubernetes quantity ("8Gi", "500m", "2", "1e3") as a number; the schema has checked its form."""
-    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
-        if suffix and text.endswith(suffix):
-            return Decimal(text[: -len(suffix)]) * Decimal(_SUFFIXES[suffix])
-    return Decimal(text)
+    return {name: format_quantity(parse_quantity(q) * job.spec.nodes) for name, q in sorted(per_pod.items())}
 
 
 def format_quantity(value: Decimal) -> str:
