@@ -30,6 +30,7 @@ import torch
 from .batching import DeviceBatcher
 from .clipping import clip_gradients, divided_in_update
 from .divergence import update_skipped_if_non_finite
+from .step_loss import micro_batch_loss
 from .tasks import Task
 
 log = logging.getLogger("kubetrain.graphs")
@@ -41,8 +42,9 @@ class StepGraphs:
     WARMUP_STEPS = 2  # eager runs of a new shape before capture: compile, cuBLAS/autograd lazy init
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, *, task: Task, autocast_dtype,
-                 max_grad_norm: float | None, device: torch.device):
+                 max_grad_norm: float | None, device: torch.device, loss_fn: Callable | None = None):
         self.module, self.optimizer, self.task, self.device = module, optimizer, task, device
+        self.loss_fn = loss_fn  # training.fusedLoss: the forward computes the loss (step_loss.micro_batch_loss)
         self.autocast_dtype = autocast_dtype  # None: fp32
         self.max_grad_norm = max_grad_norm if max_grad_norm is not None else float("inf")
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -92,13 +94,12 @@ class StepGraphs:
 
     # --- capture
 
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None,
+                              cache_enabled=False)  # autocast's weight cache must not outlive a capture
+
     def _body(self, inputs: dict[str, torch.Tensor]) -> None:
-        batch = dict(inputs)
-        labels = batch.pop("labels", None)
-        with torch.autocast("cuda", dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None,
-                            cache_enabled=False):  # autocast's weight cache must not outlive a capture
-            logits = self.module(**batch).logits
-        loss, _ = self.task.summed_loss(logits, batch, labels)
+        loss = micro_batch_loss(self.module, inputs, task=self.task, autocast=self._autocast, loss_fn=self.loss_fn)
         (loss * self.scale).backward()
         # as train_step clips (clipping.py): the divisor is computed in the graph, read only inside it
         norm, divisor = clip_gradients(self.optimizer, self.params, self.max_grad_norm, scaler_enabled=False)

@@ -34,6 +34,7 @@ from . import tracking
 from .output import export_run
 from .sharding import local_bytes
 from .step_log import EarlyStopping, StepLog
+from .step_loss import micro_batch_loss
 from .tracking import Tracker
 from .tasks import Task
 
@@ -245,17 +246,9 @@ def train_step(module, optimizer, scaler, batcher, batches: StepBatches, *, task
     loss_total = torch.zeros((), device=rt.device)
     is_ddp = isinstance(unwrapped(module), DistributedDataParallel)
     for i, indices in enumerate(batches.micro_batches):
-        batch = batcher(indices)
-        labels = batch.pop("labels", None)
         sync = i == len(batches.micro_batches) - 1 or not is_ddp
         with contextlib.nullcontext() if sync else unwrapped(module).no_sync():
-            with autocast():
-                if loss_fn is not None:  # the module's forward computes the loss (training.fusedLoss)
-                    loss, _ = loss_fn(module, batch, labels)
-                else:
-                    logits = module(**batch).logits
-            if loss_fn is None:
-                loss, _ = task.summed_loss(logits, batch, labels)
+            loss = micro_batch_loss(module, batcher(indices), task=task, autocast=autocast, loss_fn=loss_fn)
             scaler.scale(loss * scale).backward()
         loss_total += loss.detach()
     scaler.unscale_(optimizer)
