@@ -9,7 +9,9 @@ Runs kubetrain's real training loop in this process on a tiny BERT, bf16, and ch
 3. graphs were used: the trainer logged its captures.
 With `--packing` every run uses `spec.data.packing`, and a fourth check compares the packed model (varlen
 flash attention) with the padded one (SDPA) on the same samples: loss and gradients, bf16, RoBERTa, GPT-2
-and a grouped-query Llama.
+and a grouped-query Llama. With `--lm` the runs train a tiny grouped-query Llama as a causal LM on packed
+rows with the fused loss, and check 1 compares graphs with `compile: regional` (the blocks compiled the
+same way, each step run eagerly around them).
 Prints one JSON line; exits 1 if a check fails. `tests/unit/test_step_graphs.py` runs it where CUDA exists.
 
     python bench/step_graphs_check.py [--work /tmp/step-graphs] [--steps 24] [--packing]
@@ -33,6 +35,10 @@ REPO = Path(__file__).resolve().parents[1]
 from kubetrain_testkit import tiny  # tokenizer training, job documents
 
 
+TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+
+
 class Lines(logging.Handler):
     def __init__(self):
         super().__init__()
@@ -43,7 +49,8 @@ class Lines(logging.Handler):
 
 
 def run(work: Path, name: str, compile: str, steps: int, *, dropout: bool, stop_after: int | None = None,
-        fresh: bool = True, deterministic: bool = False, packing: bool = False) -> tuple[int, list[str], Path]:
+        fresh: bool = True, deterministic: bool = False, packing: bool = False, lm: bool = False
+        ) -> tuple[int, list[str], Path]:
     """One in-process training run; with stop_after, SIGTERM to ourselves after that many steps."""
     from kubetrain.api import TrainingJob
     from kubetrain_trainer import loop
@@ -52,11 +59,13 @@ def run(work: Path, name: str, compile: str, steps: int, *, dropout: bool, stop_
     config = dict(tiny.TINY_BERT, hidden_size=64, intermediate_size=128)
     if not dropout:
         config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if lm:  # grouped-query heads and rotary embeddings; dropout as asked
+        config = dict(TINY_LLAMA, attention_dropout=0.1 if dropout else 0.0)
     ckpt = work / name / "ckpt"
     if fresh:
         shutil.rmtree(work / name, ignore_errors=True)
     doc = tiny.job_doc(name, work / "train.jsonl", work / "eval.jsonl", work / "tok", str(ckpt),
-                       model__config=config, data__maxSamplesPerBatch=16, data__maxTokensPerBatch=16 * 64,
+                       task="causal-lm" if lm else "sequence-classification", model__config=config, data__maxSamplesPerBatch=16, data__maxTokensPerBatch=16 * 64,
                        training__maxSteps=steps, training__precision="bf16", training__compile=compile,
                        data__packing=packing, training__evalEverySteps=10**6, training__deterministic=deterministic,
                        checkpoint__everySteps=10**6)
@@ -150,7 +159,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--work", type=Path, default=Path("/tmp/step-graphs"))
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--packing", action="store_true", help="packed batches (varlen flash attention) in every run")
+    p.add_argument("--lm", action="store_true", help="a causal LM with the fused loss, packed (implies --packing)")
     args = p.parse_args(argv)
+    args.packing = args.packing or args.lm
     if not torch.cuda.is_available():
         sys.exit("step_graphs_check needs CUDA")
     logging.basicConfig(level=logging.WARNING)
@@ -159,11 +170,11 @@ def main(argv: list[str] | None = None) -> dict:
     tiny.write_corpus(work, n_train=600, n_eval=40)
     tiny.train_tokenizer(work / "tok", work / "train.jsonl")
     checks: dict[str, dict] = {}
-    if args.packing:
+    if args.packing and not args.lm:
         checks["flash_packed_matches_padded"] = packed_matches_padded()
-    packing = {"packing": args.packing}
+    packing = {"packing": args.packing, "lm": args.lm}
 
-    code_a, plain, ckpt_a = run(work, "plain", "default", steps, dropout=False, **packing)
+    code_a, plain, ckpt_a = run(work, "plain", "regional" if args.lm else "default", steps, dropout=False, **packing)
     code_b, graphed, ckpt_b = run(work, "graphed", "reduce-overhead", steps, dropout=False, **packing)
     la, lb = losses(plain), losses(graphed)
     wa, wb = final_weights(ckpt_a), final_weights(ckpt_b)
@@ -193,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         and all(l2[s] == ls[s] for s in l2),
         "exits": [code_s, code_1, code_2], "resumed_at": resumed, "tensors_different": different[:10],
         "losses_after_resume_equal": all(l2[s] == ls[s] for s in l2)}
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": steps, "packing": args.packing,
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": steps, "packing": args.packing, "lm": args.lm,
               "ok": all(c["ok"] for c in checks.values()), "checks": checks}
     print(json.dumps(result))
     return result

@@ -367,8 +367,8 @@ class TrainingSpec(_Model):
     fused_loss: Literal["auto", "off"] = Field(
         "auto",
         description="causal-lm: compute the LM head and the cross-entropy together, chunk by chunk, so the full "
-        "logits (tokens x vocabulary) are never materialised (auto: whenever the model has a plain linear head and "
-        "compile is not reduce-overhead). off: full logits.",
+        "logits (tokens x vocabulary) are never materialised (auto: whenever the model has a plain linear head). "
+        "off: full logits.",
     )
     compile: Literal["off", "default", "regional", "reduce-overhead"] = Field(
         "off",

@@ -40,9 +40,26 @@ def test_step_graphs_are_chosen_on_one_gpu_with_fixed_batch_shapes():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device: see BENCHMARKS.md)")
-@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
-def test_step_graphs_train_like_plain_compile_and_resume_bitwise(tmp_path, packing):
-    out = subprocess.run([sys.executable, str(REPO / "bench" / "step_graphs_check.py"), "--work", str(tmp_path)]
-                         + (["--packing"] if packing else []), capture_output=True, text=True, timeout=900)
+@pytest.mark.parametrize("flags", [[], ["--packing"], ["--lm"]], ids=["padded", "packed", "packed-lm-fused-loss"])
+def test_step_graphs_train_like_plain_compile_and_resume_bitwise(tmp_path, flags):
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "step_graphs_check.py"), "--work", str(tmp_path), *flags],
+                         capture_output=True, text=True, timeout=900)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["ok"], json.dumps(result["checks"], indent=1)[:4000]
+
+
+def test_a_model_computing_its_own_loss_is_compiled_per_block_under_the_step_graphs():
+    """The fused causal-LM loss: the graphs capture regional blocks (seconds to compile), not a whole-LM compile."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    packed = DataSpec.model_validate({"train": "x.jsonl", "maxLength": 128, "packing": True})
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    compiled = compile_for_training(model, "reduce-overhead", packed, world_size=1, grad_accum=1,
+                                    device=torch.device("cuda"), precision="bf16", loss_in_forward=True)
+    assert compiled.step_graphs and compiled.module is model, "no whole-model wrapper"
+    assert all(hasattr(layer.forward, "_torchdynamo_orig_callable") for layer in model.model.layers)
+    assert compiled.shapes.row_length(1000) % 64 == 0, "few row lengths for the graphs"
+    whole = compile_for_training(LlamaForCausalLM(model.config), "reduce-overhead", packed, world_size=1, grad_accum=1,
+                                 device=torch.device("cuda"), precision="bf16")
+    assert whole.step_graphs and whole.module is not model, "logits path: the whole model compiled"

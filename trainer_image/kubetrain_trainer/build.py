@@ -212,7 +212,8 @@ def prepare(run: Run) -> Prepared:
     if rt.world_size > 1 and t.strategy == "ddp":
         module = DistributedDataParallel(module, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     compiled = compile_for_training(module, t.compile, spec.data, world_size=rt.world_size, grad_accum=run.schedule.grad_accum,
-                                    device=rt.device, precision=t.precision, strategy=t.strategy)
+                                    device=rt.device, precision=t.precision, strategy=t.strategy,
+                                    loss_in_forward=loss is not None)
     pad_id = run.tokenizer.pad_token_id
     if spec.data.packing:
         batcher = PackedBatcher(run.train_set, pad_id, rt.device, run.task, position_offset(run.model), compiled.shapes)
@@ -221,7 +222,7 @@ def prepare(run: Run) -> Prepared:
     graphs = None
     if compiled.step_graphs:  # capture every batch shape now, not as stalls mid-training
         graphs = StepGraphs(compiled.module, run.optimizer, task=run.task, autocast_dtype=AUTOCAST_DTYPES[t.precision],
-                            max_grad_norm=t.max_grad_norm, device=rt.device)
+                            max_grad_norm=t.max_grad_norm, device=rt.device, loss_fn=loss)
         graphs.prepare(batcher, one_batch_per_shape(batcher.shape, run.schedule.plan(run.state.epoch)) if spec.data.packing
                        else one_sample_per_shape(batcher, compiled.shapes.width))
     return Prepared(compiled.module, batcher, graphs, loss)
@@ -232,9 +233,6 @@ def fused_lm(run: Run) -> tuple[torch.nn.Module, Callable | None]:
     loss function train_step then uses; else the model itself and None (logits, then Task.summed_loss)."""
     t = run.job.spec.training
     if t.fused_loss == "off":
-        return run.model, None
-    if t.compile == "reduce-overhead":
-        log.info("training.fusedLoss: not with compile reduce-overhead (its step graphs capture the logits path)")
         return run.model, None
     fused = run.task.loss_in_forward(run.model, compiled=t.compile != "off")
     return fused if fused else (run.model, None)

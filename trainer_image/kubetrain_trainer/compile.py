@@ -10,7 +10,9 @@
   one CUDA graph per batch shape (`graphs.StepGraphs`). One graph per shape, so widths are rounded up
   to a multiple of 8 (cap/16 for long caps) and batches are filled to maxSamplesPerBatch rows (see
   batching.BatchShapes; packed rows: packing.PackedShapes). One GPU, no gradient accumulation, bf16 or
-  fp32; otherwise "default".
+  fp32; otherwise "default". A model whose forward computes the loss (the fused causal-LM loss) has its
+  blocks compiled as "regional" does under the graphs: a whole LM compiles for minutes, and its head's
+  chunked loss runs outside a compiled graph anyway; captured, the host's per-block cost is gone too.
 Evaluation and checkpoints use the uncompiled module, which shares the parameters.
 """
 
@@ -52,8 +54,10 @@ class Compiled:
 
 
 def compile_for_training(module: torch.nn.Module, mode: str, data: DataSpec, *, world_size: int, grad_accum: int,
-                         device: torch.device, precision: str, strategy: str = "ddp") -> Compiled:
-    """`module` itself when mode is off, else a compiled wrapper of it, with its batch shapes."""
+                         device: torch.device, precision: str, strategy: str = "ddp", loss_in_forward: bool = False
+                         ) -> Compiled:
+    """`module` itself when mode is off, else a compiled wrapper of it, with its batch shapes.
+    `loss_in_forward`: the module's forward returns the loss (training.fusedLoss)."""
     if mode == "off":
         return Compiled(module)
     if mode == "reduce-overhead" and (world_size > 1 or grad_accum > 1 or device.type != "cuda" or precision == "fp16"
@@ -61,6 +65,12 @@ def compile_for_training(module: torch.nn.Module, mode: str, data: DataSpec, *, 
         log.warning("compile: reduce-overhead (CUDA graphs of the whole step) needs one GPU, strategy ddp, "
                     "gradientAccumulation 1 and bf16 or fp32; using default")
         mode = "default"
+    if mode == "reduce-overhead" and loss_in_forward:
+        blocks = compile_blocks(module)
+        if blocks:
+            log.info("compile: reduce-overhead, %d transformer blocks compiled as one graph, the step as CUDA graphs",
+                     blocks)
+            return Compiled(module, batch_shapes(mode, data), step_graphs=True)
     if mode == "regional":
         blocks = compile_blocks(module)
         if blocks:
