@@ -15,7 +15,8 @@ Sides, each in its own process (no compiled graphs, allocator state or peak coun
 - `kubetrain`: packed (`data.packing`, varlen flash attention), `training.batchSize` = the same samples per step,
   fused LM loss (`fusedLoss: auto`), compile off; `kubetrain-compiled`: the same with `compile: default`;
   `kubetrain-regional`: with `compile: regional` (each decoder layer compiled, one graph for all);
-  `kubetrain-graphs`: `compile: reduce-overhead` (the whole step one CUDA graph per row shape; full logits).
+  `kubetrain-graphs`: `compile: reduce-overhead` (regional blocks, fused loss, the whole step one CUDA graph per
+  row shape).
 liger-kernel sides run where liger_kernel imports (`hf-grouped-liger`, `hf-flatten-liger`).
 Every side: bf16 autocast, fused AdamW, lr warmup then linear decay, clip 1.0, `--batch` samples per step,
 `--warmup + --steps` steps, timed over the `--steps` after the warm-up, bracketed by device syncs. Real tokens
