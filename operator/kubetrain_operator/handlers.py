@@ -23,7 +23,7 @@ from kubetrain.api import GROUP, PLURAL, VERSION, SpecError, job_checkpoint_pref
 
 from . import live_progress
 from .builders import ClusterDefaults, controller_of, job_from_object
-from .cache import WatchCache, progress_only
+from .cache import WatchCache, status_only
 from .kube import Conflict, ForeignObject, Kube, Predecessor, Unserved, observed_of
 from .metrics import OperatorMetrics
 from .rechecks import Rechecks
@@ -76,7 +76,7 @@ def reconcile(memo: kopf.Memo, namespace: str, name: str, scrape: bool = False, 
             observed.foreign, observed.unserved = observed.foreign or foreign, unserved
             decided = _planned(memo, (namespace, name), observed, scrape)
             try:
-                kube.apply(job, decided, now)
+                _apply(memo, job, decided, now)
             except Conflict:
                 continue
             except ForeignObject as err:  # plan again, knowing: the job fails instead of starting
@@ -93,22 +93,34 @@ def reconcile(memo: kopf.Memo, namespace: str, name: str, scrape: bool = False, 
 
 
 def _from_cache(memo: kopf.Memo, namespace: str, name: str, scrape: bool) -> Plan | None:
-    """The applied plan, if the watch cache sufficed: a plan that only moves progress, written without a read."""
+    """The applied plan, if the watch cache sufficed: a plan that writes only the job's status (and its Events),
+    made and written without a read (cache.py says why that is safe)."""
     snapshot = memo.jobs.watched.snapshot((namespace, name))
     if snapshot is None:
         return None
     job, pods, service = snapshot
-    observed = observed_of(job, pods, service, datetime.now(UTC))
-    decided = _planned(memo, (namespace, name), observed, scrape)
-    if observed.foreign or not progress_only(job.get("status"), decided):
-        return None  # something to do: decided again from fresh reads
-    if decided.status is not None:
+    for _ in range(2):  # again with the job read fresh if it moved: often kopf's own annotations, not its status
+        now = datetime.now(UTC)
+        observed = observed_of(job, pods, service, now)
+        decided = _planned(memo, (namespace, name), observed, scrape)
+        if observed.foreign or not status_only(job.get("status"), decided):
+            return None  # objects to write: decided again from fresh reads
         try:
-            memo.kube.patch_status(namespace, name, job["metadata"].get("resourceVersion"), decided.status)
+            _apply(memo, job, decided, now)
         except Conflict:
-            return None  # the cache was behind
-    memo.metrics.observe_phase(namespace, name, (decided.status or job.get("status") or {}).get("phase"))
-    return decided
+            if (job := memo.kube.get_job(namespace, name)) is None:
+                return None
+            continue
+        _count(memo.metrics, job, decided)
+        return decided
+    return None
+
+
+def _apply(memo: kopf.Memo, job: dict, decided: Plan, now: datetime) -> None:
+    """Write the plan; what the API server answers goes into the watch cache."""
+    based_on = job["metadata"].get("resourceVersion")
+    for obj in memo.kube.apply(job, decided, now):
+        memo.jobs.watched.wrote(obj, based_on)
 
 
 def _planned(memo: kopf.Memo, key: tuple[str, str], observed: Observed, scrape: bool) -> Plan:

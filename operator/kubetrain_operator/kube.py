@@ -54,7 +54,9 @@ class Kube:
 
     # --- reading
     def _raw(self, response) -> dict:
-        return json.loads(response.data)
+        body = json.loads(response.data)
+        response.release_conn()
+        return body
 
     @staticmethod
     def _drained(response) -> None:
@@ -89,18 +91,21 @@ class Kube:
         return observed_of(job, self.list_pods(meta["namespace"], meta["name"]), service, now)
 
     # --- writing
-    def apply(self, job: dict, plan: Plan, now: datetime) -> None:
-        """Status first (so a decision is durable before its side effects), then objects, then events."""
+    def apply(self, job: dict, plan: Plan, now: datetime) -> list[dict]:
+        """Status first (so a decision is durable before its side effects), then objects, then events. Returns
+        the API server's answers for the job's status, and for the pods and Service created (for the watch cache)."""
         meta = job["metadata"]
         ns, name = meta["namespace"], meta["name"]
+        written = []
         if plan.status is not None:
-            self.patch_status(ns, name, meta.get("resourceVersion"), plan.status)
+            written.append(self.patch_status(ns, name, meta.get("resourceVersion"), plan.status))
         if plan.replace_config is not None:
             self.put_config_map(plan.replace_config)
         if plan.suspend_job:
             self.suspend_job(ns, name)
         for manifest in plan.create:
-            self.create(manifest)
+            if (created := self.create(manifest)) is not None:
+                written.append(created)
         for pod in plan.delete_pods:
             self.delete_pod(pod)
         for ref in plan.delete_pod_groups:
@@ -109,13 +114,16 @@ class Kube:
             self.post_event(job, event.type, event.reason, event.message, now)
         if plan.delete_job:
             self.delete_job(ns, name)
+        return written
 
-    def patch_status(self, namespace: str, name: str, resource_version: str | None, status: dict) -> None:
+    def patch_status(self, namespace: str, name: str, resource_version: str | None, status: dict) -> dict:
+        """The job as it is after the write."""
         body = {"status": status}
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}  # optimistic concurrency
         try:
-            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, body)
+            return self._raw(self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name,
+                                                                              body, _preload_content=False))
         except ApiException as err:
             if err.status == 409:
                 raise Conflict(f"{namespace}/{name} changed since it was read") from None
@@ -126,8 +134,9 @@ class Kube:
         self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, body)
         log.info("suspended TrainingJob %s/%s (runPolicy.schedulingTimeoutPolicy: Suspend)", namespace, name)
 
-    def create(self, manifest: dict) -> None:
-        """Create-only. A Secret that exists must be this job's (its rendezvous id); other kinds are left as they are."""
+    def create(self, manifest: dict) -> dict | None:
+        """Create-only. A Secret that exists must be this job's (its rendezvous id); other kinds are left as they are.
+        Returns a created pod or Service as the API server answered (None for other kinds, or one that existed)."""
         ns, kind, name = manifest["metadata"]["namespace"], manifest["kind"], manifest["metadata"]["name"]
         if kind == "PodGroup":
             return self._create_pod_group(manifest)
@@ -135,14 +144,19 @@ class Kube:
                   "ConfigMap": self.core.create_namespaced_config_map, "Secret": self.core.create_namespaced_secret,
                   "NetworkPolicy": self.networking.create_namespaced_network_policy}[kind]
         try:
-            self._drained(create(ns, manifest, _preload_content=False))
-            log.info("created %s %s/%s", kind, ns, name)
+            response = create(ns, manifest, _preload_content=False)
         except ApiException as err:
             if err.status != 409:
                 raise
             if kind == "Secret":
                 self._check_owned(kind, self._raw(self.core.read_namespaced_secret(name, ns, _preload_content=False)),
                                   manifest)
+            return None
+        log.info("created %s %s/%s", kind, ns, name)
+        if kind in ("Pod", "Service"):
+            return self._raw(response)
+        self._drained(response)
+        return None
 
     def _create_pod_group(self, manifest: dict) -> None:
         meta, api_version = manifest["metadata"], manifest["apiVersion"]
