@@ -7,6 +7,7 @@ tokens/s), so the operator's progress scrapes and status writes happen as in a r
 Measured (issue 18, item 6):
 - burst: `--burst` jobs created at once from 8 client threads; per job, from its create call to all of its pods
   existing (seen on a pod watch); p50/p99/max;
+- the operator's API calls from the first create until every job is Running, by verb and resource, per job;
 - idle: once every job is Running, the operator process's CPU (utime+stime from /proc) over `--window` seconds,
   as % of one core per 100 running jobs, with its API calls per second (from the API server's audit log) and RSS;
 - the same idle figures again at `--total` jobs (default 1,000), and the operator's RSS there.
@@ -157,6 +158,14 @@ def running_jobs(cluster: DevCluster) -> int:
     return sum((j.get("status") or {}).get("phase") == "Running" for j in items)
 
 
+def calls_by_verb(calls: list[dict]) -> dict[str, int]:
+    by_verb: dict[str, int] = {}
+    for call in calls:
+        key = f"{call.get('verb')} {call.get('resource')}"
+        by_verb[key] = by_verb.get(key, 0) + 1
+    return by_verb
+
+
 def idle(cluster: DevCluster, jobs: int, window: float, settle: float, profile: Path | None = None) -> dict:
     """The operator's cost with `jobs` Running jobs and nothing else happening; `profile`: py-spy's collapsed
     stacks of the operator over the window, written there (where its CPU goes)."""
@@ -171,10 +180,7 @@ def idle(cluster: DevCluster, jobs: int, window: float, settle: float, profile: 
     time.sleep(max(0.0, window - (time.monotonic() - t0)))
     cpu, elapsed = process_cpu_seconds(pid) - cpu_before, time.monotonic() - t0
     calls = cluster.requests_by("operator")[calls_before:]
-    by_verb: dict[str, int] = {}
-    for call in calls:
-        key = f"{call.get('verb')} {call.get('resource')}"
-        by_verb[key] = by_verb.get(key, 0) + 1
+    by_verb = calls_by_verb(calls)
     items = cluster.custom_api().list_namespaced_custom_object("kubetrain.io", "v1alpha1", NS, "trainingjobs")["items"]
     now_step = (time.time() - TrainerMetrics.started) * 10  # what every trainer says now: status.step's lag in seconds
     ages = [(now_step - j["status"]["step"]) / 10 for j in items if (j.get("status") or {}).get("step")]
@@ -212,16 +218,22 @@ def main(argv: list[str] | None = None) -> None:
                                            "--format", "raw", "--output", str(args.profile / f"{who}-burst.txt"),
                                            "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                          for who, pid in pids.items() if who != "bench"]
+            calls_before = len(cluster.requests_by("operator"))
             cpu_before, t0 = {who: process_cpu_seconds(pid) for who, pid in pids.items()}, time.monotonic()
             started = create_jobs(cluster, names, metrics_port)
             created = time.monotonic() - t0
             latencies = all_pods_latencies(kubelet, started, 600)
+            wait_for(f"{len(names)} jobs Running", lambda: running_jobs(cluster) >= len(names), 600,
+                     lambda: f"{running_jobs(cluster)} Running", interval=0.5)
+            to_running = cluster.requests_by("operator")[calls_before:]
             result["burst"] = {"jobs": len(names), "create_calls_s": round(created, 2),
                                "all_pods_s": round(max(kubelet.seen.values()) - t0, 2),
                                "cpu_s": {who: round(process_cpu_seconds(pid) - cpu_before[who], 2) for who, pid in pids.items()},
                                **{k: round(v, 3) for k, v in (("p50_s", percentile(latencies, .5)),
                                                               ("p99_s", percentile(latencies, .99)),
-                                                              ("max_s", max(latencies)))}}
+                                                              ("max_s", max(latencies)))},
+                               "operator_calls_to_running_per_job": round(len(to_running) / len(names), 1),
+                               "operator_calls_to_running_by_verb": calls_by_verb(to_running)}
             if args.profile:
                 for spy in spies:
                     spy.wait()
